@@ -1,0 +1,134 @@
+"""The Starlette app: auth -> parse -> resolve model -> call the provider -> answer in the caller's format -> log."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TypedDict
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tm_gateway.keycache import KeyCache
+from tm_gateway.proxy import Proxy, error_response
+from tm_gateway.requestlog import RequestLog
+from tm_resources.config import Config
+from tm_resources.ids import uuid7
+from tm_resources.providers import SecretScrubber, endpoints
+
+log = logging.getLogger(__name__)
+
+
+class State(TypedDict):
+    proxy: Proxy
+
+
+@dataclass
+class GatewaySettings:
+    config: Config
+    database_url: str
+    home: Path
+
+
+def create_app(settings: GatewaySettings) -> Starlette:
+    config = settings.config
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        keys = KeyCache(settings.database_url, config.gateway.refresh_interval_s)
+        keys.load()
+        spool = Path(config.log.spool_dir) if config.log.spool_dir else settings.home / "spool"
+        request_log = RequestLog(
+            settings.database_url,
+            spool_dir=spool,
+            batch_max_rows=config.log.batch_max_rows,
+            flush_interval_s=config.log.flush_interval_ms / 1000,
+        ).start()
+        # One pooled session for every upstream; limits sized for a busy replica, not the default 100.
+        connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=300)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        keys.start()
+        proxy = Proxy(
+            config=config,
+            session=session,
+            endpoints=endpoints(config),
+            keys=keys,
+            request_log=request_log,
+            scrub=SecretScrubber.for_config(config),
+        )
+        app.state.proxy = proxy  # for tests that reach in
+        try:
+            yield {"proxy": proxy}
+        finally:
+            await keys.stop()
+            await session.close()
+            # Every row the gateway accepted is written (or spooled) before the process ends.
+            request_log.close()
+
+    async def chat_completions(request: Request) -> Response:
+        return await request.state.proxy.handle(request, "openai")
+
+    async def messages(request: Request) -> Response:
+        return await request.state.proxy.handle(request, "anthropic")
+
+    async def models(request: Request) -> Response:
+        proxy: Proxy = request.state.proxy
+        fmt = "anthropic" if "anthropic-version" in request.headers else "openai"
+        ident = proxy.authenticate(request)
+        if ident is None:
+            return error_response(fmt, 401, "invalid or missing API key")
+        started = time.perf_counter()
+        created = int(time.time())
+        names = sorted(config.models)
+        if fmt == "anthropic":
+            body = {
+                "data": [
+                    {"type": "model", "id": n, "display_name": n,
+                     "created_at": datetime.fromtimestamp(created, timezone.utc).isoformat()}
+                    for n in names
+                ],
+                "has_more": False,
+                "first_id": names[0] if names else None,
+                "last_id": names[-1] if names else None,
+            }
+        else:
+            body = {
+                "object": "list",
+                "data": [
+                    {"id": n, "object": "model", "created": created, "owned_by": config.models[n].provider}
+                    for n in names
+                ],
+            }
+        rid = uuid7()
+        proxy.request_log.write({
+            "id": rid, "ts": datetime.now(timezone.utc), "user_id": ident[1], "api_key_id": ident[0],
+            "api_format": fmt, "endpoint": request.url.path, "status": 200,
+            "latency_ms": (time.perf_counter() - started) * 1000,
+            "agent": request.headers.get("x-tm-agent"),
+        })
+        return JSONResponse(body, headers={"x-tm-request-id": str(rid)})
+
+    async def healthz(request: Request) -> Response:
+        proxy: Proxy = request.state.proxy
+        return JSONResponse({
+            "status": "ok",
+            "rows_written": proxy.request_log.rows_written,
+            "rows_spooled": proxy.request_log.rows_spooled,
+        })
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,209 @@
+"""The `tm` command line: start Token Machine, run the gateway, manage keys and the schema."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+from pathlib import Path
+
+import psycopg
+
+from tm_resources import db, keys
+from tm_resources.config import Config, ConfigError, config_path, load_config, tm_home
+
+log = logging.getLogger("tm")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Library chatter (pgserver's start-up narration, platformdirs) is not the operator's business.
+    for noisy in ("pgserver", "pgserver.postgres_server", "httpx", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _database(home: Path) -> str:
+    url = db.database_url(home)
+    db.migrate(url)
+    return url
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None))
+
+
+# -- provider reachability --------------------------------------------------------------------
+
+
+def provider_report(config: Config, timeout: float = 0.75) -> tuple[list[str], bool]:
+    """One line per provider saying whether the gateway can reach it; and whether any can."""
+    import httpx
+
+    lines, any_ok = [], False
+    for name, p in config.providers.items():
+        models = ", ".join(m for m, mc in config.models.items() if mc.provider == name) or "no models"
+        if p.kind == "anthropic":
+            present = [env for env in p.api_key_env if os.environ.get(env)]
+            if present:
+                any_ok = True
+                lines.append(f"  ok    {name:<10} key in {', '.join(present)}  ({models})")
+            else:
+                wanted = " or ".join(p.api_key_env) or "api_key_env in the config"
+                lines.append(f"  --    {name:<10} no API key: export {wanted}  ({models})")
+            continue
+        base = p.base_url.rstrip("/")
+        reached = False
+        for url in (base + "/models", base.removesuffix("/v1") + "/health"):
+            try:
+                httpx.get(url, timeout=timeout)
+                reached = True
+                break
+            except httpx.HTTPError:
+                continue
+        if reached:
+            any_ok = True
+            lines.append(f"  ok    {name:<10} {base} answers  ({models})")
+        else:
+            lines.append(f"  --    {name:<10} nothing at {base}  ({models})")
+    return lines, any_ok
+
+
+NO_PROVIDER_HINT = """\
+No provider is reachable yet. Requests will get a 502 until one is:
+  - frontier: export ANTHROPIC_API_KEY=... and restart, or
+  - local: start Ollama (`ollama serve`, then `ollama pull llama3.2`), LM Studio's server,
+    vLLM, or `mlx_lm.server --port 8080`, at the address tm.yaml gives for it."""
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = _load(args)
+    home = tm_home()
+    url = _database(home)
+    with psycopg.connect(url) as conn:
+        first_key = None
+        if not keys.list_keys(conn):
+            first_key, info = keys.create_key(conn, os.environ.get("TM_USER") or getpass.getuser() or "admin")
+    host = args.host or config.gateway.host
+    port = args.port or config.gateway.port
+    print(f"Token Machine is starting (home {home}, config {config_path(getattr(args, 'config', None))})")
+    print(f"  database  {db.redact_url(url)}")
+    print(f"  gateway   http://{host}:{port}  (OpenAI: /v1/chat/completions, Anthropic: /v1/messages)")
+    if first_key:
+        print(f"  first API key, for user '{info.user_id}' (shown once; `tm keys create --user NAME` for more):")
+        print(f"    {first_key}")
+    lines, any_ok = provider_report(config)
+    print("Providers:")
+    print("\n".join(lines))
+    if not any_ok:
+        print(NO_PROVIDER_HINT)
+    sys.stdout.flush()
+    return _serve(config, url, home, host, port)
+
+
+def _serve(config: Config, url: str, home: Path, host: str, port: int) -> int:
+    import uvicorn
+
+    from tm_gateway.app import GatewaySettings, create_app
+
+    app = create_app(GatewaySettings(config=config, database_url=url, home=home))
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    config = _load(args)
+    home = tm_home()
+    url = _database(home)
+    host = args.host or config.gateway.host
+    port = args.port or config.gateway.port
+    print(f"Token Machine gateway on http://{host}:{port}", flush=True)
+    return _serve(config, url, home, host, port)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    url = _database(tm_home())
+    with psycopg.connect(url) as conn:
+        if args.keys_cmd == "create":
+            key, info = keys.create_key(conn, args.user)
+            print(f"API key for user '{info.user_id}' (id {info.id}); it is shown only this once:")
+            print(key)
+        elif args.keys_cmd == "list":
+            rows = keys.list_keys(conn, include_revoked=args.all)
+            if not rows:
+                print("no keys yet: tm keys create --user NAME")
+            for k in rows:
+                state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+                print(f"{k.id}  {k.user_id:<20} {k.prefix}…  created {k.created_at:%Y-%m-%d %H:%M}  {state}")
+        elif args.keys_cmd == "revoke":
+            gone = keys.revoke(conn, args.target)
+            if not gone:
+                print(f"no active key with id or user '{args.target}'", file=sys.stderr)
+                return 1
+            print(f"revoked {', '.join(gone)}")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    url = db.database_url(tm_home())
+    applied = db.migrate(url)
+    print(f"applied {', '.join(applied)}" if applied else "the schema is up to date")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tm", description="Token Machine: an LLM gateway with a learning loop.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="start everything on the embedded default and say where it is")
+    up.add_argument("--config", help="configuration file (default: $TM_CONFIG, ./tm.yaml)")
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.set_defaults(func=cmd_up)
+
+    gw = sub.add_parser("gateway", help="run the gateway alone")
+    gw.add_argument("--config", help="configuration file (default: $TM_CONFIG, ./tm.yaml)")
+    gw.add_argument("--host")
+    gw.add_argument("--port", type=int)
+    gw.set_defaults(func=cmd_gateway)
+
+    k = sub.add_parser("keys", help="API keys: create, list, revoke")
+    ksub = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = ksub.add_parser("create", help="create a key for a user and print it once")
+    kc.add_argument("--user", required=True)
+    kl = ksub.add_parser("list", help="list keys (never the keys themselves)")
+    kl.add_argument("--all", action="store_true", help="include revoked keys")
+    kr = ksub.add_parser("revoke", help="revoke a key by id, or every key of a user")
+    kr.add_argument("target", help="key id (k_...) or user name")
+    k.set_defaults(func=cmd_keys)
+
+    d = sub.add_parser("db", help="the database schema")
+    dsub = d.add_subparsers(dest="db_cmd", required=True)
+    dsub.add_parser("migrate", help="apply the schema's migrations")
+    d.set_defaults(func=cmd_db)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"tm: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,498 @@
+"""One request through the gateway: parse, resolve the model, call the provider, answer in the caller's
+format (streamed as it arrives, or whole), and leave exactly one row in the request log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from tm_gateway.keycache import KeyCache
+from tm_gateway.requestlog import RequestLog
+from tm_resources import formats as fm
+from tm_resources.config import Config
+from tm_resources.ids import uuid7
+from tm_resources.providers import Endpoint
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+SSE = "text/event-stream"
+_DONE = b"data: [DONE]\n\n"
+
+
+class BadRequest(Exception):
+    """The client's fault: answered with a 4xx in its own format, and logged."""
+
+    def __init__(self, status: int, error_class: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.error_class = error_class
+        self.message = message
+
+
+def error_response(fmt: str, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = fm.anthropic_error(status, message) if fmt == "anthropic" else fm.openai_error(status, message)
+    return Response(orjson.dumps(body), status_code=status, media_type=JSON, headers=headers)
+
+
+def upstream_error_class(status: int) -> str:
+    if status == 429:
+        return "upstream_rate_limited"
+    if status in (401, 403):
+        return "upstream_auth"
+    if status in (408, 504):
+        return "upstream_timeout"
+    if status == 413:
+        return "upstream_too_large"
+    if status >= 500:
+        return "upstream_unavailable"
+    return "upstream_bad_request"
+
+
+def text_of(content: Any) -> str:
+    """Plain text of a message's content in either format (string, or a list of parts/blocks)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _validate(fmt: str, body: Any) -> None:
+    if not isinstance(body, dict):
+        raise BadRequest(400, "invalid_request", "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest(400, "invalid_request", "'model' is required and must be a non-empty string")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest(400, "invalid_request", "'messages' is required and must be a non-empty array")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(400, "invalid_request", f"messages[{i}] must be an object with a string 'role'")
+        content = m.get("content")
+        if not (isinstance(content, (str, list)) or (content is None and fmt == "openai")):
+            raise BadRequest(
+                400, "invalid_request", f"messages[{i}].content must be a string or an array of content parts"
+            )
+    if not isinstance(body.get("stream", False), bool):
+        raise BadRequest(400, "invalid_request", "'stream' must be true or false")
+    limit_key = "max_tokens"
+    limit = body.get(limit_key)
+    if fmt == "anthropic" and limit is None:
+        raise BadRequest(400, "invalid_request", "'max_tokens' is required")
+    if fmt == "openai" and limit is None:
+        limit_key = "max_completion_tokens"
+        limit = body.get(limit_key)
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise BadRequest(400, "invalid_request", f"'{limit_key}' must be a positive integer")
+
+
+def _system_and_prompt(fmt: str, body: dict) -> tuple[str | None, str]:
+    msgs = body["messages"]
+    if fmt == "anthropic":
+        system = body.get("system")
+        system_text = text_of(system) if system is not None else None
+    else:
+        parts = [text_of(m.get("content")) for m in msgs if m.get("role") in ("system", "developer")]
+        system_text = "\n".join(parts) if parts else None
+    prompt = ""
+    for m in reversed(msgs):
+        if m.get("role") == "user":
+            prompt = text_of(m.get("content"))
+            break
+    return system_text, prompt
+
+
+_NOT_PARAMS = frozenset(("model", "messages", "system"))
+
+
+class _Row:
+    """The one row a request leaves; `done()` hands it to the log exactly once."""
+
+    __slots__ = ("data", "started", "log", "written")
+
+    def __init__(self, data: dict, started: float, request_log: RequestLog):
+        self.data = data
+        self.started = started
+        self.log = request_log
+        self.written = False
+
+    def done(self, **fields: Any) -> None:
+        if self.written:
+            return
+        self.written = True
+        self.data.update(fields)
+        self.data["latency_ms"] = (time.perf_counter() - self.started) * 1000
+        self.log.write(self.data)
+
+
+class Proxy:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        session: aiohttp.ClientSession,
+        endpoints: dict[str, Endpoint],
+        keys: KeyCache,
+        request_log: RequestLog,
+        scrub: Callable[[str], str],
+    ):
+        self.config = config
+        self.session = session
+        self.endpoints = endpoints
+        self.keys = keys
+        self.request_log = request_log
+        self.scrub = scrub
+
+    # -- the parts --------------------------------------------------------------------------
+
+    def authenticate(self, request: Request) -> tuple[str, str] | None:
+        h = request.headers
+        auth = h.get("authorization")
+        key = auth[7:].strip() if auth and auth[:7].lower() == "bearer " else h.get("x-api-key")
+        return self.keys.lookup(key)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.gateway.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_large = BadRequest(413, "request_too_large", f"the request body is larger than {limit} bytes")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def resolve_model(self, requested: str) -> str:
+        name = self.config.defaults.model if requested == "auto" else requested
+        if name not in self.config.models:
+            raise BadRequest(
+                404, "model_not_found", f"model '{requested}' is not configured here; GET /v1/models lists the models"
+            )
+        return name
+
+    def _upstream_body(self, fmt: str, ep: Endpoint, body: dict, upstream_model: str, stream: bool) -> bytes:
+        try:
+            if ep.kind == fmt:
+                out = dict(body)
+                out["model"] = upstream_model
+                if fmt == "openai" and stream:
+                    # Ask for usage so the row has tokens and cost; the client only sees it if it asked.
+                    out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            elif fmt == "openai":
+                out = fm.openai_request_to_anthropic(
+                    body, model=upstream_model, default_max_tokens=self.config.gateway.default_max_tokens
+                )
+            else:
+                out = fm.anthropic_request_to_openai(body, model=upstream_model)
+        except fm.FormatError as err:
+            raise BadRequest(400, "invalid_request", str(err)) from None
+        return orjson.dumps(out)
+
+    # -- the request ------------------------------------------------------------------------
+
+    async def handle(self, request: Request, fmt: str) -> Response:
+        started = time.perf_counter()
+        ident = self.authenticate(request)
+        if ident is None:
+            return error_response(
+                fmt, 401, "invalid or missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+            )
+        rid = uuid7()
+        h = request.headers
+        row = _Row(
+            {
+                "id": rid,
+                "ts": datetime.now(timezone.utc),
+                "user_id": ident[1],
+                "api_key_id": ident[0],
+                "api_format": fmt,
+                "endpoint": request.url.path,
+                "session_id": h.get("x-tm-session") or h.get("x-session-id"),
+                "agent": h.get("x-tm-agent"),
+                "stream": False,
+            },
+            started,
+            self.request_log,
+        )
+        headers = {"x-tm-request-id": str(rid)}
+        try:
+            return await self._handle(request, fmt, row, headers)
+        except BadRequest as err:
+            row.done(status=err.status, error_class=err.error_class, error_message=err.message)
+            return error_response(fmt, err.status, err.message, headers)
+        except BaseException as err:
+            if not isinstance(err, Exception):
+                row.done(status=499, error_class="cancelled", error_message="the request was cancelled")
+                raise
+            log.exception("gateway error on request %s", rid)
+            row.done(status=500, error_class="gateway_error", error_message=type(err).__name__)
+            return error_response(fmt, 500, f"internal gateway error (request {rid})", headers)
+
+    async def _handle(self, request: Request, fmt: str, row: _Row, headers: dict[str, str]) -> Response:
+        raw = await self._read_body(request)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            raise BadRequest(400, "invalid_json", f"the request body is not valid JSON: {err}") from None
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            row.data["requested_model"] = body["model"]
+        _validate(fmt, body)
+        stream = body.get("stream", False)
+        name = self.resolve_model(body["model"])
+        mcfg = self.config.models[name]
+        ep = self.endpoints[mcfg.provider]
+        upstream_model = mcfg.upstream or name
+        system, prompt = _system_and_prompt(fmt, body)
+        r = row.data
+        r.update(
+            model=name,
+            provider=ep.name,
+            upstream_model=upstream_model,
+            stream=stream,
+            system=system,
+            prompt=prompt,
+            messages=orjson.dumps(body["messages"]).decode(),
+            params=orjson.dumps({k: v for k, v in body.items() if k not in _NOT_PARAMS}).decode(),
+        )
+        if fmt == "anthropic" and r["session_id"] is None:
+            # Claude Code puts its session in metadata.user_id ("..._session_<uuid>").
+            uid = (body.get("metadata") or {}).get("user_id")
+            if isinstance(uid, str) and "_session_" in uid:
+                r["session_id"] = uid.rsplit("_session_", 1)[1]
+        headers.update({"x-tm-model": name, "x-tm-provider": ep.name})
+
+        payload = self._upstream_body(fmt, ep, body, upstream_model, stream)
+        timeout = aiohttp.ClientTimeout(total=None, connect=ep.connect_timeout_s, sock_read=ep.timeout_s)
+        try:
+            resp = await self.session.post(
+                ep.url, data=payload, headers=ep.headers(0, request.headers), timeout=timeout
+            )
+        except asyncio.TimeoutError:
+            return self._upstream_failed(fmt, row, headers, 504, "upstream_timeout",
+                                         f"provider '{ep.name}' did not answer in time")
+        except aiohttp.ClientError as err:
+            return self._upstream_failed(fmt, row, headers, 502, "upstream_unreachable",
+                                         f"provider '{ep.name}' is unreachable ({type(err).__name__})")
+
+        if resp.status >= 400:
+            try:
+                data = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                data = b""
+            finally:
+                resp.release()
+            message = self.scrub(fm.error_message_from_body(data)) or f"provider '{ep.name}' answered {resp.status}"
+            return self._upstream_failed(fmt, row, headers, resp.status, upstream_error_class(resp.status), message)
+
+        if stream:
+            relay = _StreamRelay(self, fmt, ep.kind, name, body, row)
+            return _LoggedStream(relay.run(resp), relay, status_code=200, media_type=SSE,
+                                 headers={**headers, "cache-control": "no-cache"})
+
+        try:
+            data = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            return self._upstream_failed(fmt, row, headers, 502, "upstream_bad_response",
+                                         f"provider '{ep.name}' broke off its answer ({type(err).__name__})")
+        finally:
+            resp.release()
+        try:
+            answer = orjson.loads(data)
+            if not isinstance(answer, dict):
+                raise ValueError
+        except ValueError:
+            return self._upstream_failed(fmt, row, headers, 502, "upstream_bad_response",
+                                         f"provider '{ep.name}' answered with something that is not JSON")
+        if ep.kind == "anthropic":
+            usage = fm.usage_from_anthropic(answer.get("usage"))
+            text, finish = fm.response_text_anthropic(answer), fm.stop_reason_anthropic(answer)
+        else:
+            usage = fm.usage_from_openai(answer.get("usage"))
+            text, finish = fm.response_text_openai(answer), fm.stop_reason_openai(answer)
+        if ep.kind != fmt:
+            convert = fm.anthropic_response_to_openai if fmt == "openai" else fm.openai_response_to_anthropic
+            data = orjson.dumps(convert(answer, model=name))
+        cost = self._cost(name, usage)
+        row.done(status=200, response_text=text, finish_reason=finish, cost_usd=cost, **_usage_fields(usage))
+        headers["x-tm-cost-usd"] = f"{cost:.8f}"
+        return Response(data, status_code=200, media_type=JSON, headers=headers)
+
+    def _upstream_failed(self, fmt: str, row: _Row, headers: dict, status: int, error_class: str, message: str) -> Response:
+        row.done(status=status, error_class=error_class, error_message=message)
+        return error_response(fmt, status, message, headers)
+
+    def _cost(self, model: str, usage: fm.Usage) -> float:
+        return self.config.models[model].price.cost(
+            usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens
+        )
+
+
+def _usage_fields(u: fm.Usage) -> dict[str, int]:
+    return {
+        "input_tokens": u.input_tokens,
+        "output_tokens": u.output_tokens,
+        "cache_read_tokens": u.cache_read_tokens,
+        "cache_write_tokens": u.cache_write_tokens,
+    }
+
+
+def _sse_openai(chunk: dict) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def _sse_anthropic(event: str, data: dict) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class _StreamRelay:
+    """Moves server-sent events from the provider to the client as they arrive, translating between
+    formats when they differ, while keeping what the row needs (text, usage, time to first token)."""
+
+    def __init__(self, proxy: Proxy, fmt: str, upstream_kind: str, model: str, body: dict, row: _Row):
+        self.proxy = proxy
+        self.fmt = fmt
+        self.kind = upstream_kind
+        self.model = model
+        self.row = row
+        self.completed = False
+        self.ttft_ms: float | None = None
+        self.acc = fm.AnthropicStreamAccumulator() if upstream_kind == "anthropic" else fm.OpenAIStreamAccumulator()
+        self.wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        rid = str(row.data["id"]).replace("-", "")
+        self.to_openai = (
+            fm.AnthropicToOpenAIStream(model=model, id="chatcmpl-" + rid, include_usage=self.wants_usage)
+            if fmt == "openai" and upstream_kind == "anthropic" else None
+        )
+        self.to_anthropic = (
+            fm.OpenAIToAnthropicStream(model=model, id="msg_" + rid)
+            if fmt == "anthropic" and upstream_kind == "openai" else None
+        )
+        self.upstream_error: str | None = None
+
+    def _event(self, ev: fm.SSEEvent) -> bytes:
+        if self.kind == "openai":
+            if ev.data == "[DONE]":
+                return b""
+            chunk = orjson.loads(ev.data)
+            if "error" in chunk and "choices" not in chunk:
+                self.upstream_error = self.proxy.scrub(fm.error_message_from_body(chunk))
+                return b""
+            self.acc.feed(chunk)
+            self._mark_first_token()
+            if self.to_anthropic is not None:
+                return b"".join(_sse_anthropic(e, d) for e, d in self.to_anthropic.feed(chunk))
+            if not chunk.get("choices") and not self.wants_usage:
+                return b""  # the usage chunk we asked for on the client's behalf
+            return b"data: " + ev.data.encode() + b"\n\n"
+        data = orjson.loads(ev.data)
+        etype = ev.event or data.get("type", "")
+        if etype == "error":
+            self.upstream_error = self.proxy.scrub(fm.error_message_from_body(data))
+            return b""
+        self.acc.feed(etype, data)
+        self._mark_first_token()
+        if self.to_openai is not None:
+            return b"".join(_sse_openai(c) for c in self.to_openai.feed(etype, data))
+        return fm.sse_encode(ev.data, etype)
+
+    def _mark_first_token(self) -> None:
+        if self.ttft_ms is None and self.acc.got_content:
+            self.ttft_ms = (time.perf_counter() - self.row.started) * 1000
+
+    def _tail(self) -> bytes:
+        if self.to_openai is not None:
+            return b"".join(_sse_openai(c) for c in self.to_openai.finish()) + _DONE
+        if self.to_anthropic is not None:
+            return b"".join(_sse_anthropic(e, d) for e, d in self.to_anthropic.finish())
+        return _DONE if self.fmt == "openai" else b""
+
+    def _error_event(self, message: str) -> bytes:
+        if self.fmt == "openai":
+            return _sse_openai(fm.openai_error(502, message))
+        return _sse_anthropic("error", fm.anthropic_error(502, message))
+
+    async def run(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        parser = fm.SSEParser()
+        try:
+            async for chunk in resp.content.iter_any():
+                out = b"".join([self._event(ev) for ev in parser.feed(chunk)])
+                if self.upstream_error is not None:
+                    yield out + self._error_event(self.upstream_error)
+                    self.completed = True
+                    return
+                if out:
+                    yield out
+            if not self._finished_upstream():
+                self.upstream_error = "the provider ended the stream before its answer was complete"
+                yield self._error_event(self.upstream_error)
+            else:
+                yield self._tail()
+            self.completed = True
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            self.upstream_error = f"the provider's stream broke off ({type(err).__name__})"
+            yield self._error_event(self.upstream_error)
+            self.completed = True
+        finally:
+            if self.completed and self.upstream_error is None:
+                resp.release()
+            else:
+                resp.close()  # drop the connection: the rest of a half-read stream is of no use
+
+    def _finished_upstream(self) -> bool:
+        acc = self.acc
+        return (acc.stop_reason if self.kind == "anthropic" else acc.finish_reason) is not None
+
+    def close(self) -> None:
+        """Called once the response is over, however it ended: writes the row."""
+        acc = self.acc
+        usage = acc.usage
+        fields: dict[str, Any] = {
+            "response_text": acc.log_text(),
+            "finish_reason": acc.stop_reason if self.kind == "anthropic" else acc.finish_reason,
+            "ttft_ms": self.ttft_ms,
+            "cost_usd": self.proxy._cost(self.model, usage),
+            **_usage_fields(usage),
+        }
+        if not self.completed:
+            fields.update(status=499, error_class="client_disconnected",
+                          error_message="the client closed the stream before it ended")
+        elif self.upstream_error is not None:
+            fields.update(status=502, error_class="upstream_stream_error", error_message=self.upstream_error)
+        else:
+            fields["status"] = 200
+        self.row.done(**fields)
+
+
+class _LoggedStream(StreamingResponse):
+    """A streaming response that writes its row however the stream ends, a client hang-up included
+    (Starlette cancels the sender then, and an unfinished generator would otherwise never run its `finally`)."""
+
+    def __init__(self, content: AsyncIterator[bytes], relay: _StreamRelay, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(RuntimeError):  # never started, or already closed
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self._relay.close()
+

@@ -1,0 +1,193 @@
+"""The request log writer: rows leave the hot path through a queue, reach Postgres in batched COPYs,
+and wait on local disk whenever Postgres cannot take them, so that no row is ever lost."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+
+log = logging.getLogger(__name__)
+
+# The columns the gateway writes, in COPY order. A row is a dict with any subset of these keys.
+COLUMNS = (
+    "id", "ts", "user_id", "api_key_id", "api_format", "endpoint", "session_id", "agent",
+    "requested_model", "model", "provider", "upstream_model", "stream", "system", "prompt",
+    "messages", "params", "response_text", "finish_reason", "input_tokens", "output_tokens",
+    "cache_read_tokens", "cache_write_tokens", "cost_usd", "latency_ms", "ttft_ms", "status",
+    "error_class", "error_message", "route", "route_reason",
+)  # fmt: skip
+_COPY = f"COPY requests ({', '.join(COLUMNS)}) FROM STDIN"
+_REPLAY_RETRY_S = 5.0
+
+
+def _spool_default(obj: Any) -> Any:
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
+    raise TypeError
+
+
+class RequestLog:
+    """Accepts rows from any thread without blocking; one writer thread does the I/O."""
+
+    def __init__(self, url: str, *, spool_dir: Path, batch_max_rows: int = 1000, flush_interval_s: float = 0.1):
+        self.url = url
+        self.spool_dir = spool_dir
+        self.batch_max_rows = batch_max_rows
+        self.flush_interval_s = flush_interval_s
+        self.rows_written = 0
+        self.rows_spooled = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._conn: psycopg.Connection | None = None
+        self._thread: threading.Thread | None = None
+        self._next_replay = 0.0
+
+    # -- the caller's side -------------------------------------------------------------------
+
+    def write(self, row: dict) -> None:
+        self._queue.put(row)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until every row written before this call is in Postgres or on disk."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def start(self) -> RequestLog:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="tm-request-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write out everything queued, then stop the writer thread."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._replay_spool()
+        stopping = False
+        while not stopping:
+            batch, markers, stopping = self._next_batch()
+            if batch:
+                self._write_batch(batch)
+            if time.monotonic() >= self._next_replay:
+                self._replay_spool()
+            for m in markers:
+                m.set()
+
+    def _next_batch(self) -> tuple[list[dict], list[threading.Event], bool]:
+        batch: list[dict] = []
+        markers: list[threading.Event] = []
+        try:
+            first = self._queue.get(timeout=1.0)
+        except queue.Empty:
+            return batch, markers, False
+        deadline = time.monotonic() + self.flush_interval_s
+        item = first
+        while True:
+            if item is None:
+                # Shutdown: take what is left without waiting.
+                while True:
+                    try:
+                        rest = self._queue.get_nowait()
+                    except queue.Empty:
+                        return batch, markers, True
+                    if isinstance(rest, threading.Event):
+                        markers.append(rest)
+                    elif rest is not None:
+                        batch.append(rest)
+            if isinstance(item, threading.Event):
+                # A flush marker ends the batch at once.
+                markers.append(item)
+                return batch, markers, False
+            batch.append(item)
+            if len(batch) >= self.batch_max_rows:
+                return batch, markers, False
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return batch, markers, False
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.url, connect_timeout=5)
+        return self._conn
+
+    def _copy(self, rows: list[tuple]) -> None:
+        conn = self._connection()
+        try:
+            with conn.cursor() as cur, cur.copy(_COPY) as copy:
+                for r in rows:
+                    copy.write_row(r)
+            conn.commit()
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    def _write_batch(self, batch: list[dict]) -> None:
+        rows = [tuple(r.get(c) for c in COLUMNS) for r in batch]
+        try:
+            self._copy(rows)
+            self.rows_written += len(rows)
+        except Exception as err:  # noqa: BLE001 - any failure means: keep the rows on disk
+            log.warning("request log: Postgres unavailable (%s); spooling %d rows", type(err).__name__, len(rows))
+            self._spool(rows)
+
+    def _spool(self, rows: list[tuple]) -> None:
+        path = self.spool_dir / f"{time.time_ns()}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            for r in rows:
+                f.write(orjson.dumps(r, default=_spool_default) + b"\n")
+            f.flush()
+        tmp.rename(path)
+        self.rows_spooled += len(rows)
+        self._next_replay = time.monotonic() + _REPLAY_RETRY_S
+
+    def _replay_spool(self) -> None:
+        """Move spooled rows into Postgres; a row already there (an earlier replay) is skipped."""
+        files = sorted(self.spool_dir.glob("*.jsonl"))
+        for path in files:
+            rows = [tuple(orjson.loads(line)) for line in path.read_bytes().splitlines() if line.strip()]
+            try:
+                conn = self._connection()
+                with conn.cursor() as cur:
+                    cur.execute("CREATE TEMP TABLE IF NOT EXISTS requests_replay (LIKE requests) ON COMMIT DELETE ROWS")
+                    with cur.copy(_COPY.replace("COPY requests ", "COPY requests_replay ")) as copy:
+                        for r in rows:
+                            copy.write_row(r)
+                    cur.execute(
+                        f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM requests_replay"
+                        " ON CONFLICT (id, ts) DO NOTHING"
+                    )
+                conn.commit()
+            except Exception as err:  # noqa: BLE001
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                log.warning("request log: replay of %s deferred (%s)", path.name, type(err).__name__)
+                self._next_replay = time.monotonic() + _REPLAY_RETRY_S
+                return
+            path.unlink()
+            self.rows_written += len(rows)
+            log.info("request log: replayed %d spooled rows from %s", len(rows), path.name)
+        self._next_replay = time.monotonic() + _REPLAY_RETRY_S if files else float("inf")
+

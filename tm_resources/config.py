@@ -1,0 +1,168 @@
+"""Token Machine's configuration: one YAML file, validated once, secrets only from the environment."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# The repository's own tm.yaml, used when nothing else is named (editable installs).
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "tm.yaml"
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded so the operator knows which key to fix."""
+
+
+class _Strict(BaseModel):
+    # A misspelt key is the commonest config mistake: refuse it rather than ignore it.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tier(str, Enum):
+    local = "local"
+    included = "included"
+    premium = "premium"
+
+
+class Price(_Strict):
+    """USD per million tokens."""
+
+    input: float = Field(0.0, ge=0)
+    output: float = Field(0.0, ge=0)
+    cache_read: float | None = Field(None, ge=0)
+    cache_write: float | None = Field(None, ge=0)
+
+    def cost(self, input_tokens: int, output_tokens: int, cache_read: int = 0, cache_write: int = 0) -> float:
+        # Providers that do not price cache tokens separately bill them as input.
+        cr = self.input if self.cache_read is None else self.cache_read
+        cw = self.input if self.cache_write is None else self.cache_write
+        return (input_tokens * self.input + output_tokens * self.output + cache_read * cr + cache_write * cw) / 1e6
+
+
+class ProviderConfig(_Strict):
+    kind: Literal["anthropic", "openai"]
+    base_url: str
+    # Names of environment variables holding API keys, tried in order (key rotation).
+    api_key_env: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(300.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_env_name_is_a_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("api_key_env"), str):
+            data = {**data, "api_key_env": [data["api_key_env"]]}
+        return data
+
+    def api_keys(self) -> list[str]:
+        return [v for name in self.api_key_env if (v := os.environ.get(name))]
+
+
+class ModelConfig(_Strict):
+    provider: str
+    # The model's name at the provider, when it differs from the name clients use.
+    upstream: str | None = None
+    tier: Tier = Tier.local
+    context_window: int = Field(8192, gt=0)
+    price: Price = Price()
+
+
+class GatewayConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=1, le=65535)
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    default_max_tokens: int = Field(4096, gt=0)
+    # How often a replica checks whether keys or rules changed in Postgres.
+    refresh_interval_s: float = Field(1.0, gt=0)
+
+
+class LogConfig(_Strict):
+    batch_max_rows: int = Field(1000, gt=0)
+    flush_interval_ms: int = Field(100, gt=0)
+    # Where rows wait when Postgres is unreachable; default: $TM_HOME/spool.
+    spool_dir: str | None = None
+
+
+class Defaults(_Strict):
+    # What `model: "auto"` means until routing rules say otherwise.
+    model: str
+    frontier_model: str | None = None
+
+
+class Config(_Strict):
+    gateway: GatewayConfig = GatewayConfig()
+    log: LogConfig = LogConfig()
+    providers: dict[str, ProviderConfig]
+    models: dict[str, ModelConfig]
+    defaults: Defaults
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Config:
+        for name, m in self.models.items():
+            if m.provider not in self.providers:
+                raise ValueError(
+                    f"models.{name}.provider: '{m.provider}' is not one of the providers "
+                    f"({', '.join(sorted(self.providers)) or 'none defined'})"
+                )
+        for key in ("model", "frontier_model"):
+            value = getattr(self.defaults, key)
+            if value is not None and value not in self.models:
+                raise ValueError(f"defaults.{key}: '{value}' is not one of the models")
+        return self
+
+    def upstream_name(self, model: str) -> str:
+        return self.models[model].upstream or model
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"{source} is not a valid Token Machine configuration:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt, or not a setting of this section)"
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "configuration") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, not {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def config_path(explicit: str | os.PathLike | None = None) -> Path:
+    """The file to read: the argument, else $TM_CONFIG, else ./tm.yaml, else the shipped example."""
+    if explicit:
+        return Path(explicit)
+    if env := os.environ.get("TM_CONFIG"):
+        return Path(env)
+    if Path("tm.yaml").exists():
+        return Path("tm.yaml")
+    return EXAMPLE_CONFIG
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    p = config_path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read configuration {p}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML: {err}") from None
+    return parse_config(data, str(p))
+
+
+def tm_home() -> Path:
+    return Path(os.environ.get("TM_HOME", ".tm")).resolve()

@@ -1,0 +1,104 @@
+"""Postgres for Token Machine: the embedded server by default, any URL when given, and the schema's migrations."""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+# Held for the life of the process: pgserver stops the embedded server when its last user exits.
+_embedded: dict[Path, object] = {}
+
+# Any number for pg_advisory_xact_lock, fixed so that every replica agrees on it.
+_MIGRATION_LOCK = 0x746D_6D69  # "tmmi"
+
+
+def start_embedded(home: Path) -> str:
+    """Start (or join) the embedded Postgres with pgvector under `home` and return its URL."""
+    import pgserver
+
+    home.mkdir(parents=True, exist_ok=True)
+    pgdata = (home / "pgdata").resolve()
+    server = _embedded.get(pgdata)
+    if server is None:
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        _embedded[pgdata] = server
+    return server.get_uri()
+
+
+def database_url(home: Path) -> str:
+    """$TM_DATABASE_URL when set (Supabase or any Postgres), else the embedded server under `home`."""
+    url = os.environ.get("TM_DATABASE_URL")
+    return url if url else start_embedded(home)
+
+
+def with_database(url: str, dbname: str) -> str:
+    """The same server, another database: works for both host URLs and socket URLs (`?host=/dir`)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + dbname))
+
+
+def psycopg2_url(url: str) -> str:
+    """The URL as SQLAlchemy must see it for dagster-postgres (psycopg2 named; see FACTS)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password removed, fit for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        parts = parts._replace(netloc=netloc)
+    query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/")))
+
+
+def ensure_database(url: str, dbname: str) -> str:
+    """Create database `dbname` on the server at `url` if it is missing; return its URL."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{dbname}"')
+    return with_database(url, dbname)
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found = []
+    for entry in resources.files("tm_resources.migrations").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), name, entry.read_text()))
+    return sorted(found)
+
+
+def migrate(url: str) -> list[str]:
+    """Apply every migration not yet applied and return their names.
+
+    All of them run in one transaction, so a failing migration leaves the schema as it was;
+    an advisory lock lets several replicas start at once.
+    """
+    applied: list[str] = []
+    with psycopg.connect(url) as conn:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS tm_schema_migrations ("
+                " version int PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {v for (v,) in conn.execute("SELECT version FROM tm_schema_migrations")}
+            for version, name, sql in _migrations():
+                if version in done:
+                    continue
+                conn.execute(sql)
+                conn.execute("INSERT INTO tm_schema_migrations (version, name) VALUES (%s, %s)", (version, name))
+                applied.append(name)
+                log.info("applied migration %s", name)
+    return applied

@@ -1,0 +1,68 @@
+"""Per-user API keys: created once and shown once, stored only as a hash, revocable."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+
+KEY_PREFIX = "tm-"
+
+
+def hash_key(key: str) -> bytes:
+    # Keys are 240 random bits, so a plain fast hash is enough: there is nothing to brute-force.
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    user_id: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def create_key(conn: psycopg.Connection, user_id: str) -> tuple[str, KeyInfo]:
+    """Make a new key for `user_id`; the plain key is returned here and never again."""
+    user_id = user_id.strip()
+    if not user_id:
+        raise ValueError("a key needs a user name")
+    key = KEY_PREFIX + secrets.token_urlsafe(30)
+    key_id = "k_" + secrets.token_hex(4)
+    row = conn.execute(
+        "INSERT INTO api_keys (id, user_id, key_hash, prefix) VALUES (%s, %s, %s, %s)"
+        " RETURNING id, user_id, prefix, created_at, revoked_at",
+        (key_id, user_id, hash_key(key), key[:7]),
+    ).fetchone()
+    conn.commit()
+    return key, KeyInfo(*row)
+
+
+def list_keys(conn: psycopg.Connection, *, include_revoked: bool = False) -> list[KeyInfo]:
+    sql = "SELECT id, user_id, prefix, created_at, revoked_at FROM api_keys"
+    if not include_revoked:
+        sql += " WHERE revoked_at IS NULL"
+    return [KeyInfo(*r) for r in conn.execute(sql + " ORDER BY user_id, created_at")]
+
+
+def revoke(conn: psycopg.Connection, key_id_or_user: str) -> list[str]:
+    """Revoke one key by its id, or every key of a user; return the ids revoked."""
+    rows = conn.execute(
+        "UPDATE api_keys SET revoked_at = now()"
+        " WHERE revoked_at IS NULL AND (id = %s OR user_id = %s) RETURNING id",
+        (key_id_or_user, key_id_or_user),
+    ).fetchall()
+    conn.commit()
+    return [r[0] for r in rows]
+
+
+def active_keys(conn: psycopg.Connection) -> dict[bytes, tuple[str, str]]:
+    """hash -> (key id, user id) for every key in force: what a gateway replica holds in memory."""
+    return {
+        bytes(h): (kid, uid)
+        for kid, uid, h in conn.execute("SELECT id, user_id, key_hash FROM api_keys WHERE revoked_at IS NULL")
+    }
