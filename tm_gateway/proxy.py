@@ -328,7 +328,11 @@ class Proxy:
             text, finish = fm.response_text_openai(answer), fm.stop_reason_openai(answer)
         if ep.kind != fmt:
             convert = fm.anthropic_response_to_openai if fmt == "openai" else fm.openai_response_to_anthropic
-            data = orjson.dumps(convert(answer, model=name))
+            try:
+                data = orjson.dumps(convert(answer, model=name))
+            except fm.FormatError as err:
+                return self._upstream_failed(fmt, row, headers, 502, "upstream_bad_response",
+                                             f"provider '{ep.name}' gave an answer that cannot be translated: {err}")
         cost = self._cost(name, usage)
         row.done(status=200, response_text=text, finish_reason=finish, cost_usd=cost, **_usage_fields(usage))
         headers["x-tm-cost-usd"] = f"{cost:.8f}"

@@ -24,6 +24,9 @@ COLUMNS = (
     "cache_read_tokens", "cache_write_tokens", "cost_usd", "latency_ms", "ttft_ms", "status",
     "error_class", "error_message", "route", "route_reason",
 )  # fmt: skip
+# COPY writes NULL for a missing value, so the NOT NULL columns' defaults are filled in here.
+_DEFAULTS = {"stream": False, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
+             "cache_write_tokens": 0, "cost_usd": 0.0}
 _COPY = f"COPY requests ({', '.join(COLUMNS)}) FROM STDIN"
 _REPLAY_RETRY_S = 5.0
 
@@ -44,6 +47,7 @@ class RequestLog:
         self.flush_interval_s = flush_interval_s
         self.rows_written = 0
         self.rows_spooled = 0
+        self.rows_rejected = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._conn: psycopg.Connection | None = None
         self._thread: threading.Thread | None = None
@@ -130,6 +134,11 @@ class RequestLog:
             self._conn = psycopg.connect(self.url, connect_timeout=5)
         return self._conn
 
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
     def _copy(self, rows: list[tuple]) -> None:
         conn = self._connection()
         try:
@@ -138,18 +147,37 @@ class RequestLog:
                     copy.write_row(r)
             conn.commit()
         except BaseException:
-            conn.close()
-            self._conn = None
+            self._drop_connection()
             raise
 
     def _write_batch(self, batch: list[dict]) -> None:
-        rows = [tuple(r.get(c) for c in COLUMNS) for r in batch]
+        rows = [tuple(r.get(c, _DEFAULTS.get(c)) for c in COLUMNS) for r in batch]
         try:
             self._copy(rows)
             self.rows_written += len(rows)
-        except Exception as err:  # noqa: BLE001 - any failure means: keep the rows on disk
+        except psycopg.OperationalError as err:
             log.warning("request log: Postgres unavailable (%s); spooling %d rows", type(err).__name__, len(rows))
             self._spool(rows)
+        except Exception as err:  # noqa: BLE001 - a row Postgres refuses must not take its batch down with it
+            log.error("request log: batch refused (%s: %s); writing rows one by one", type(err).__name__, err)
+            for r in rows:
+                try:
+                    self._copy([r])
+                    self.rows_written += 1
+                except psycopg.OperationalError:
+                    self._spool([r])
+                except Exception as row_err:  # noqa: BLE001
+                    self._reject([r], f"{type(row_err).__name__}: {row_err}")
+
+    def _reject(self, rows: list[tuple], reason: str) -> None:
+        """Keep rows Postgres will never take where an operator can see them, out of the replay queue."""
+        rejected = self.spool_dir / "rejected"
+        rejected.mkdir(parents=True, exist_ok=True)
+        with (rejected / f"{time.time_ns()}.jsonl").open("wb") as f:
+            for r in rows:
+                f.write(orjson.dumps(r, default=_spool_default) + b"\n")
+        self.rows_rejected += len(rows)
+        log.error("request log: %d row(s) refused by Postgres (%s), kept in %s", len(rows), reason, rejected)
 
     def _spool(self, rows: list[tuple]) -> None:
         path = self.spool_dir / f"{time.time_ns()}.jsonl"
@@ -179,13 +207,16 @@ class RequestLog:
                         " ON CONFLICT (id, ts) DO NOTHING"
                     )
                 conn.commit()
-            except Exception as err:  # noqa: BLE001
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
+            except psycopg.OperationalError as err:
+                self._drop_connection()
                 log.warning("request log: replay of %s deferred (%s)", path.name, type(err).__name__)
                 self._next_replay = time.monotonic() + _REPLAY_RETRY_S
                 return
+            except Exception as err:  # noqa: BLE001 - a file Postgres refuses must not block the ones after it
+                self._drop_connection()
+                self._reject(rows, f"{type(err).__name__}: {err}")
+                path.unlink()
+                continue
             path.unlink()
             self.rows_written += len(rows)
             log.info("request log: replayed %d spooled rows from %s", len(rows), path.name)

@@ -247,6 +247,14 @@ def _tool_arguments(args, path: str) -> dict:
     return value
 
 
+def _tool_id(tid: str) -> str:
+    # Anthropic requires ^[a-zA-Z0-9_-]+$; some local servers mint ids like "functions.get:0".
+    # Mapping is deterministic so a tool_use and its tool_result still match.
+    if tid.isascii() and tid.replace("_", "").replace("-", "").isalnum():
+        return tid
+    return "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in tid)
+
+
 _OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -288,7 +296,7 @@ def openai_request_to_anthropic(body: dict, *, model: str, default_max_tokens: i
             tcid = m.get("tool_call_id")
             if not isinstance(tcid, str) or not tcid:
                 raise FormatError(f"{path}.tool_call_id must be a non-empty string")
-            block = {"type": "tool_result", "tool_use_id": tcid}
+            block = {"type": "tool_result", "tool_use_id": _tool_id(tcid)}
             if isinstance(content, str):
                 if content:
                     block["content"] = content
@@ -319,7 +327,7 @@ def openai_request_to_anthropic(body: dict, *, model: str, default_max_tokens: i
                         raise FormatError(f"{tp}.function.name must be a non-empty string")
                     blocks.append({
                         "type": "tool_use",
-                        "id": tid,
+                        "id": _tool_id(tid),
                         "name": name,
                         "input": _tool_arguments(fn.get("arguments"), f"{tp}.function.arguments"),
                     })
@@ -384,6 +392,7 @@ def openai_request_to_anthropic(body: dict, *, model: str, default_max_tokens: i
             atools.append(at)
         req["tools"] = atools
 
+        # Only with tools: clients send tool_choice "none" without any, which Anthropic rejects.
         tc = body.get("tool_choice")
         choice = None
         if tc == "auto":
@@ -405,7 +414,6 @@ def openai_request_to_anthropic(body: dict, *, model: str, default_max_tokens: i
             choice["disable_parallel_tool_use"] = True
         if choice is not None:
             req["tool_choice"] = choice
-    # A tool_choice without tools is an error upstream; OpenAI clients send "none" that way.
 
     temperature = body.get("temperature")
     if temperature is not None:
@@ -718,6 +726,8 @@ def _log_text(text: str, calls) -> str:
 
 def _compact_args(args) -> str:
     if isinstance(args, str):
+        if not args or args.isspace():
+            return "{}"
         try:
             return _dumps(json.loads(args))
         except ValueError:
