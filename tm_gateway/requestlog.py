@@ -28,7 +28,11 @@ COLUMNS = (
 _DEFAULTS = {"stream": False, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
              "cache_write_tokens": 0, "cost_usd": 0.0}
 _COPY = f"COPY requests ({', '.join(COLUMNS)}) FROM STDIN"
-_REPLAY_RETRY_S = 5.0
+
+
+def copy_row(row: dict) -> tuple:
+    """A row dict as the tuple COPY takes, with the NOT NULL columns' defaults filled in."""
+    return tuple(row.get(c, _DEFAULTS.get(c)) for c in COLUMNS)
 
 
 def _spool_default(obj: Any) -> Any:
@@ -40,8 +44,10 @@ def _spool_default(obj: Any) -> Any:
 class RequestLog:
     """Accepts rows from any thread without blocking; one writer thread does the I/O."""
 
-    def __init__(self, url: str, *, spool_dir: Path, batch_max_rows: int = 1000, flush_interval_s: float = 0.1):
+    def __init__(self, url: str, *, spool_dir: Path, batch_max_rows: int = 1000, flush_interval_s: float = 0.1,
+                 replay_interval_s: float = 5.0):
         self.url = url
+        self.replay_interval_s = replay_interval_s
         self.spool_dir = spool_dir
         self.batch_max_rows = batch_max_rows
         self.flush_interval_s = flush_interval_s
@@ -151,7 +157,7 @@ class RequestLog:
             raise
 
     def _write_batch(self, batch: list[dict]) -> None:
-        rows = [tuple(r.get(c, _DEFAULTS.get(c)) for c in COLUMNS) for r in batch]
+        rows = [copy_row(r) for r in batch]
         try:
             self._copy(rows)
             self.rows_written += len(rows)
@@ -188,7 +194,7 @@ class RequestLog:
             f.flush()
         tmp.rename(path)
         self.rows_spooled += len(rows)
-        self._next_replay = time.monotonic() + _REPLAY_RETRY_S
+        self._next_replay = time.monotonic() + self.replay_interval_s
 
     def _replay_spool(self) -> None:
         """Move spooled rows into Postgres; a row already there (an earlier replay) is skipped."""
@@ -210,7 +216,7 @@ class RequestLog:
             except psycopg.OperationalError as err:
                 self._drop_connection()
                 log.warning("request log: replay of %s deferred (%s)", path.name, type(err).__name__)
-                self._next_replay = time.monotonic() + _REPLAY_RETRY_S
+                self._next_replay = time.monotonic() + self.replay_interval_s
                 return
             except Exception as err:  # noqa: BLE001 - a file Postgres refuses must not block the ones after it
                 self._drop_connection()
@@ -220,5 +226,5 @@ class RequestLog:
             path.unlink()
             self.rows_written += len(rows)
             log.info("request log: replayed %d spooled rows from %s", len(rows), path.name)
-        self._next_replay = time.monotonic() + _REPLAY_RETRY_S if files else float("inf")
+        self._next_replay = time.monotonic() + self.replay_interval_s if files else float("inf")
 

@@ -1,0 +1,99 @@
+"""The `tm` command line: keys, migrations, and `tm up` on the embedded default as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from tests.fakes import free_port
+from tm_gateway.cli import main
+from tm_resources import db
+
+
+def test_keys_create_list_revoke(db_url, monkeypatch, capsys):
+    monkeypatch.setenv("TM_DATABASE_URL", db_url)
+    assert main(["keys", "create", "--user", "erin"]) == 0
+    out = capsys.readouterr().out
+    key = re.search(r"^(tm-\S+)$", out, re.M).group(1)
+    key_id = re.search(r"\(id (k_[0-9a-f]+)\)", out).group(1)
+
+    assert main(["keys", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert key_id in listing and "erin" in listing and key not in listing
+    with psycopg.connect(db_url) as conn:
+        stored = conn.execute("SELECT key_hash, prefix FROM api_keys").fetchone()
+    assert key.encode() not in bytes(stored[0]) and stored[1] == key[:7]
+
+    assert main(["keys", "revoke", key_id]) == 0
+    assert main(["keys", "revoke", key_id]) == 1  # nothing left to revoke
+    assert main(["keys", "list"]) == 0
+    assert "no keys yet" in capsys.readouterr().out
+    assert main(["keys", "list", "--all"]) == 0
+    assert "revoked" in capsys.readouterr().out
+
+
+def test_migrations_run_on_an_existing_database_and_keep_its_rows(db_url, monkeypatch, capsys):
+    with psycopg.connect(db_url) as conn:
+        conn.execute("INSERT INTO requests (id, ts, user_id, api_format, endpoint, status)"
+                     " VALUES (gen_random_uuid(), now(), 'u', 'openai', '/v1/chat/completions', 200)")
+        conn.commit()
+    monkeypatch.setenv("TM_DATABASE_URL", db_url)
+    assert main(["db", "migrate"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM requests").fetchone()[0] == 1
+        versions = [v for (v,) in conn.execute("SELECT version FROM tm_schema_migrations ORDER BY 1")]
+        assert versions == sorted(versions) and versions[0] == 1
+        # Rows land in their month's partition, not the default one.
+        part = conn.execute("SELECT tableoid::regclass::text FROM requests").fetchone()[0]
+        assert re.fullmatch(r"requests_\d{4}_\d{2}", part)
+
+
+def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_path: Path):
+    port = free_port()
+    env = {**os.environ, "TM_HOME": str(tmp_path / "home"), "TM_USER": "founder"}
+    env.pop("TM_DATABASE_URL", None)
+    env.pop("ANTHROPIC_API_KEY", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tm_gateway.cli", "up", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), signal.signal(signal.SIGTERM, signal.SIG_DFL)),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        ready = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status_code == 200
+            except httpx.HTTPError:
+                pass
+            if ready:
+                break
+            time.sleep(0.2)
+        assert ready, "tm up did not serve /healthz"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"http://127.0.0.1:{port}" in out
+    key = re.search(r"^\s+(tm-\S+)$", out, re.M).group(1)
+    assert "for user 'founder'" in out
+    assert "no API key: export ANTHROPIC_API_KEY" in out
+    assert "No provider is reachable yet" in out
+    assert proc.returncode in (0, -signal.SIGINT)
+    # The key it printed is the one stored, hashed, in the embedded database it started.
+    url = db.start_embedded(tmp_path / "home")
+    from tm_resources.keys import hash_key
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT user_id FROM api_keys WHERE key_hash = %s", (hash_key(key),)).fetchone() == (
+            "founder",)
