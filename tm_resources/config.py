@@ -95,9 +95,54 @@ class Defaults(_Strict):
     frontier_model: str | None = None
 
 
+class ScoringWeights(_Strict):
+    """Weights of the five quality signals; a missing signal's weight is spread over the others."""
+
+    coherence: float = Field(0.25, ge=0)
+    completion: float = Field(0.25, ge=0)
+    brevity: float = Field(0.20, ge=0)
+    reprompt: float = Field(0.20, ge=0)
+    cost_efficiency: float = Field(0.10, ge=0)
+
+
+class Thresholds(_Strict):
+    """Every number the decision engine compares against."""
+
+    escalate_below: float = Field(0.5, ge=0, le=1)      # local average quality under this ...
+    escalate_min_samples: int = Field(10, ge=1)         # ... over at least this many requests
+    lock_above: float = Field(0.8, ge=0, le=1)          # local average quality over this ...
+    lock_min_samples: int = Field(20, ge=1)             # ... over at least this many requests
+    coaching_below: float = Field(0.4, ge=0, le=1)      # a user's prompt quality under this ...
+    coaching_days: int = Field(3, ge=1)                 # ... on each of this many days in a row
+    finetune_min_samples: int = Field(50, ge=1)         # a pattern this common ...
+    finetune_min_quality: float = Field(0.75, ge=0, le=1)  # ... and this well served
+    anomaly_cost_multiple: float = Field(2.0, gt=1)     # a user's hour costing this many times their baseline
+    anomaly_min_cost_usd: float = Field(0.05, ge=0)     # ignore anomalies cheaper than this in absolute terms
+    swap_min_margin: float = Field(0.0, ge=0)           # a fine-tune must beat its base by at least this
+    cache_min_quality: float = Field(0.8, ge=0, le=1)   # answers the semantic cache may serve
+
+
+class LoopConfig(_Strict):
+    # manual: no rule is applied; dry-run: rules are written as proposals; auto: applied.
+    mode: Literal["manual", "dry-run", "auto"] = "auto"
+    weights: ScoringWeights = ScoringWeights()
+    thresholds: Thresholds = Thresholds()
+    # A configured model that judges task completion; none (or unreachable): the signal is missing.
+    judge_model: str | None = None
+    judge_concurrency: int = Field(8, ge=1)
+    # How far back patterns look (hours) and how soon a follow-up counts as a re-prompt (seconds).
+    pattern_window_h: int = Field(168, ge=1)
+    reprompt_window_s: int = Field(600, ge=1)
+    # Grades: the day that requests_today etc. count resets at local midnight of this zone.
+    timezone: str = "UTC"
+    # Seed examples per task type; none: the built-in ones (tm_resources/task_seeds.yaml).
+    task_seeds: dict[str, list[str]] | None = None
+
+
 class Config(_Strict):
     gateway: GatewayConfig = GatewayConfig()
     log: LogConfig = LogConfig()
+    loop: LoopConfig = LoopConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
     defaults: Defaults
@@ -110,6 +155,8 @@ class Config(_Strict):
                     f"models.{name}.provider: '{m.provider}' is not one of the providers "
                     f"({', '.join(sorted(self.providers)) or 'none defined'})"
                 )
+        if self.loop.judge_model is not None and self.loop.judge_model not in self.models:
+            raise ValueError(f"loop.judge_model: '{self.loop.judge_model}' is not one of the models")
         for key in ("model", "frontier_model"):
             value = getattr(self.defaults, key)
             if value is not None and value not in self.models:
