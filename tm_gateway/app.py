@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tm_gateway.keycache import KeyCache
+from tm_gateway.state import SharedState
 from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
 from tm_resources.config import Config
@@ -43,8 +43,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        keys = KeyCache(settings.database_url, config.gateway.refresh_interval_s)
-        keys.load()
+        shared = SharedState(settings.database_url, config.gateway.refresh_interval_s)
+        shared.load()
         spool = Path(config.log.spool_dir) if config.log.spool_dir else settings.home / "spool"
         request_log = RequestLog(
             settings.database_url,
@@ -55,12 +55,12 @@ def create_app(settings: GatewaySettings) -> Starlette:
         # One pooled session for every upstream; limits sized for a busy replica, not the default 100.
         connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=300)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
-        keys.start()
+        shared.start()
         proxy = Proxy(
             config=config,
             session=session,
             endpoints=endpoints(config),
-            keys=keys,
+            shared=shared,
             request_log=request_log,
             scrub=SecretScrubber.for_config(config),
         )
@@ -68,7 +68,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         try:
             yield {"proxy": proxy}
         finally:
-            await keys.stop()
+            await shared.stop()
             await session.close()
             # Every row the gateway accepted is written (or spooled) before the process ends.
             request_log.close()

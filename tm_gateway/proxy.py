@@ -17,12 +17,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tm_gateway.keycache import KeyCache
+from tm_gateway.state import SharedState
 from tm_gateway.requestlog import RequestLog
 from tm_resources import formats as fm
 from tm_resources.config import Config
 from tm_resources.ids import uuid7
 from tm_resources.providers import Endpoint
+from tm_resources.rules import Route, route_request
 
 log = logging.getLogger(__name__)
 
@@ -145,16 +146,19 @@ class Proxy:
         config: Config,
         session: aiohttp.ClientSession,
         endpoints: dict[str, Endpoint],
-        keys: KeyCache,
+        shared: SharedState,
         request_log: RequestLog,
         scrub: Callable[[str], str],
+        classify: Callable[[str], tuple[Any, str, float]] | None = None,
     ):
         self.config = config
         self.session = session
         self.endpoints = endpoints
-        self.keys = keys
+        self.shared = shared
         self.request_log = request_log
         self.scrub = scrub
+        # prompt -> (vector, task type, confidence); CPU work, run off the event loop.
+        self.classify = classify
 
     # -- the parts --------------------------------------------------------------------------
 
@@ -162,7 +166,7 @@ class Proxy:
         h = request.headers
         auth = h.get("authorization")
         key = auth[7:].strip() if auth and auth[:7].lower() == "bearer " else h.get("x-api-key")
-        return self.keys.lookup(key)
+        return self.shared.lookup(key)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.gateway.max_body_bytes
@@ -179,13 +183,22 @@ class Proxy:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def resolve_model(self, requested: str) -> str:
-        name = self.config.defaults.model if requested == "auto" else requested
-        if name not in self.config.models:
+    async def choose_model(self, requested: str, prompt: str, row: _Row) -> Route:
+        """Classify the task when the machine chooses, then let the rules in force decide."""
+        if requested != "auto" and requested not in self.config.models:
             raise BadRequest(
                 404, "model_not_found", f"model '{requested}' is not configured here; GET /v1/models lists the models"
             )
-        return name
+        task_type = None
+        if requested == "auto" and self.classify is not None and prompt:
+            vec, task_type, _confidence = await asyncio.get_running_loop().run_in_executor(
+                None, self.classify, prompt)
+            row.data["prompt_embedding"] = vec
+            row.data["task_type"] = task_type
+        route = route_request(requested, task_type, row.data["user_id"], self.shared.rules, self.config)
+        row.data["route"] = route.route
+        row.data["route_reason"] = route.reason
+        return route
 
     def _upstream_body(self, fmt: str, ep: Endpoint, body: dict, upstream_model: str, stream: bool) -> bytes:
         try:
@@ -255,11 +268,12 @@ class Proxy:
             row.data["requested_model"] = body["model"]
         _validate(fmt, body)
         stream = body.get("stream", False)
-        name = self.resolve_model(body["model"])
+        system, prompt = _system_and_prompt(fmt, body)
+        route = await self.choose_model(body["model"], prompt, row)
+        name = route.model
         mcfg = self.config.models[name]
         ep = self.endpoints[mcfg.provider]
         upstream_model = mcfg.upstream or name
-        system, prompt = _system_and_prompt(fmt, body)
         r = row.data
         r.update(
             model=name,
@@ -276,7 +290,7 @@ class Proxy:
             uid = (body.get("metadata") or {}).get("user_id")
             if isinstance(uid, str) and "_session_" in uid:
                 r["session_id"] = uid.rsplit("_session_", 1)[1]
-        headers.update({"x-tm-model": name, "x-tm-provider": ep.name})
+        headers.update({"x-tm-model": name, "x-tm-provider": ep.name, "x-tm-route": route.route})
 
         payload = self._upstream_body(fmt, ep, body, upstream_model, stream)
         timeout = aiohttp.ClientTimeout(total=None, connect=ep.connect_timeout_s, sock_read=ep.timeout_s)
@@ -333,8 +347,9 @@ class Proxy:
             except fm.FormatError as err:
                 return self._upstream_failed(fmt, row, headers, 502, "upstream_bad_response",
                                              f"provider '{ep.name}' gave an answer that cannot be translated: {err}")
-        cost = self._cost(name, usage)
-        row.done(status=200, response_text=text, finish_reason=finish, cost_usd=cost, **_usage_fields(usage))
+        cost, baseline = self._costs(name, usage)
+        row.done(status=200, response_text=text, finish_reason=finish, cost_usd=cost, baseline_cost_usd=baseline,
+                 **_usage_fields(usage))
         headers["x-tm-cost-usd"] = f"{cost:.8f}"
         return Response(data, status_code=200, media_type=JSON, headers=headers)
 
@@ -342,10 +357,12 @@ class Proxy:
         row.done(status=status, error_class=error_class, error_message=message)
         return error_response(fmt, status, message, headers)
 
-    def _cost(self, model: str, usage: fm.Usage) -> float:
-        return self.config.models[model].price.cost(
-            usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens
-        )
+    def _costs(self, model: str, usage: fm.Usage) -> tuple[float, float | None]:
+        """What the request cost, and what it would have cost on the configured frontier model."""
+        args = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
+        frontier = self.config.defaults.frontier_model
+        baseline = self.config.models[frontier].price.cost(*args) if frontier else None
+        return self.config.models[model].price.cost(*args), baseline
 
 
 def _usage_fields(u: fm.Usage) -> dict[str, int]:
@@ -471,7 +488,7 @@ class _StreamRelay:
             "response_text": acc.log_text(),
             "finish_reason": acc.stop_reason if self.kind == "anthropic" else acc.finish_reason,
             "ttft_ms": self.ttft_ms,
-            "cost_usd": self.proxy._cost(self.model, usage),
+            **dict(zip(("cost_usd", "baseline_cost_usd"), self.proxy._costs(self.model, usage))),
             **_usage_fields(usage),
         }
         if not self.completed:

@@ -11,8 +11,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import psycopg
+from pgvector.psycopg import register_vector
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +24,10 @@ COLUMNS = (
     "requested_model", "model", "provider", "upstream_model", "stream", "system", "prompt",
     "messages", "params", "response_text", "finish_reason", "input_tokens", "output_tokens",
     "cache_read_tokens", "cache_write_tokens", "cost_usd", "latency_ms", "ttft_ms", "status",
-    "error_class", "error_message", "route", "route_reason",
+    "error_class", "error_message", "route", "route_reason", "task_type", "prompt_embedding",
+    "parent_id", "baseline_cost_usd",
 )  # fmt: skip
+_VECTOR_AT = COLUMNS.index("prompt_embedding")
 # COPY writes NULL for a missing value, so the NOT NULL columns' defaults are filled in here.
 _DEFAULTS = {"stream": False, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
              "cache_write_tokens": 0, "cost_usd": 0.0}
@@ -39,6 +43,18 @@ def _spool_default(obj: Any) -> Any:
     if isinstance(obj, uuid.UUID):
         return str(obj)
     raise TypeError
+
+
+def _dump_spooled(row: tuple) -> bytes:
+    return orjson.dumps(row, default=_spool_default, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _load_spooled(line: bytes) -> tuple:
+    row = orjson.loads(line)
+    if row[_VECTOR_AT] is not None:
+        # A list would be sent as a Postgres array; the vector column wants the vector form.
+        row[_VECTOR_AT] = np.asarray(row[_VECTOR_AT], dtype=np.float32)
+    return tuple(row)
 
 
 class RequestLog:
@@ -138,6 +154,7 @@ class RequestLog:
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.url, connect_timeout=5)
+            register_vector(self._conn)
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -181,7 +198,7 @@ class RequestLog:
         rejected.mkdir(parents=True, exist_ok=True)
         with (rejected / f"{time.time_ns()}.jsonl").open("wb") as f:
             for r in rows:
-                f.write(orjson.dumps(r, default=_spool_default) + b"\n")
+                f.write(_dump_spooled(r) + b"\n")
         self.rows_rejected += len(rows)
         log.error("request log: %d row(s) refused by Postgres (%s), kept in %s", len(rows), reason, rejected)
 
@@ -190,7 +207,7 @@ class RequestLog:
         tmp = path.with_suffix(".tmp")
         with tmp.open("wb") as f:
             for r in rows:
-                f.write(orjson.dumps(r, default=_spool_default) + b"\n")
+                f.write(_dump_spooled(r) + b"\n")
             f.flush()
         tmp.rename(path)
         self.rows_spooled += len(rows)
@@ -200,7 +217,7 @@ class RequestLog:
         """Move spooled rows into Postgres; a row already there (an earlier replay) is skipped."""
         files = sorted(self.spool_dir.glob("*.jsonl"))
         for path in files:
-            rows = [tuple(orjson.loads(line)) for line in path.read_bytes().splitlines() if line.strip()]
+            rows = [_load_spooled(line) for line in path.read_bytes().splitlines() if line.strip()]
             try:
                 conn = self._connection()
                 with conn.cursor() as cur:

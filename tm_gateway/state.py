@@ -1,4 +1,4 @@
-"""What a replica holds in memory from Postgres (API keys now), re-read only when its version moves."""
+"""What a replica holds in memory from Postgres (API keys, routing rules), re-read only when its version moves."""
 
 from __future__ import annotations
 
@@ -9,17 +9,21 @@ import logging
 import psycopg
 
 from tm_resources.keys import active_keys
+from tm_resources.rules import RuleBook, load_rulebook
+from tm_resources.tables import connect
 
 log = logging.getLogger(__name__)
 
 
-class KeyCache:
-    """sha256(key) -> (key id, user id), refreshed from `api_keys` when `tm_state_versions` says it changed."""
+class SharedState:
+    """sha256(key) -> (key id, user id), and the rule book; each re-read when `tm_state_versions` says
+    its table changed, so a request never waits on a query."""
 
     def __init__(self, url: str, interval_s: float = 1.0):
         self.url = url
         self.interval_s = interval_s
         self._keys: dict[bytes, tuple[str, str]] = {}
+        self.rules = RuleBook()
         self._versions: dict[str, int] = {}
         self._task: asyncio.Task | None = None
 
@@ -30,9 +34,10 @@ class KeyCache:
 
     def load(self) -> None:
         """The first, blocking load at start-up: a gateway that cannot read its keys must not start."""
-        with psycopg.connect(self.url) as conn:
+        with connect(self.url) as conn:
             self._versions = dict(conn.execute("SELECT name, version FROM tm_state_versions").fetchall())
             self._keys = active_keys(conn)
+            self.rules = load_rulebook(conn)
 
     async def _poll(self) -> None:
         conn: psycopg.AsyncConnection | None = None
@@ -49,14 +54,21 @@ class KeyCache:
                     )
                     self._keys = {bytes(h): (kid, uid) for h, kid, uid in await cur.fetchall()}
                     log.info("api keys reloaded: %d in force", len(self._keys))
+                if versions.get("routing_rules") != self._versions.get("routing_rules"):
+                    self.rules = await asyncio.to_thread(self._read_rules)
+                    log.info("routing rules reloaded: %d in force (hour %s)", len(self.rules), self.rules.hour)
                 self._versions = versions
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # noqa: BLE001 - keep serving with what we hold
-                log.warning("state refresh failed (%s); keeping the last keys", type(err).__name__)
+                log.warning("state refresh failed (%s); keeping the last keys and rules", type(err).__name__)
                 if conn is not None:
                     await conn.close()
                 conn = None
+
+    def _read_rules(self) -> RuleBook:
+        with connect(self.url) as conn:
+            return load_rulebook(conn)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._poll(), name="tm-state-refresh")
