@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
 
 from tm_resources.config import Config, Tier
 
-# Actions that steer a task type, and the one that steers a user.
-TYPE_ACTIONS = ("swap_model", "escalate", "lock_local")
+# Actions that steer a task type (escalate beats lock_local when both name one), the one that
+# picks which local model serves, and the one that steers a user.
+TYPE_ACTIONS = ("escalate", "lock_local")
+SWAP_ACTION = "swap_model"
 USER_ACTIONS = ("throttle",)
 
 
@@ -29,26 +32,30 @@ class RuleBook:
     """Active rules of the newest materialized hour, indexed for a dict lookup per request."""
 
     by_type: dict[str, Rule] = field(default_factory=dict)
+    # (task type, base model) -> the swap to its fine-tune
+    swaps: dict[tuple[str, str], Rule] = field(default_factory=dict)
     throttled: dict[str, Rule] = field(default_factory=dict)
     hour: object = None
 
     @classmethod
     def from_rules(cls, rules: list[Rule], hour: object = None) -> RuleBook:
         by_type: dict[str, Rule] = {}
+        swaps: dict[tuple[str, str], Rule] = {}
         throttled: dict[str, Rule] = {}
-        # A swap beats an escalation beats a lock when several name one type.
         rank = {a: i for i, a in enumerate(TYPE_ACTIONS)}
         for r in rules:
             if r.action in USER_ACTIONS and r.user_id:
                 throttled[r.user_id] = r
+            elif r.action == SWAP_ACTION and r.task_type and r.model and r.target_model:
+                swaps[(r.task_type, r.model)] = r
             elif r.action in rank and r.task_type:
                 held = by_type.get(r.task_type)
                 if held is None or rank[r.action] < rank[held.action]:
                     by_type[r.task_type] = r
-        return cls(by_type=by_type, throttled=throttled, hour=hour)
+        return cls(by_type=by_type, swaps=swaps, throttled=throttled, hour=hour)
 
     def __len__(self) -> int:
-        return len(self.by_type) + len(self.throttled)
+        return len(self.by_type) + len(self.swaps) + len(self.throttled)
 
 
 RULE_COLUMNS = "rule_id, action, task_type, user_id, model, target_model, reason"
@@ -76,25 +83,45 @@ def local_models(config: Config) -> list[str]:
     return [n for n, m in config.models.items() if m.tier is Tier.local]
 
 
-def route_request(requested: str, task_type: str | None, user_id: str, book: RuleBook, config: Config) -> Route:
-    """Which model answers: rules first (a throttle applies to every request; type rules to `auto`),
-    then what the request named, then the configured default."""
-    throttle = book.throttled.get(user_id)
+def route_request(requested: str, task_type: str | None, user_id: str, book: RuleBook, config: Config,
+                  known: Callable[[str], bool] | None = None) -> Route:
+    """Which model answers. A throttle applies to every request of its user and keeps it local, even
+    for an escalated type; type rules apply to `auto`: escalate sends the type to the frontier,
+    lock_local keeps it on its local model; a swap then replaces that local model (or the default)
+    by the fine-tune that beat it. `known` says whether a model name can be served (the config's
+    models, plus registered fine-tunes)."""
+    known = known or config.models.__contains__
     auto = requested == "auto"
+    throttle = book.throttled.get(user_id)
     if throttle is not None:
         named = config.models.get(requested)
         if not auto and named is not None and named.tier is Tier.local:
             return Route(requested, "requested", f"user throttled to local; '{requested}' is local")
-        target = throttle.target_model if throttle.target_model in config.models else _local_default(config)
-        return Route(target, f"rule:{throttle.rule_id}", throttle.reason)
-    if auto:
         rule = book.by_type.get(task_type) if task_type else None
-        if rule is not None:
-            target = _rule_target(rule, config)
-            if target is not None:
+        local = rule.target_model if rule is not None and rule.action == "lock_local" else None
+        target = local if local and known(local) else _local_default(config)
+        return _swapped(Route(target, f"rule:{throttle.rule_id}", throttle.reason), task_type, book, known)
+    if not auto:
+        return Route(requested, "requested", "the client named the model")
+    rule = book.by_type.get(task_type) if task_type else None
+    if rule is not None:
+        if rule.action == "escalate":
+            target = rule.target_model if rule.target_model and known(rule.target_model) else config.defaults.frontier_model
+            if target and known(target):
                 return Route(target, f"rule:{rule.rule_id}", rule.reason)
-        return Route(config.defaults.model, "default", "no rule for this task type: the configured default")
-    return Route(requested, "requested", "the client named the model")
+        else:
+            target = rule.target_model or rule.model
+            if target and known(target):
+                return _swapped(Route(target, f"rule:{rule.rule_id}", rule.reason), task_type, book, known)
+    default = Route(config.defaults.model, "default", "no rule for this task type: the configured default")
+    return _swapped(default, task_type, book, known)
+
+
+def _swapped(route: Route, task_type: str | None, book: RuleBook, known: Callable[[str], bool]) -> Route:
+    swap = book.swaps.get((task_type, route.model)) if task_type else None
+    if swap is None or not known(swap.target_model):
+        return route
+    return Route(swap.target_model, f"rule:{swap.rule_id}", swap.reason)
 
 
 def _local_default(config: Config) -> str:
@@ -102,13 +129,3 @@ def _local_default(config: Config) -> str:
         return config.defaults.model
     local = local_models(config)
     return local[0] if local else config.defaults.model
-
-
-def _rule_target(rule: Rule, config: Config) -> str | None:
-    if rule.action == "escalate":
-        target = rule.target_model or config.defaults.frontier_model
-    elif rule.action == "lock_local":
-        target = rule.target_model or rule.model or _local_default(config)
-    else:  # swap_model
-        target = rule.target_model
-    return target if target in config.models else None

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg.types.json import Jsonb
 
 # The loop reads only model calls; a models listing leaves a row but is no task.
 COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/chat/completions", "/v1/messages")
@@ -23,9 +24,12 @@ def connect(url: str, **kw: Any) -> psycopg.Connection:
 
 
 def _clean(v: Any) -> Any:
-    # pandas hands NaN for missing floats and numpy scalars for the rest; Postgres wants NULL and Python values.
-    if v is None:
+    # pandas hands NaN / NA for missing values and numpy scalars for the rest; Postgres wants NULL,
+    # Python values, and dicts as jsonb.
+    if v is None or v is pd.NA or v is pd.NaT:
         return None
+    if isinstance(v, dict):
+        return Jsonb(v)
     if isinstance(v, float) and math.isnan(v):
         return None
     if isinstance(v, np.generic):

@@ -45,13 +45,15 @@ CREATE TABLE patterns (
     model           text NOT NULL,
     tier            text,
     user_id         text NOT NULL DEFAULT '',    -- '' for scope 'type_model'
-    samples         integer NOT NULL,
+    requests        integer NOT NULL,            -- every row, failed ones included (cost, tokens)
+    samples         integer NOT NULL,            -- rows with a quality score (answered)
     avg_quality     double precision,
     total_cost_usd  double precision NOT NULL,
     avg_cost_usd    double precision,
     input_tokens    bigint NOT NULL,
     output_tokens   bigint NOT NULL,
-    escalations     integer NOT NULL,
+    escalations     integer NOT NULL,            -- rows that were an escalation to this model
+    escalated_away  integer NOT NULL,            -- rows whose answer was replaced by an escalation
     PRIMARY KEY (hour, scope, task_type, model, user_id)
 );
 
@@ -64,9 +66,13 @@ CREATE TABLE grades (
     requests_today     integer NOT NULL,
     tokens_today       bigint NOT NULL,
     cost_today         double precision NOT NULL,
+    escalations        integer NOT NULL DEFAULT 0,
     wrong_model_rate   double precision,
     prompt_quality_avg double precision,
     low_prompt_days    integer NOT NULL DEFAULT 0,
+    prompt_quality_daily jsonb,                  -- {local date: average prompt quality}
+    coaching_example   text,
+    prompt_weakness    text,
     PRIMARY KEY (hour, user_id)
 );
 
