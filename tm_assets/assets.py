@@ -2,7 +2,6 @@
 requests -> scored_requests -> task_types -> patterns -> grades -> routing_rules -> finetune_jobs.
 Each asset reads Postgres, calls the plain functions in `tm_assets.compute`, and replaces its hour."""
 
-from __future__ import annotations
 
 from datetime import datetime, timedelta
 

@@ -17,7 +17,7 @@ from tm_resources.config import Config
 from tm_resources.embedder import DIM, get_embedder
 from tm_resources.events import EventSink, event_uuid
 from tm_resources.judge import judge_answers
-from tm_resources.tables import read_df, read_requests
+from tm_resources.tables import read_df, read_requests, vectors
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _prompt_vectors(df: pd.DataFrame) -> np.ndarray:
         return vecs
     have = df["prompt_embedding"].notna().to_numpy()
     if have.any():
-        vecs[have] = np.stack([np.asarray(v, dtype=np.float32) for v in df.loc[have, "prompt_embedding"]])
+        vecs[have] = vectors(df.loc[have, "prompt_embedding"], DIM)
     if (~have).any():
         texts = df.loc[~have, "prompt"].fillna("").astype(str).tolist()
         vecs[~have] = embedder().embed(texts)
@@ -139,7 +139,7 @@ def classifier(config: Config):
 def classify_hour(scored: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, list[dict]]:
     if scored.empty:
         return pd.DataFrame(columns=TASK_TYPE_COLUMNS), []
-    vecs = np.stack([np.asarray(v, dtype=np.float32) for v in scored["prompt_embedding"]])
+    vecs = vectors(scored["prompt_embedding"], DIM)
     results = classifier(config).classify(vecs)
     typed = scored[["request_id", "ts", "user_id", "model"]].copy()
     typed["task_type"] = [t for t, _ in results]

@@ -24,7 +24,9 @@ class PostgresResource(dg.ConfigurableResource):
 
     @contextmanager
     def get_connection(self) -> Iterator[psycopg.Connection]:
-        conn = connect(self.resolved_url())
+        # Autocommit, so that each replace_hour is its own real transaction (not a savepoint in a
+        # transaction the reads opened, which closing the connection would roll back).
+        conn = connect(self.resolved_url(), autocommit=True)
         try:
             yield conn
         finally:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypedDict
 
 import aiohttp
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -38,6 +40,22 @@ class GatewaySettings:
     home: Path
 
 
+def prompt_classifier(config: Config) -> Callable[[str], tuple[np.ndarray, str, float]]:
+    """prompt -> (its vector, task type, confidence), as the loop's task_types asset computes them."""
+    from tm_resources.embedder import get_embedder
+    from tm_resources.tasks import TaskClassifier, load_seeds
+
+    embedder = get_embedder()
+    classifier = TaskClassifier(config.loop.task_seeds or load_seeds(), embedder)
+
+    def classify(prompt: str) -> tuple[np.ndarray, str, float]:
+        vec = embedder.embed_one(prompt)
+        ((task_type, confidence),) = classifier.classify(vec[None, :])
+        return vec, task_type, confidence
+
+    return classify
+
+
 def create_app(settings: GatewaySettings) -> Starlette:
     config = settings.config
 
@@ -56,6 +74,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
         connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=300)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         shared.start()
+        # The loop's own classifier (same code, same examples); loading the model takes a second or two.
+        classify = await asyncio.to_thread(prompt_classifier, config) if config.gateway.classify_auto else None
         proxy = Proxy(
             config=config,
             session=session,
@@ -63,6 +83,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             shared=shared,
             request_log=request_log,
             scrub=SecretScrubber.for_config(config),
+            classify=classify,
         )
         app.state.proxy = proxy  # for tests that reach in
         try:

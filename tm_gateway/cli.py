@@ -11,6 +11,9 @@ from pathlib import Path
 
 import psycopg
 
+import psycopg.rows
+
+from tm_gateway import loopctl
 from tm_resources import db, keys
 from tm_resources.config import Config, ConfigError, config_path, load_config, tm_home
 
@@ -94,9 +97,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             first_key, info = keys.create_key(conn, os.environ.get("TM_USER") or getpass.getuser() or "admin")
     host = args.host or config.gateway.host
     port = args.port or config.gateway.port
-    print(f"Token Machine is starting (home {home}, config {config_path(getattr(args, 'config', None))})")
+    cfg_path = config_path(getattr(args, "config", None))
+    print(f"Token Machine is starting (home {home}, config {cfg_path})")
     print(f"  database  {db.redact_url(url)}")
     print(f"  gateway   http://{host}:{port}  (OpenAI: /v1/chat/completions, Anthropic: /v1/messages)")
+    ui = None
+    if not args.no_loop:
+        ui = loopctl.start_ui(loopctl.dagster_env(home, url, cfg_path), host, args.ui_port, home / "dagster.log")
+        print(f"  loop UI   http://{host}:{args.ui_port}  (Dagster: the hourly loop, its runs and backfills;"
+              f" log in {home / 'dagster.log'})")
     if first_key:
         print(f"  first API key, for user '{info.user_id}' (shown once; `tm keys create --user NAME` for more):")
         print(f"    {first_key}")
@@ -106,7 +115,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not any_ok:
         print(NO_PROVIDER_HINT)
     sys.stdout.flush()
-    return _serve(config, url, home, host, port)
+    try:
+        return _serve(config, url, home, host, port)
+    finally:
+        if ui is not None:
+            loopctl.stop(ui)
 
 
 def _serve(config: Config, url: str, home: Path, host: str, port: int) -> int:
@@ -152,6 +165,65 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loop(args: argparse.Namespace) -> int:
+    config = _load(args)
+    home = tm_home()
+    url = _database(home)
+    hour = loopctl.parse_hour(args.hour) if args.hour else loopctl.last_complete_hour()
+    cfg_path = config_path(getattr(args, "config", None))
+    print(f"materializing the loop for {loopctl.partition_key(hour)} (mode {config.loop.mode})", flush=True)
+    code = loopctl.materialize(loopctl.dagster_env(home, url, cfg_path), hour)
+    if code != 0:
+        print(f"tm: the loop run failed (exit {code}); its logs are above and in the Dagster UI", file=sys.stderr)
+    return code
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    from tabulate import tabulate
+
+    return tabulate([[r.get(c) for c in columns] for r in rows], headers=columns, floatfmt=".3f",
+                    missingval="-")
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    url = _database(tm_home())
+    with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
+        hour = conn.execute("SELECT max(hour) AS h FROM routing_rules").fetchone()["h"]
+        if hour is None:
+            print("no routing rules yet: the loop has not run (tm loop run, or wait for the hourly run)")
+            return 0
+        statuses = ["active", "proposed", "inactive"] if args.all else ["active", "proposed"]
+        rows = conn.execute(
+            "SELECT rule_id, action, status, reason, evidence FROM routing_rules"
+            " WHERE hour = %s AND status = ANY(%s) ORDER BY action, rule_id", (hour, statuses)).fetchall()
+    print(f"routing rules of {hour:%Y-%m-%d %H:00} UTC ({len(rows)}):")
+    if not rows:
+        print("  none in force")
+        return 0
+    for r in rows:
+        print(f"  [{r['status']}] {r['rule_id']}: {r['reason']}")
+        if args.evidence:
+            print(f"      evidence: {r['evidence']}")
+    return 0
+
+
+def cmd_grades(args: argparse.Namespace) -> int:
+    url = _database(tm_home())
+    with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
+        hour = conn.execute("SELECT max(hour) AS h FROM grades").fetchone()["h"]
+        if hour is None:
+            print("no grades yet: the loop has not run (tm loop run, or wait for the hourly run)")
+            return 0
+        rows = conn.execute(
+            "SELECT user_id, grade, avg_quality_score, samples, requests_today, tokens_today, cost_today,"
+            " wrong_model_rate, prompt_quality_avg FROM grades WHERE hour = %s"
+            " ORDER BY avg_quality_score DESC NULLS LAST, user_id", (hour,)).fetchall()
+    print(f"leaderboard at {hour:%Y-%m-%d %H:00} UTC (trailing 24 h):")
+    print(_table(rows, ["user_id", "grade", "avg_quality_score", "samples", "requests_today", "tokens_today",
+                        "cost_today", "wrong_model_rate", "prompt_quality_avg"]))
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     url = db.database_url(tm_home())
     applied = db.migrate(url)
@@ -168,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", help="configuration file (default: $TM_CONFIG, ./tm.yaml)")
     up.add_argument("--host")
     up.add_argument("--port", type=int)
+    up.add_argument("--ui-port", type=int, default=3000, help="the Dagster UI's port (default 3000)")
+    up.add_argument("--no-loop", action="store_true", help="the gateway only, without the Dagster loop")
     up.set_defaults(func=cmd_up)
 
     gw = sub.add_parser("gateway", help="run the gateway alone")
@@ -185,6 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke", help="revoke a key by id, or every key of a user")
     kr.add_argument("target", help="key id (k_...) or user name")
     k.set_defaults(func=cmd_keys)
+
+    lp = sub.add_parser("loop", help="the learning loop")
+    lsub = lp.add_subparsers(dest="loop_cmd", required=True)
+    lr = lsub.add_parser("run", help="materialize the whole graph for one hour, without the UI")
+    lr.add_argument("--hour", help="the hour, e.g. 2026-11-22-13:00 (default: the last complete hour, UTC)")
+    lr.add_argument("--config", help="configuration file (default: $TM_CONFIG, ./tm.yaml)")
+    lp.set_defaults(func=cmd_loop)
+
+    ru = sub.add_parser("rules", help="the routing rules in force (or proposed, in dry-run)")
+    ru.add_argument("--all", action="store_true", help="also the inactive rules of manual mode")
+    ru.add_argument("--evidence", action="store_true", help="show each rule's evidence")
+    ru.set_defaults(func=cmd_rules)
+
+    gr = sub.add_parser("grades", help="the team's leaderboard")
+    gr.set_defaults(func=cmd_grades)
 
     d = sub.add_parser("db", help="the database schema")
     dsub = d.add_subparsers(dest="db_cmd", required=True)

@@ -80,6 +80,8 @@ class GatewayConfig(_Strict):
     default_max_tokens: int = Field(4096, gt=0)
     # How often a replica checks whether keys or rules changed in Postgres.
     refresh_interval_s: float = Field(1.0, gt=0)
+    # Classify the task of `model: "auto"` requests (embedding + nearest examples) so rules can apply.
+    classify_auto: bool = True
 
 
 class LogConfig(_Strict):

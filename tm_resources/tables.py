@@ -76,5 +76,11 @@ def read_df(conn: psycopg.Connection, sql: str, params: Sequence[Any] = ()) -> p
     return pd.DataFrame(cur.fetchall(), columns=cols)
 
 
+def vectors(values: Iterable[Any], dim: int) -> np.ndarray:
+    """Stack vector column values (pgvector's Vector, arrays or lists) into an (n, dim) float32 matrix."""
+    rows = [v.to_numpy() if hasattr(v, "to_numpy") else np.asarray(v) for v in values]
+    return np.stack(rows).astype(np.float32, copy=False) if rows else np.empty((0, dim), dtype=np.float32)
+
+
 def hour_window(hour: datetime) -> tuple[datetime, datetime]:
     return hour, hour + timedelta(hours=1)
