@@ -22,6 +22,9 @@ from tm_resources.config import Config, parse_config
 
 ANTHROPIC_TEST_KEY = "sk-ant-test-0123456789abcdef"
 
+# The embedding model is exported to ONNX once and reused by every test (and later runs of this clone).
+os.environ.setdefault("TM_MODEL_CACHE", str(Path(__file__).resolve().parent.parent / ".tm" / "test-models"))
+
 # Prices chosen so every token kind costs something different: a wrong column shows in the cost.
 CLAUDE_PRICE = {"input": 3.0, "output": 15.0, "cache_read": 0.3, "cache_write": 3.75}
 LOCAL_PRICE = {"input": 0.1, "output": 0.2}
