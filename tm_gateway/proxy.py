@@ -455,26 +455,33 @@ class _StreamRelay:
             async for chunk in resp.content.iter_any():
                 out = b"".join([self._event(ev) for ev in parser.feed(chunk)])
                 if self.upstream_error is not None:
+                    self._end()
                     yield out + self._error_event(self.upstream_error)
-                    self.completed = True
                     return
                 if out:
                     yield out
             if not self._finished_upstream():
                 self.upstream_error = "the provider ended the stream before its answer was complete"
+                self._end()
                 yield self._error_event(self.upstream_error)
             else:
+                self._end()
                 yield self._tail()
-            self.completed = True
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             self.upstream_error = f"the provider's stream broke off ({type(err).__name__})"
+            self._end()
             yield self._error_event(self.upstream_error)
-            self.completed = True
         finally:
             if self.completed and self.upstream_error is None:
                 resp.release()
             else:
                 resp.close()  # drop the connection: the rest of a half-read stream is of no use
+
+    def _end(self) -> None:
+        # The row is queued before the last bytes go out, so a client that has read the whole
+        # stream finds it logged.
+        self.completed = True
+        self.close()
 
     def _finished_upstream(self) -> bool:
         acc = self.acc
