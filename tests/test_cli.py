@@ -59,12 +59,12 @@ def test_migrations_run_on_an_existing_database_and_keep_its_rows(db_url, monkey
 
 
 def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_path: Path):
-    port = free_port()
+    port, ui_port = free_port(), free_port()
     env = {**os.environ, "TM_HOME": str(tmp_path / "home"), "TM_USER": "founder"}
     env.pop("TM_DATABASE_URL", None)
     env.pop("ANTHROPIC_API_KEY", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tm_gateway.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "tm_gateway.cli", "up", "--port", str(port), "--ui-port", str(ui_port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), signal.signal(signal.SIGTERM, signal.SIG_DFL)),
     )
@@ -80,12 +80,21 @@ def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_p
                 break
             time.sleep(0.2)
         assert ready, "tm up did not serve /healthz"
+        # The Dagster UI (webserver + daemon) comes up beside it, on the same Postgres.
+        ui_ready = False
+        while time.monotonic() < deadline + 60 and proc.poll() is None and not ui_ready:
+            try:
+                ui_ready = httpx.get(f"http://127.0.0.1:{ui_port}/server_info", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert ui_ready, "the Dagster UI did not come up"
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert f"http://127.0.0.1:{port}" in out
+    assert f"loop UI   http://127.0.0.1:{ui_port}" in out
     key = re.search(r"^\s+(tm-\S+)$", out, re.M).group(1)
     assert "for user 'founder'" in out
     assert "no API key: export ANTHROPIC_API_KEY" in out
