@@ -11,7 +11,6 @@ import psycopg
 from tm_resources import db
 from tm_resources.config import Config, load_config, tm_home
 from tm_resources.events import EventSink
-from tm_resources.tables import connect
 
 
 class PostgresResource(dg.ConfigurableResource):
@@ -26,7 +25,7 @@ class PostgresResource(dg.ConfigurableResource):
     def get_connection(self) -> Iterator[psycopg.Connection]:
         # Autocommit, so that each replace_hour is its own real transaction (not a savepoint in a
         # transaction the reads opened, which closing the connection would roll back).
-        conn = connect(self.resolved_url(), autocommit=True)
+        conn = db.connect(self.resolved_url(), autocommit=True)
         try:
             yield conn
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -86,6 +87,10 @@ def create_app(settings: GatewaySettings) -> Starlette:
             classify=classify,
         )
         app.state.proxy = proxy  # for tests that reach in
+        # What start-up loaded (the model, the libraries) lives as long as the process: moving it out
+        # of the collector's reach keeps full collections from pausing requests for 100+ ms under load.
+        gc.collect()
+        gc.freeze()
         try:
             yield {"proxy": proxy}
         finally:
@@ -131,7 +136,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         rid = uuid7()
         proxy.request_log.write({
             "id": rid, "ts": datetime.now(timezone.utc), "user_id": ident[1], "api_key_id": ident[0],
-            "api_format": fmt, "endpoint": request.url.path, "status": 200,
+            "api_format": fmt, "endpoint": request.scope["path"], "status": 200,
             "latency_ms": (time.perf_counter() - started) * 1000,
             "agent": request.headers.get("x-tm-agent"),
         })

@@ -139,6 +139,15 @@ class _Row:
         self.log.write(self.data)
 
 
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest(413, "request_too_large", f"the request body is larger than {limit} bytes")
+
+
+def _headers(request: Request) -> dict[str, str]:
+    # One pass over the raw headers: each lookup on Starlette's Headers scans the whole list.
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]}
+
+
 class Proxy:
     def __init__(
         self,
@@ -155,6 +164,10 @@ class Proxy:
         self.session = session
         self.endpoints = endpoints
         self.shared = shared
+        self._timeouts = {
+            name: aiohttp.ClientTimeout(total=None, connect=ep.connect_timeout_s, sock_read=ep.timeout_s)
+            for name, ep in endpoints.items()
+        }
         self.request_log = request_log
         self.scrub = scrub
         # prompt -> (vector, task type, confidence); CPU work, run off the event loop.
@@ -162,24 +175,23 @@ class Proxy:
 
     # -- the parts --------------------------------------------------------------------------
 
-    def authenticate(self, request: Request) -> tuple[str, str] | None:
-        h = request.headers
+    def authenticate(self, request: Request, headers: dict[str, str] | None = None) -> tuple[str, str] | None:
+        h = headers if headers is not None else request.headers
         auth = h.get("authorization")
         key = auth[7:].strip() if auth and auth[:7].lower() == "bearer " else h.get("x-api-key")
         return self.shared.lookup(key)
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request, headers: dict[str, str]) -> bytes:
         limit = self.config.gateway.max_body_bytes
-        declared = request.headers.get("content-length")
-        too_large = BadRequest(413, "request_too_large", f"the request body is larger than {limit} bytes")
+        declared = headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise _too_large(limit)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -222,13 +234,13 @@ class Proxy:
 
     async def handle(self, request: Request, fmt: str) -> Response:
         started = time.perf_counter()
-        ident = self.authenticate(request)
+        h = _headers(request)
+        ident = self.authenticate(request, h)
         if ident is None:
             return error_response(
                 fmt, 401, "invalid or missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
             )
         rid = uuid7()
-        h = request.headers
         row = _Row(
             {
                 "id": rid,
@@ -236,7 +248,7 @@ class Proxy:
                 "user_id": ident[1],
                 "api_key_id": ident[0],
                 "api_format": fmt,
-                "endpoint": request.url.path,
+                "endpoint": request.scope["path"],
                 "session_id": h.get("x-tm-session") or h.get("x-session-id"),
                 "agent": h.get("x-tm-agent"),
                 "stream": False,
@@ -246,7 +258,7 @@ class Proxy:
         )
         headers = {"x-tm-request-id": str(rid)}
         try:
-            return await self._handle(request, fmt, row, headers)
+            return await self._handle(request, h, fmt, row, headers)
         except BadRequest as err:
             row.done(status=err.status, error_class=err.error_class, error_message=err.message)
             return error_response(fmt, err.status, err.message, headers)
@@ -258,8 +270,9 @@ class Proxy:
             row.done(status=500, error_class="gateway_error", error_message=type(err).__name__)
             return error_response(fmt, 500, f"internal gateway error (request {rid})", headers)
 
-    async def _handle(self, request: Request, fmt: str, row: _Row, headers: dict[str, str]) -> Response:
-        raw = await self._read_body(request)
+    async def _handle(self, request: Request, h: dict[str, str], fmt: str, row: _Row,
+                      headers: dict[str, str]) -> Response:
+        raw = await self._read_body(request, h)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as err:
@@ -293,10 +306,9 @@ class Proxy:
         headers.update({"x-tm-model": name, "x-tm-provider": ep.name, "x-tm-route": route.route})
 
         payload = self._upstream_body(fmt, ep, body, upstream_model, stream)
-        timeout = aiohttp.ClientTimeout(total=None, connect=ep.connect_timeout_s, sock_read=ep.timeout_s)
         try:
             resp = await self.session.post(
-                ep.url, data=payload, headers=ep.headers(0, request.headers), timeout=timeout
+                ep.url, data=payload, headers=ep.headers(0, h), timeout=self._timeouts[ep.name]
             )
         except asyncio.TimeoutError:
             return self._upstream_failed(fmt, row, headers, 504, "upstream_timeout",

@@ -118,38 +118,41 @@ class RequestLog:
                 m.set()
 
     def _next_batch(self) -> tuple[list[dict], list[threading.Event], bool]:
+        """Wait for a first row, let the batch fill for one flush interval, then take what is there.
+        Sleeping rather than waking per row keeps the writer off the CPU the event loop needs."""
         batch: list[dict] = []
         markers: list[threading.Event] = []
         try:
-            first = self._queue.get(timeout=1.0)
+            item = self._queue.get(timeout=1.0)
         except queue.Empty:
             return batch, markers, False
-        deadline = time.monotonic() + self.flush_interval_s
-        item = first
+        if not isinstance(item, threading.Event) and item is not None:
+            time.sleep(self.flush_interval_s)
         while True:
             if item is None:
-                # Shutdown: take what is left without waiting.
-                while True:
-                    try:
-                        rest = self._queue.get_nowait()
-                    except queue.Empty:
-                        return batch, markers, True
-                    if isinstance(rest, threading.Event):
-                        markers.append(rest)
-                    elif rest is not None:
-                        batch.append(rest)
+                return batch + self._drain(markers), markers, True
             if isinstance(item, threading.Event):
-                # A flush marker ends the batch at once.
-                markers.append(item)
+                markers.append(item)  # a flush marker ends the batch at once
                 return batch, markers, False
             batch.append(item)
             if len(batch) >= self.batch_max_rows:
                 return batch, markers, False
-            remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 return batch, markers, False
+
+    def _drain(self, markers: list[threading.Event]) -> list[dict]:
+        rest: list[dict] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return rest
+            if isinstance(item, threading.Event):
+                markers.append(item)
+            elif item is not None:
+                rest.append(item)
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:

@@ -8,9 +8,9 @@ import logging
 
 import psycopg
 
+from tm_resources.db import connect
 from tm_resources.keys import active_keys
 from tm_resources.rules import RuleBook, load_rulebook
-from tm_resources.tables import connect
 
 log = logging.getLogger(__name__)
 

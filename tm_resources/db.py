@@ -19,6 +19,15 @@ _embedded: dict[Path, object] = {}
 _MIGRATION_LOCK = 0x746D_6D69  # "tmmi"
 
 
+def connect(url: str, **kw) -> psycopg.Connection:
+    """A connection that reads and writes pgvector columns as numpy arrays."""
+    from pgvector.psycopg import register_vector
+
+    conn = psycopg.connect(url, **kw)
+    register_vector(conn)
+    return conn
+
+
 def start_embedded(home: Path) -> str:
     """Start (or join) the embedded Postgres with pgvector under `home` and return its URL."""
     import pgserver

@@ -10,17 +10,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psycopg
-from pgvector.psycopg import register_vector
 from psycopg.types.json import Jsonb
 
 # The loop reads only model calls; a models listing leaves a row but is no task.
 COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/chat/completions", "/v1/messages")
-
-
-def connect(url: str, **kw: Any) -> psycopg.Connection:
-    conn = psycopg.connect(url, **kw)
-    register_vector(conn)
-    return conn
 
 
 def _clean(v: Any) -> Any:

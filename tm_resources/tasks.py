@@ -2,9 +2,9 @@
 
 A task type is a name with a handful of hand-written example prompts (task_seeds.yaml, or
 `loop.task_seeds` in the configuration). `TaskClassifier` labels a prompt vector by a
-similarity-weighted vote of its nearest seeds and says "unknown" when no seed is close enough;
-`candidate_types` groups the unknown prompts into dense clusters a human (or the loop) may turn
-into new types. Everything is plain numpy and deterministic.
+similarity-weighted vote of its nearest seeds and says "unknown" when they disagree or none is
+close; `candidate_types` groups the unknown and doubtful prompts into dense clusters that a human
+(or the loop) may turn into new types. Everything is plain numpy and deterministic.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class TaskClassifier:
 
     def __init__(self, seeds: dict[str, list[str]], embedder: Embedder, *,
                  method: Literal["knn", "centroid"] = "knn", k: int = 15, temperature: float = 0.1,
-                 min_confidence: float = 0.4, min_similarity: float = 0.2) -> None:
+                 min_confidence: float = 0.4, min_similarity: float = 0.15) -> None:
         if method not in ("knn", "centroid"):
             raise ValueError(f"method must be 'knn' or 'centroid', not {method!r}")
         if k < 1 or temperature <= 0:
