@@ -88,7 +88,9 @@ def score_hour(requests: pd.DataFrame, hour: datetime, config: Config,
     answer_vecs = np.zeros_like(prompt_vecs)
     t0 = time.perf_counter()
     if answered.any():
-        answer_vecs[answered] = embedder().embed(requests.loc[answered, "response_text"].astype(str).tolist())
+        answer_embedder = get_embedder(precision=config.loop.answer_embedding_precision,
+                                       max_tokens=config.loop.answer_embedding_tokens)
+        answer_vecs[answered] = answer_embedder.embed(requests.loc[answered, "response_text"].astype(str).tolist())
     timings["embed_answers"] = time.perf_counter() - t0
 
     judge = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -378,12 +379,8 @@ class Proxy:
 
 
 def _usage_fields(u: fm.Usage) -> dict[str, int]:
-    return {
-        "input_tokens": u.input_tokens,
-        "output_tokens": u.output_tokens,
-        "cache_read_tokens": u.cache_read_tokens,
-        "cache_write_tokens": u.cache_write_tokens,
-    }
+    # Usage's fields are named as the row's token columns.
+    return dataclasses.asdict(u)
 
 
 def _sse_openai(chunk: dict) -> bytes:

@@ -135,6 +135,11 @@ class LoopConfig(_Strict):
     # How far back patterns look (hours) and how soon a follow-up counts as a re-prompt (seconds).
     pattern_window_h: int = Field(168, ge=1)
     reprompt_window_s: int = Field(600, ge=1)
+    # Answers are embedded only for the coherence signal: their opening tokens with the faster int8
+    # model keep an hour of 10,000 requests near a minute on 2 cores (docs/benchmarks.md). Prompts
+    # always use the gateway's fp32 model, so their vectors and task types match the gateway's.
+    answer_embedding_tokens: int = Field(48, ge=8, le=256)
+    answer_embedding_precision: Literal["fp32", "int8"] = "int8"
     # Grades: the day that requests_today etc. count resets at local midnight of this zone.
     timezone: str = "UTC"
     # Seed examples per task type; none: the built-in ones (tm_resources/task_seeds.yaml).
