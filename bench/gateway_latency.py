@@ -569,6 +569,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0,
                    help="seconds per target at --concurrency, split into two rounds each")
     p.add_argument("--concurrency", type=int, default=50)
+    p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     p.add_argument("--block", type=int, default=100, help="requests per interleaved block at concurrency 1")
     p.add_argument("--stream", action="store_true", help="also measure streaming requests")
     p.add_argument("--database-url", help="log to this Postgres instead of an embedded one in a temp TM_HOME")
@@ -618,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"no key in the output of tm keys create:\n{out.stdout}")
         key_id = key_id.group(1)
 
-        gw = Child("gateway", [*tm, "gateway", "--config", str(cfg), "--port", str(gw_port)], env, work / "gateway.log")
+        gw = Child("gateway", [*tm, "gateway", "--config", str(cfg), "--port", str(gw_port),
+                               "--workers", str(args.workers)], env, work / "gateway.log")
         wait_http(f"http://127.0.0.1:{gw_port}/healthz", gw, 90)
         print(f"fake upstream pid {fake.pid} on :{up_port}; gateway pid {gw.pid} on :{gw_port}; "
               f"TM_HOME {home}; ready after {time.monotonic() - t0:.1f} s", flush=True)

@@ -158,3 +158,12 @@ def create_app(settings: GatewaySettings) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def app_from_env() -> Starlette:
+    """The app as a worker process builds it: configuration and database from the environment."""
+    from tm_resources.config import load_config, tm_home
+    from tm_resources.db import database_url
+
+    home = tm_home()
+    return create_app(GatewaySettings(config=load_config(), database_url=database_url(home), home=home))

@@ -122,11 +122,20 @@ def cmd_up(args: argparse.Namespace) -> int:
             loopctl.stop(ui)
 
 
-def _serve(config: Config, url: str, home: Path, host: str, port: int) -> int:
+def _serve(config: Config, url: str, home: Path, host: str, port: int, workers: int = 1,
+           config_file: Path | None = None) -> int:
     import uvicorn
 
     from tm_gateway.app import GatewaySettings, create_app
 
+    if workers > 1:
+        # Each worker process builds its own app from the environment; they share nothing but Postgres.
+        os.environ.update({"TM_DATABASE_URL": url, "TM_HOME": str(home)})
+        if config_file is not None:
+            os.environ["TM_CONFIG"] = str(config_file.resolve())
+        uvicorn.run("tm_gateway.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning", access_log=False, lifespan="on")
+        return 0
     app = create_app(GatewaySettings(config=config, database_url=url, home=home))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
     return 0
@@ -138,8 +147,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     url = _database(home)
     host = args.host or config.gateway.host
     port = args.port or config.gateway.port
-    print(f"Token Machine gateway on http://{host}:{port}", flush=True)
-    return _serve(config, url, home, host, port)
+    print(f"Token Machine gateway on http://{host}:{port} ({args.workers} worker process(es))", flush=True)
+    return _serve(config, url, home, host, port, args.workers, config_path(args.config))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -248,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--config", help="configuration file (default: $TM_CONFIG, ./tm.yaml)")
     gw.add_argument("--host")
     gw.add_argument("--port", type=int)
+    gw.add_argument("--workers", type=int, default=1, help="worker processes (replicas sharing the port)")
     gw.set_defaults(func=cmd_gateway)
 
     k = sub.add_parser("keys", help="API keys: create, list, revoke")

@@ -4,6 +4,7 @@ and wait on local disk whenever Postgres cannot take them, so that no row is eve
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -206,7 +207,8 @@ class RequestLog:
         log.error("request log: %d row(s) refused by Postgres (%s), kept in %s", len(rows), reason, rejected)
 
     def _spool(self, rows: list[tuple]) -> None:
-        path = self.spool_dir / f"{time.time_ns()}.jsonl"
+        # Worker processes of one gateway share the spool folder: names must not collide.
+        path = self.spool_dir / f"{time.time_ns()}-{os.getpid()}.jsonl"
         tmp = path.with_suffix(".tmp")
         with tmp.open("wb") as f:
             for r in rows:
@@ -220,7 +222,11 @@ class RequestLog:
         """Move spooled rows into Postgres; a row already there (an earlier replay) is skipped."""
         files = sorted(self.spool_dir.glob("*.jsonl"))
         for path in files:
-            rows = [_load_spooled(line) for line in path.read_bytes().splitlines() if line.strip()]
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                continue  # another worker replayed it
+            rows = [_load_spooled(line) for line in raw.splitlines() if line.strip()]
             try:
                 conn = self._connection()
                 with conn.cursor() as cur:
@@ -241,9 +247,9 @@ class RequestLog:
             except Exception as err:  # noqa: BLE001 - a file Postgres refuses must not block the ones after it
                 self._drop_connection()
                 self._reject(rows, f"{type(err).__name__}: {err}")
-                path.unlink()
+                path.unlink(missing_ok=True)
                 continue
-            path.unlink()
+            path.unlink(missing_ok=True)
             self.rows_written += len(rows)
             log.info("request log: replayed %d spooled rows from %s", len(rows), path.name)
         self._next_replay = time.monotonic() + self.replay_interval_s if files else float("inf")
