@@ -58,6 +58,21 @@ def test_migrations_run_on_an_existing_database_and_keep_its_rows(db_url, monkey
         assert re.fullmatch(r"requests_\d{4}_\d{2}", part)
 
 
+def test_a_database_of_an_older_version_is_brought_up_to_date_with_its_rows(pg_server):
+    url = db.ensure_database(pg_server, "t_old_" + os.urandom(4).hex())
+    assert db.migrate(url, up_to=1) == ["0001_requests_and_keys.sql"]
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO requests (id, ts, user_id, api_format, endpoint, status, prompt)"
+                     " VALUES (gen_random_uuid(), now(), 'u', 'openai', '/v1/chat/completions', 200, 'kept')")
+        conn.commit()
+    applied = db.migrate(url)
+    assert applied and applied[0] == "0002_loop_tables.sql"
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT prompt, task_type, prompt_embedding FROM requests").fetchall() == [
+            ("kept", None, None)]
+        assert conn.execute("SELECT to_regclass('routing_rules') IS NOT NULL").fetchone()[0]
+
+
 def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_path: Path):
     port, ui_port = free_port(), free_port()
     env = {**os.environ, "TM_HOME": str(tmp_path / "home"), "TM_USER": "founder"}

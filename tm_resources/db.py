@@ -87,7 +87,7 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-def migrate(url: str) -> list[str]:
+def migrate(url: str, up_to: int | None = None) -> list[str]:
     """Apply every migration not yet applied and return their names.
 
     All of them run in one transaction, so a failing migration leaves the schema as it was;
@@ -104,7 +104,7 @@ def migrate(url: str) -> list[str]:
             )
             done = {v for (v,) in conn.execute("SELECT version FROM tm_schema_migrations")}
             for version, name, sql in _migrations():
-                if version in done:
+                if version in done or (up_to is not None and version > up_to):
                     continue
                 conn.execute(sql)
                 conn.execute("INSERT INTO tm_schema_migrations (version, name) VALUES (%s, %s)", (version, name))
