@@ -115,11 +115,12 @@ def test_upstream_errors_pass_back_with_their_real_status(gateway: Gateway, upst
                                                           error_class):
     anth, local = upstreams
     # OpenAI client to the Anthropic provider: the error crosses formats; and the same-format way round.
-    anth.fail(status, message="provider says no")
+    # (Failing more than once: a single 429 or timeout is retried; these models have no fallbacks.)
+    anth.fail(status, message="provider says no", times=3)
     with pytest.raises(getattr(openai, sdk_error)) as e:
         oa(gateway).chat.completions.create(model="claude-test", messages=MSG)
     assert e.value.status_code == status and "provider says no" in e.value.message
-    local.fail(status, message="local says no")
+    local.fail(status, message="local says no", times=3)
     with pytest.raises(getattr(anthropic, sdk_error)) as e2:
         an(gateway).messages.create(model="local-test", max_tokens=10, messages=MSG)
     assert e2.value.status_code == status and "local says no" in e2.value.message
@@ -158,7 +159,7 @@ def test_stalled_and_unreachable_providers(db_url, upstreams, tmp_path, monkeypa
         with pytest.raises(openai.APIStatusError) as e:
             client.chat.completions.create(model="local-test", messages=MSG)
         assert e.value.status_code == 502 and "unreachable" in e.value.message
-        anth.stall(2.0)
+        anth.stall(2.0, times=2)  # the gateway retries a timeout once
         with pytest.raises(openai.APIStatusError) as e2:
             client.chat.completions.create(model="claude-test", messages=MSG)
         assert e2.value.status_code == 504

@@ -19,6 +19,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tm_gateway.state import SharedState
+from tm_gateway import fallback
 from tm_gateway.requestlog import RequestLog
 from tm_resources import formats as fm
 from tm_resources.config import Config
@@ -136,6 +137,8 @@ class _Row:
             return
         self.written = True
         self.data.update(fields)
+        if isinstance(self.data.get("attempts"), list):
+            self.data["attempts"] = orjson.dumps(self.data["attempts"]).decode()
         self.data["latency_ms"] = (time.perf_counter() - self.started) * 1000
         self.log.write(self.data)
 
@@ -165,6 +168,7 @@ class Proxy:
         self.session = session
         self.endpoints = endpoints
         self.shared = shared
+        self.cooldowns = fallback.Cooldowns(config.gateway.cooldown_s)
         self._timeouts = {
             name: aiohttp.ClientTimeout(total=None, connect=ep.connect_timeout_s, sock_read=ep.timeout_s)
             for name, ep in endpoints.items()
@@ -284,15 +288,8 @@ class Proxy:
         stream = body.get("stream", False)
         system, prompt = _system_and_prompt(fmt, body)
         route = await self.choose_model(body["model"], prompt, row)
-        name = route.model
-        mcfg = self.config.models[name]
-        ep = self.endpoints[mcfg.provider]
-        upstream_model = mcfg.upstream or name
         r = row.data
         r.update(
-            model=name,
-            provider=ep.name,
-            upstream_model=upstream_model,
             stream=stream,
             system=system,
             prompt=prompt,
@@ -304,29 +301,12 @@ class Proxy:
             uid = (body.get("metadata") or {}).get("user_id")
             if isinstance(uid, str) and "_session_" in uid:
                 r["session_id"] = uid.rsplit("_session_", 1)[1]
-        headers.update({"x-tm-model": name, "x-tm-provider": ep.name, "x-tm-route": route.route})
+        headers["x-tm-route"] = route.route
 
-        payload = self._upstream_body(fmt, ep, body, upstream_model, stream)
-        try:
-            resp = await self.session.post(
-                ep.url, data=payload, headers=ep.headers(0, h), timeout=self._timeouts[ep.name]
-            )
-        except asyncio.TimeoutError:
-            return self._upstream_failed(fmt, row, headers, 504, "upstream_timeout",
-                                         f"provider '{ep.name}' did not answer in time")
-        except aiohttp.ClientError as err:
-            return self._upstream_failed(fmt, row, headers, 502, "upstream_unreachable",
-                                         f"provider '{ep.name}' is unreachable ({type(err).__name__})")
-
-        if resp.status >= 400:
-            try:
-                data = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                data = b""
-            finally:
-                resp.release()
-            message = self.scrub(fm.error_message_from_body(data)) or f"provider '{ep.name}' answered {resp.status}"
-            return self._upstream_failed(fmt, row, headers, resp.status, upstream_error_class(resp.status), message)
+        outcome = await self._call(fmt, body, route.model, stream, h, row, headers)
+        if isinstance(outcome, Response):
+            return outcome
+        resp, name, ep = outcome
 
         if stream:
             relay = _StreamRelay(self, fmt, ep.kind, name, body, row)
@@ -366,6 +346,90 @@ class Proxy:
         headers["x-tm-cost-usd"] = f"{cost:.8f}"
         return Response(data, status_code=200, media_type=JSON, headers=headers)
 
+    def _use(self, row: _Row, headers: dict[str, str], name: str, ep: Endpoint) -> None:
+        row.data.update(model=name, provider=ep.name, upstream_model=self.config.models[name].upstream or name)
+        headers.update({"x-tm-model": name, "x-tm-provider": ep.name})
+
+    async def _call(self, fmt: str, body: dict, model: str, stream: bool, h: dict[str, str], row: _Row,
+                    headers: dict[str, str]) -> tuple[aiohttp.ClientResponse, str, Endpoint] | Response:
+        """Call `model`, falling back along its chain by failure class; every attempt goes into the row.
+        Returns the open upstream response of the attempt that succeeded, or the error response to send."""
+        config = self.config
+        origin = config.models[model].tier
+        candidates = fallback.chain(model, config)
+        cooling = [m for m in candidates if self.cooldowns.cooling(m)]
+        if len(cooling) < len(candidates):
+            # Skip what is cooling down, unless that would leave nothing to try.
+            candidates = [m for m in candidates if m not in cooling]
+        attempts: list[dict] = [{"model": m, "outcome": "skipped: cooling down"} for m in cooling
+                                if m not in candidates]
+        row.data["attempts"] = attempts
+        last: tuple[int, str, str] = (502, "upstream_unreachable", "no model could be tried")
+        payloads: dict[tuple[str, str], bytes] = {}
+        while candidates:
+            name = candidates.pop(0)
+            ep = self.endpoints[config.models[name].provider]
+            upstream = config.models[name].upstream or name
+            self._use(row, headers, name, ep)
+            key = (ep.kind, upstream)
+            if key not in payloads:
+                payloads[key] = self._upstream_body(fmt, ep, body, upstream, stream)
+            n_keys = max(1, len(ep.keys))
+            key_index, retried, waited = 0, False, False
+            while True:
+                started = time.perf_counter()
+                attempt: dict[str, Any] = {"model": name, "provider": ep.name, "key": key_index}
+                attempts.append(attempt)
+                try:
+                    resp = await self.session.post(ep.url, data=payloads[key], headers=ep.headers(key_index, h),
+                                                   timeout=self._timeouts[ep.name])
+                except asyncio.TimeoutError:
+                    status, message, retry_after = 504, f"provider '{ep.name}' did not answer in time", None
+                    kind, error_class = fallback.TIMEOUT, "upstream_timeout"
+                except aiohttp.ClientError as err:
+                    status, message, retry_after = 502, f"provider '{ep.name}' is unreachable ({type(err).__name__})", None
+                    kind, error_class = fallback.UNAVAILABLE, "upstream_unreachable"
+                else:
+                    if resp.status < 400:
+                        attempt.update(status=resp.status, ms=round((time.perf_counter() - started) * 1000, 1))
+                        self.cooldowns.clear(name)
+                        if len(attempts) > 1:
+                            headers["x-tm-attempts"] = str(len(attempts))
+                        return resp, name, ep
+                    try:
+                        data = await resp.read()
+                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                        data = b""
+                    finally:
+                        resp.release()
+                    status = resp.status
+                    message = self.scrub(fm.error_message_from_body(data)) or f"provider '{ep.name}' answered {status}"
+                    retry_after = _seconds(resp.headers.get("retry-after"))
+                    kind, error_class = fallback.classify_failure(status, message), upstream_error_class(status)
+                attempt.update(status=status, failure=kind, ms=round((time.perf_counter() - started) * 1000, 1))
+                last = (status, error_class, message)
+                if kind == fallback.CLIENT_ERROR:
+                    return self._upstream_failed(fmt, row, headers, status, error_class, message)
+                if kind in (fallback.RATE_LIMITED, fallback.AUTH) and key_index + 1 < n_keys:
+                    key_index += 1
+                    continue
+                if kind == fallback.AUTH:
+                    return self._upstream_failed(fmt, row, headers, status, error_class, message)
+                if kind == fallback.RATE_LIMITED and not waited and config.gateway.max_retry_wait_s > 0:
+                    waited = True
+                    await asyncio.sleep(min(retry_after or 0.5, config.gateway.max_retry_wait_s))
+                    continue
+                if kind == fallback.TIMEOUT and not retried:
+                    retried = True
+                    continue
+                if kind == fallback.CONTEXT_TOO_LONG:
+                    candidates = fallback.larger_context(name, candidates, config, origin)
+                else:
+                    self.cooldowns.trip(name)
+                break
+        status, error_class, message = last
+        return self._upstream_failed(fmt, row, headers, status, error_class, message)
+
     def _upstream_failed(self, fmt: str, row: _Row, headers: dict, status: int, error_class: str, message: str) -> Response:
         row.done(status=status, error_class=error_class, error_message=message)
         return error_response(fmt, status, message, headers)
@@ -376,6 +440,13 @@ class Proxy:
         frontier = self.config.defaults.frontier_model
         baseline = self.config.models[frontier].price.cost(*args) if frontier else None
         return self.config.models[model].price.cost(*args), baseline
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 def _usage_fields(u: fm.Usage) -> dict[str, int]:

@@ -26,7 +26,7 @@ COLUMNS = (
     "messages", "params", "response_text", "finish_reason", "input_tokens", "output_tokens",
     "cache_read_tokens", "cache_write_tokens", "cost_usd", "latency_ms", "ttft_ms", "status",
     "error_class", "error_message", "route", "route_reason", "task_type", "prompt_embedding",
-    "parent_id", "baseline_cost_usd",
+    "parent_id", "baseline_cost_usd", "attempts",
 )  # fmt: skip
 _VECTOR_AT = COLUMNS.index("prompt_embedding")
 # COPY writes NULL for a missing value, so the NOT NULL columns' defaults are filled in here.

@@ -71,6 +71,8 @@ class ModelConfig(_Strict):
     tier: Tier = Tier.local
     context_window: int = Field(8192, gt=0)
     price: Price = Price()
+    # Models to try, in order, when this one fails (see tm_gateway/fallback.py for what each failure does).
+    fallbacks: list[str] = Field(default_factory=list)
 
 
 class GatewayConfig(_Strict):
@@ -80,6 +82,9 @@ class GatewayConfig(_Strict):
     default_max_tokens: int = Field(4096, gt=0)
     # How often a replica checks whether keys or rules changed in Postgres.
     refresh_interval_s: float = Field(1.0, gt=0)
+    # A deployment that failed is skipped for this long; a 429 is waited out for at most this long.
+    cooldown_s: float = Field(30.0, ge=0)
+    max_retry_wait_s: float = Field(2.0, ge=0)
     # Classify the task of `model: "auto"` requests (embedding + nearest examples) so rules can apply.
     classify_auto: bool = True
 
@@ -157,6 +162,9 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
         for name, m in self.models.items():
+            for i, fb in enumerate(m.fallbacks):
+                if fb not in self.models:
+                    raise ValueError(f"models.{name}.fallbacks.{i}: '{fb}' is not one of the models")
             if m.provider not in self.providers:
                 raise ValueError(
                     f"models.{name}.provider: '{m.provider}' is not one of the providers "
