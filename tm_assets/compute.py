@@ -213,7 +213,8 @@ def read_decision_inputs(conn: psycopg.Connection, hour: datetime, config: Confi
                     (end - timedelta(days=8), end))
     versions = None
     if conn.execute("SELECT to_regclass('model_versions')").fetchone()[0] is not None:
-        versions = read_df(conn, "SELECT * FROM model_versions")
+        versions = read_df(conn, "SELECT version AS model, base_model, task_type, eval_score, base_eval_score"
+                                 " FROM model_versions WHERE status IN ('won', 'lost') ORDER BY version")
     return {"patterns": pats, "grades": grade_rows, "user_hour_costs": grading.user_hour_costs(costs),
             "model_versions": versions, "hour": pd.Timestamp(hour)}
 

@@ -8,6 +8,12 @@ import dagster as dg
 
 from tm_assets.assets import loop_assets, requests_source
 from tm_assets.checks import loop_checks
+from tm_assets.model_versions import (
+    fine_tuned_model_beats_base,
+    finetune_data_valid,
+    model_versions,
+    rollback_model_version_job,
+)
 from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
 
 
@@ -29,8 +35,10 @@ loop_automation = dg.AutomationConditionSensorDefinition(
 )
 
 defs = dg.Definitions(
-    assets=[requests_source, *loop_assets],
-    asset_checks=loop_checks,
+    # model_versions is human-gated: no automation condition, and not in the sensor's target.
+    assets=[requests_source, *loop_assets, model_versions],
+    asset_checks=[*loop_checks, finetune_data_valid, fine_tuned_model_beats_base],
+    jobs=[rollback_model_version_job],
     sensors=[loop_automation],
     resources=resources(),
     # A step costs ~5 s in a subprocess here and ~0 in process (FACTS): the graph is small.

@@ -25,7 +25,7 @@ from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
 from tm_resources.config import Config
 from tm_resources.ids import uuid7
-from tm_resources.providers import SecretScrubber, endpoints
+from tm_resources.providers import SecretScrubber
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,6 @@ def create_app(settings: GatewaySettings) -> Starlette:
         proxy = Proxy(
             config=config,
             session=session,
-            endpoints=endpoints(config),
             shared=shared,
             request_log=request_log,
             scrub=SecretScrubber.for_config(config),

@@ -233,6 +233,29 @@ def cmd_grades(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from tm_resources.registry import rollback_version
+
+    url = _database(tm_home())
+    with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
+        if args.models_cmd == "rollback":
+            if not rollback_version(conn, args.version):
+                print(f"no version '{args.version}' to roll back", file=sys.stderr)
+                return 1
+            conn.commit()
+            print(f"rolled back {args.version}: the gateway stops serving it now; the next routing_rules run "
+                  "drops its swap (tm loop run, or wait for the hour)")
+            return 0
+        rows = conn.execute("SELECT version, status, task_type, base_model, base_loss, adapter_loss, approver,"
+                            " created_at, endpoint_url FROM model_versions ORDER BY created_at DESC").fetchall()
+    if not rows:
+        print("no fine-tuned versions yet: materialize model_versions in the Dagster UI")
+        return 0
+    print(_table(rows, ["version", "status", "task_type", "base_model", "base_loss", "adapter_loss", "approver",
+                        "created_at", "endpoint_url"]))
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     url = db.database_url(tm_home())
     applied = db.migrate(url)
@@ -284,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gr = sub.add_parser("grades", help="the team's leaderboard")
     gr.set_defaults(func=cmd_grades)
+
+    mo = sub.add_parser("models", help="fine-tuned model versions")
+    msub = mo.add_subparsers(dest="models_cmd", required=True)
+    msub.add_parser("list", help="the versions, newest first, with their evaluation")
+    mr = msub.add_parser("rollback", help="roll a version's routing swap back")
+    mr.add_argument("version")
+    mo.set_defaults(func=cmd_models)
 
     d = sub.add_parser("db", help="the database schema")
     dsub = d.add_subparsers(dest="db_cmd", required=True)

@@ -25,6 +25,8 @@ from tm_resources import formats as fm
 from tm_resources.config import Config
 from tm_resources.ids import uuid7
 from tm_resources.providers import Endpoint
+from tm_resources.providers import endpoints as provider_endpoints
+from tm_resources.registry import with_registry
 from tm_resources.rules import Route, route_request
 
 log = logging.getLogger(__name__)
@@ -158,7 +160,6 @@ class Proxy:
         *,
         config: Config,
         session: aiohttp.ClientSession,
-        endpoints: dict[str, Endpoint],
         shared: SharedState,
         request_log: RequestLog,
         scrub: Callable[[str], str],
@@ -166,19 +167,30 @@ class Proxy:
     ):
         self.config = config
         self.session = session
-        self.endpoints = endpoints
         self.shared = shared
         self.cooldowns = fallback.Cooldowns(config.gateway.cooldown_s)
-        self._timeouts = {
-            name: aiohttp.ClientTimeout(total=None, connect=ep.connect_timeout_s, sock_read=ep.timeout_s)
-            for name, ep in endpoints.items()
-        }
+        self._base_config = config
+        self._registry_seen = -1
+        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
+        self._sync_registry()
         self.request_log = request_log
         self.scrub = scrub
         # prompt -> (vector, task type, confidence); CPU work, run off the event loop.
         self.classify = classify
 
     # -- the parts --------------------------------------------------------------------------
+
+    def _sync_registry(self) -> None:
+        """Serve the deployed fine-tunes too: rebuilt only when the registry was re-read."""
+        if self.shared.registry_version == self._registry_seen:
+            return
+        self._registry_seen = self.shared.registry_version
+        self.config = with_registry(self._base_config, self.shared.registry)
+        self.endpoints = provider_endpoints(self.config)
+        self._timeouts = {
+            name: aiohttp.ClientTimeout(total=None, connect=ep.connect_timeout_s, sock_read=ep.timeout_s)
+            for name, ep in self.endpoints.items()
+        }
 
     def authenticate(self, request: Request, headers: dict[str, str] | None = None) -> tuple[str, str] | None:
         h = headers if headers is not None else request.headers
@@ -239,6 +251,7 @@ class Proxy:
 
     async def handle(self, request: Request, fmt: str) -> Response:
         started = time.perf_counter()
+        self._sync_registry()
         h = _headers(request)
         ident = self.authenticate(request, h)
         if ident is None:

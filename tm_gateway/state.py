@@ -10,6 +10,7 @@ import psycopg
 
 from tm_resources.db import connect
 from tm_resources.keys import active_keys
+from tm_resources.registry import RegisteredModel, load_registry
 from tm_resources.rules import RuleBook, load_rulebook
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,9 @@ class SharedState:
         self.interval_s = interval_s
         self._keys: dict[bytes, tuple[str, str]] = {}
         self.rules = RuleBook()
+        # Deployed fine-tunes; `registry_version` moves whenever the list is re-read.
+        self.registry: list[RegisteredModel] = []
+        self.registry_version = 0
         self._versions: dict[str, int] = {}
         self._task: asyncio.Task | None = None
 
@@ -38,6 +42,8 @@ class SharedState:
             self._versions = dict(conn.execute("SELECT name, version FROM tm_state_versions").fetchall())
             self._keys = active_keys(conn)
             self.rules = load_rulebook(conn)
+            self.registry = load_registry(conn)
+            self.registry_version += 1
 
     async def _poll(self) -> None:
         conn: psycopg.AsyncConnection | None = None
@@ -57,6 +63,10 @@ class SharedState:
                 if versions.get("routing_rules") != self._versions.get("routing_rules"):
                     self.rules = await asyncio.to_thread(self._read_rules)
                     log.info("routing rules reloaded: %d in force (hour %s)", len(self.rules), self.rules.hour)
+                if versions.get("model_registry") != self._versions.get("model_registry"):
+                    self.registry = await asyncio.to_thread(self._read_registry)
+                    self.registry_version += 1
+                    log.info("model registry reloaded: %d deployed models", len(self.registry))
                 self._versions = versions
             except asyncio.CancelledError:
                 raise
@@ -65,6 +75,10 @@ class SharedState:
                 if conn is not None:
                     await conn.close()
                 conn = None
+
+    def _read_registry(self) -> list[RegisteredModel]:
+        with connect(self.url) as conn:
+            return load_registry(conn)
 
     def _read_rules(self) -> RuleBook:
         with connect(self.url) as conn:

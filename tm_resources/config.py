@@ -71,6 +71,8 @@ class ModelConfig(_Strict):
     tier: Tier = Tier.local
     context_window: int = Field(8192, gt=0)
     price: Price = Price()
+    # Local weights mlx-lm can fine-tune for this model (a Hugging Face-format folder), if any.
+    mlx_path: str | None = None
     # Models to try, in order, when this one fails (see tm_gateway/fallback.py for what each failure does).
     fallbacks: list[str] = Field(default_factory=list)
 

@@ -289,11 +289,19 @@ class KnnRouter:
             top = np.broadcast_to(np.arange(k), (len(sims), k))
         top_sims = np.take_along_axis(sims, top, axis=1)
         weights = np.exp((top_sims - top_sims.max(axis=1, keepdims=True)) / self.temperature)
+        if len(vecs) == 1:
+            # One request: sum over its k neighbours' rows only.
+            w, rows = weights[0], top[0]
+            sums = [w @ s[rows] for s in (self._q_sum, self._q_n, self._c_sum, self._c_n)]
+            q_s, q_n, c_s, c_n = (x[None, :] for x in sums)
+        else:
+            # A batch: one dense weight matrix and four matrix products (no (n, k, arms) temporaries).
+            dense = np.zeros((len(vecs), len(self.points)))
+            np.put_along_axis(dense, top, weights, axis=1)
+            q_s, q_n, c_s, c_n = (dense @ s for s in (self._q_sum, self._q_n, self._c_sum, self._c_n))
         a = self.prior_weight
-        q = (np.einsum("nk,nka->na", weights, self._q_sum[top]) + a * np.nan_to_num(self.prior_quality)) / \
-            (np.einsum("nk,nka->na", weights, self._q_n[top]) + a + 1e-12)
-        c = (np.einsum("nk,nka->na", weights, self._c_sum[top]) + a * self.prior_cost) / \
-            (np.einsum("nk,nka->na", weights, self._c_n[top]) + a + 1e-12)
+        q = (q_s + a * np.nan_to_num(self.prior_quality)) / (q_n + a + 1e-12)
+        c = (c_s + a * self.prior_cost) / (c_n + a + 1e-12)
         return np.where(self.known, q, np.nan), c
 
     def choose(self, vec: np.ndarray, *, cost_weight: float = 0.0, min_quality: float | None = None,
