@@ -10,6 +10,7 @@ import pandas as pd
 
 from tm_assets import compute
 from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
+from tm_resources.registry import served_config
 from tm_resources.tables import read_df, replace_hour_df
 
 hourly = dg.HourlyPartitionsDefinition(start_date="2026-01-01-00:00", timezone="UTC")
@@ -60,6 +61,7 @@ def scored_requests(
     config = tm_config.load()
     hour = hour_of(context)
     with postgres.get_connection() as conn:
+        config = served_config(conn, config)
         # Follow-ups after the hour's end still tell whether an answer in it was corrected.
         lookahead = timedelta(hours=1, seconds=config.loop.reprompt_window_s)
         requests = compute.read_requests_for_scoring(conn, hour, hour + lookahead)
@@ -121,6 +123,7 @@ def patterns(
     config = tm_config.load()
     hour = hour_of(context)
     with postgres.get_connection() as conn:
+        config = served_config(conn, config)
         window = compute.read_window(conn, hour, hours=config.loop.pattern_window_h)
         table = compute.patterns_table(window, config)
         n = replace_hour_df(conn, "patterns", hour, table, compute.PATTERN_COLUMNS)
@@ -177,6 +180,7 @@ def routing_rules(
     config = tm_config.load()
     hour = hour_of(context)
     with postgres.get_connection() as conn:
+        config = served_config(conn, config)
         inputs = compute.read_decision_inputs(conn, hour, config)
         rules = compute.decide_hour(inputs, config)
         n = replace_hour_df(conn, "routing_rules", hour, rules, compute.RULE_COLUMNS)

@@ -38,9 +38,10 @@ class FineTuneRun(dg.Config):
                                            "the gateway under the version's name.")
 
 
-def _version_name(job_id: str, now: datetime) -> str:
+def _version_name(job_id: str, now: datetime, run_id: str) -> str:
+    # The run id keeps two runs in the same second apart.
     slug = re.sub(r"[^a-z0-9]+", "-", job_id.lower().removeprefix("ft:")).strip("-")
-    return f"ft-{slug}-{now:%Y%m%d-%H%M%S}"
+    return f"ft-{slug}-{now:%Y%m%d-%H%M}-{run_id[:6]}"
 
 
 def _examples(conn, job: dict) -> list[dict]:
@@ -96,7 +97,7 @@ def model_versions(context: dg.AssetExecutionContext, config: FineTuneRun, postg
             raise dg.Failure("finetune_jobs has no job to run: no pattern is yet common and well served enough")
 
         for job in jobs.to_dict("records"):
-            version = _version_name(job["job_id"], now)
+            version = _version_name(job["job_id"], now, context.run_id)
             workdir = tm_home() / "finetune" / version
             base = settings.models.get(job["base_model"])
             base_path = config.base_model_path or (base.mlx_path if base else None)
@@ -143,7 +144,8 @@ def model_versions(context: dg.AssetExecutionContext, config: FineTuneRun, postg
                                                   log_path=workdir / "server.log").start()
                     row.update(endpoint_url=server.url, server_pid=server.pid)
                     register(conn, RegisteredModel(version, server.url, finetune.ModelServer.UPSTREAM_MODEL,
-                                                   "local", base.context_window if base else 8192))
+                                                   "local", base.context_window if base else 8192,
+                                                   job["base_model"]))
                     context.log.info(f"{version}: serving at {server.url} (pid {server.pid})")
             # 4. register the version
             cols = list(row)

@@ -165,12 +165,14 @@ def plan_outcomes(plans: Sequence[Plan], prompts: Sequence[str], answers: Sequen
 
 
 def candidate_plans(models: Sequence[str], mean_quality: Mapping[str, float], mean_cost: Mapping[str, float], *,
-                    cheap_cost_share: float = 0.2, escalation_targets: int = 2, max_consensus: int = 3,
-                    consensus_pool: int = 8) -> list[Plan]:
+                    cheap_cost_share: float = 0.2, escalation_targets: int = 2, max_consensus: int = 2,
+                    consensus_pool: int = 4) -> list[Plan]:
     """Every single model, plus cascades from the log's figures: each cheap model (mean cost under
     `cheap_cost_share` of the dearest) gated then escalated, and consensus of 2..`max_consensus`
     of the `consensus_pool` best cheap models, escalating to one of the `escalation_targets`
-    best models that are not cheap. Sorted names keep the order (and every tie-break) stable."""
+    best models that are not cheap. Sorted names keep the order (and every tie-break) stable.
+    On RouterBench, pairs of the 4 best cheap models did as well as triples of the 8 best (39
+    candidates instead of 195): fewer candidates, less to overfit (docs/benchmarks.md)."""
     models = sorted(models)
     plans = [Plan((m,)) for m in models]
     dearest = max(mean_cost[m] for m in models)
@@ -241,7 +243,7 @@ class KnnRouter:
     """
 
     def __init__(self, vectors: np.ndarray, arms: Sequence[str], quality: np.ndarray, cost: np.ndarray, *,
-                 k: int = 200, temperature: float = 1.0, prior_weight: float = 2.0, max_points: int = 4096,
+                 k: int = 200, temperature: float = 0.3, prior_weight: float = 2.0, max_points: int = 2048,
                  reference_cost: float | None = None, seed: int = 0) -> None:
         vectors = np.asarray(vectors, dtype=np.float32)
         quality = np.asarray(quality, dtype=np.float64)
@@ -262,18 +264,23 @@ class KnnRouter:
         with np.errstate(invalid="ignore", divide="ignore"):
             self.prior_quality = stats[0].sum(0) / stats[1].sum(0)
             self.prior_cost = stats[2].sum(0) / stats[3].sum(0)
-        # An arm never tried is never chosen; one never priced is taken as free only if never tried.
+        # An arm never tried is never chosen. Costs missing on some rows are estimated from the rows
+        # that have them; an arm with no cost anywhere counts as free.
         self.known = ~np.isnan(self.prior_quality)
         self.prior_cost = np.nan_to_num(self.prior_cost, nan=0.0)
         vectors = _unit(vectors)
         if len(vectors) > max_points:
             vectors, stats = _condense(vectors, stats, max_points, seed)
         self.points = np.ascontiguousarray(vectors)
-        self._q_sum, self._q_n, self._c_sum, self._c_n = stats
+        # One (points, 4 * arms) array: a request gathers its k rows once, and one product sums them.
+        self._stats = np.ascontiguousarray(np.hstack(stats))
         if reference_cost is None:
             best = int(np.nanargmax(np.where(self.known, self.prior_quality, -np.inf)))
             reference_cost = float(self.prior_cost[best])
         self.reference_cost = reference_cost if reference_cost > 0 else 1.0
+        self._prior_q = np.nan_to_num(self.prior_quality)
+        # Tie-breaks by name, precomputed: rank of each arm in sorted order.
+        self._name_rank = np.argsort(np.argsort(np.array(self.arms, dtype=object), kind="stable"), kind="stable")
 
     def __len__(self) -> int:
         return len(self.points)
@@ -281,7 +288,7 @@ class KnnRouter:
     def predict(self, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted (quality, cost) per arm: two (n, arms) arrays; one vector gives (1, arms)."""
         vecs = _unit(np.atleast_2d(np.asarray(vecs, dtype=np.float32)))
-        sims = vecs @ self.points.T
+        sims = (self.points @ vecs[0])[None, :] if len(vecs) == 1 else vecs @ self.points.T
         k = min(self.k, sims.shape[1])
         if k < sims.shape[1]:
             top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
@@ -290,17 +297,15 @@ class KnnRouter:
         top_sims = np.take_along_axis(sims, top, axis=1)
         weights = np.exp((top_sims - top_sims.max(axis=1, keepdims=True)) / self.temperature)
         if len(vecs) == 1:
-            # One request: sum over its k neighbours' rows only.
-            w, rows = weights[0], top[0]
-            sums = [w @ s[rows] for s in (self._q_sum, self._q_n, self._c_sum, self._c_n)]
-            q_s, q_n, c_s, c_n = (x[None, :] for x in sums)
+            summed = (weights[0] @ self._stats[top[0]])[None, :]
         else:
-            # A batch: one dense weight matrix and four matrix products (no (n, k, arms) temporaries).
+            # A batch: one dense weight matrix and one matrix product (no (n, k, arms) temporaries).
             dense = np.zeros((len(vecs), len(self.points)))
             np.put_along_axis(dense, top, weights, axis=1)
-            q_s, q_n, c_s, c_n = (dense @ s for s in (self._q_sum, self._q_n, self._c_sum, self._c_n))
+            summed = dense @ self._stats
+        q_s, q_n, c_s, c_n = np.split(summed, 4, axis=1)
         a = self.prior_weight
-        q = (q_s + a * np.nan_to_num(self.prior_quality)) / (q_n + a + 1e-12)
+        q = (q_s + a * self._prior_q) / (q_n + a + 1e-12)
         c = (c_s + a * self.prior_cost) / (c_n + a + 1e-12)
         return np.where(self.known, q, np.nan), c
 
@@ -321,25 +326,28 @@ class KnnRouter:
 
     def _pick(self, q: np.ndarray, c: np.ndarray, *, cost_weight: float = 0.0, min_quality: float | None = None,
               allowed: Sequence[str] | None = None, explain: bool = False) -> Choice:
-        ok = self.known.copy()
+        ok = self.known
         if allowed is not None:
             allowed_set = set(allowed)
-            ok &= np.array([a in allowed_set for a in self.arms])
+            ok = ok & np.array([a in allowed_set for a in self.arms])
         if not ok.any():
             raise ValueError("no arm is both allowed and known to the log")
         idx = np.flatnonzero(ok)
+        qi, ci, rank = q[idx], c[idx], self._name_rank[idx]
         scores = {self.arms[i]: (round(float(q[i]), 4), float(c[i])) for i in idx} if explain else {}
         if min_quality is not None:
-            clear = idx[q[idx] >= min_quality]
-            if len(clear):
-                i = min(clear, key=lambda j: (c[j], -q[j], self.arms[j]))
+            clear = qi >= min_quality
+            if clear.any():
+                # lexsort: the last key sorts first. Cheapest, then best, then by name.
+                j = np.lexsort((rank, -qi, np.where(clear, ci, np.inf)))[0]
+                i = idx[j]
                 return Choice(self.arms[i], float(q[i]), float(c[i]),
                               f"cheapest predicted to reach quality {min_quality:g} ({q[i]:.2f})", scores)
-            i = min(idx, key=lambda j: (-q[j], c[j], self.arms[j]))
+            i = idx[np.lexsort((rank, ci, -qi))[0]]
             return Choice(self.arms[i], float(q[i]), float(c[i]),
                           f"none predicted to reach {min_quality:g}: the best predicted ({q[i]:.2f})", scores)
-        value = q - cost_weight * c / self.reference_cost
-        i = min(idx, key=lambda j: (-round(float(value[j]), 12), c[j], self.arms[j]))
+        value = np.round(qi - cost_weight * ci / self.reference_cost, 12)
+        i = idx[np.lexsort((rank, ci, -value))[0]]
         return Choice(self.arms[i], float(q[i]), float(c[i]),
                       f"best predicted quality for its cost ({q[i]:.2f} at ${c[i]:.6f}, cost weight {cost_weight:g})",
                       scores)

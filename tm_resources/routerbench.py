@@ -34,9 +34,9 @@ Embed = Callable[[list[str]], np.ndarray]
 # Operating points measured by cross-validation on the training half (docs/benchmarks.md):
 # the defaults of `run_router_bench` and the proposed `router.*` configuration.
 DEFAULT_K = 200
-DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TEMPERATURE = 0.3
 DEFAULT_PRIOR_WEIGHT = 2.0
-DEFAULT_COST_WEIGHT = 0.05
+DEFAULT_COST_WEIGHT = 0.06
 
 
 @dataclass(frozen=True)

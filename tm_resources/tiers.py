@@ -91,7 +91,7 @@ _KEYWORDS: dict[str, tuple[str, ...]] = {
     ),
     "task": (
         "write", "explain", "summarize", "summarise", "describe", "draft", "create", "compose", "outline",
-        "list", "suggest", "generate", "story", "poem", "haiku", "limerick", "sonnet", "essay", "email",
+        "suggest", "generate", "story", "poem", "haiku", "limerick", "sonnet", "essay", "email",
         "letter", "post", "message", "reminder", "description", "tips", "ideas", "difference", "differences",
         "how", "example", "examples", "pros", "cons", "opening",
     ),
@@ -218,8 +218,9 @@ def signals(prompt: str) -> Signals:
 class TierWeights:
     """How much each signal moves the two scores, the bars between tiers, and the calibrated slopes.
 
-    The weights and bars were set by hand for readability (each says how much one signal counts);
-    the two slopes are fitted by `calibrate` on labelled prompts so that confidence tracks accuracy.
+    The weights were set by hand for readability (each says how much one signal counts); the bars
+    and the two slopes are fitted by `calibrate` on labelled prompts, the slopes so that the
+    confidence tracks accuracy.
     """
 
     complexity: Mapping[str, float] = field(default_factory=lambda: {
@@ -231,11 +232,12 @@ class TierWeights:
         "reasoning": 1.4, "math": 1.4, "step_by_step": 1.2, "code": -0.6, "technical": -0.4, "simple": -0.3,
         "demanding": -0.3,
     })
-    simple_bar: float = 0.85     # complexity under this: SIMPLE
-    complex_bar: float = 2.1     # complexity over this: COMPLEX
-    reasoning_bar: float = 1.15  # reasoning over this: REASONING
-    complexity_slope: float = 3.5
-    reasoning_slope: float = 5.0
+    # Fitted by `calibrate` on bench/tiers.py's FIT + SEEN prompts (100, hand-labelled).
+    simple_bar: float = 0.3      # complexity under this: SIMPLE
+    complex_bar: float = 1.45    # complexity over this: COMPLEX
+    reasoning_bar: float = 0.55  # reasoning over this: REASONING
+    complexity_slope: float = 15.97
+    reasoning_slope: float = 7.70
 
 
 DEFAULT_WEIGHTS = TierWeights()

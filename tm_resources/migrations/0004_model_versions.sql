@@ -33,6 +33,7 @@ CREATE TABLE model_registry (
     name            text PRIMARY KEY,
     base_url        text NOT NULL,                   -- an OpenAI-compatible endpoint (mlx_lm.server)
     upstream        text NOT NULL,                   -- the model name that server expects
+    base_model      text,                            -- where its requests go when its server fails
     tier            text NOT NULL DEFAULT 'local',
     context_window  integer NOT NULL DEFAULT 8192,
     active          boolean NOT NULL DEFAULT true,
