@@ -22,12 +22,12 @@ from tm_gateway.state import SharedState
 from tm_gateway import fallback
 from tm_gateway.requestlog import RequestLog
 from tm_resources import formats as fm
-from tm_resources.config import Config
 from tm_resources.ids import uuid7
 from tm_resources.providers import Endpoint
 from tm_resources.providers import endpoints as provider_endpoints
 from tm_resources.registry import with_registry
-from tm_resources.rules import Route, route_request
+from tm_resources.config import Config, Tier
+from tm_resources.rules import Route, machine_chooses, route_request
 
 log = logging.getLogger(__name__)
 
@@ -214,19 +214,27 @@ class Proxy:
 
     async def choose_model(self, requested: str, prompt: str, row: _Row) -> Route:
         """Classify the task when the machine chooses, then let the rules in force decide."""
-        if requested != "auto" and requested not in self.config.models:
+        chooses = machine_chooses(requested, self.config)
+        if not chooses and requested not in self.config.models:
             raise BadRequest(
                 404, "model_not_found", f"model '{requested}' is not configured here; GET /v1/models lists the models"
             )
         task_type = None
-        if requested == "auto" and self.classify is not None and prompt:
+        if chooses and self.classify is not None and prompt:
             vec, task_type, _confidence = await asyncio.get_running_loop().run_in_executor(
                 None, self.classify, prompt)
             row.data["prompt_embedding"] = vec
             row.data["task_type"] = task_type
-        route = route_request(requested, task_type, row.data["user_id"], self.shared.rules, self.config)
+        user = row.data["user_id"]
+        route = route_request(requested, task_type, user, self.shared.rules, self.config, agent=row.data["agent"])
         row.data["route"] = route.route
         row.data["route_reason"] = route.reason
+        if self.config.models[route.model].tier is Tier.premium:
+            allowed = self.config.users.get(user)
+            if allowed is None or not allowed.premium:
+                raise BadRequest(403, "premium_not_allowed",
+                                 f"'{route.model}' is a premium model and user '{user}' is not allowed premium "
+                                 "models; ask an admin to set users.<you>.premium in tm.yaml, or use another model")
         return route
 
     def _upstream_body(self, fmt: str, ep: Endpoint, body: dict, upstream_model: str, stream: bool) -> bytes:
@@ -316,7 +324,8 @@ class Proxy:
                 r["session_id"] = uid.rsplit("_session_", 1)[1]
         headers["x-tm-route"] = route.route
 
-        outcome = await self._call(fmt, body, route.model, stream, h, row, headers)
+        chain = self.config.presets.get(body["model"]) if route.route.startswith("preset:") else None
+        outcome = await self._call(fmt, body, route.model, stream, h, row, headers, chain)
         if isinstance(outcome, Response):
             return outcome
         resp, name, ep = outcome
@@ -364,12 +373,16 @@ class Proxy:
         headers.update({"x-tm-model": name, "x-tm-provider": ep.name})
 
     async def _call(self, fmt: str, body: dict, model: str, stream: bool, h: dict[str, str], row: _Row,
-                    headers: dict[str, str]) -> tuple[aiohttp.ClientResponse, str, Endpoint] | Response:
+                    headers: dict[str, str], preset: list[str] | None = None,
+                    ) -> tuple[aiohttp.ClientResponse, str, Endpoint] | Response:
         """Call `model`, falling back along its chain by failure class; every attempt goes into the row.
         Returns the open upstream response of the attempt that succeeded, or the error response to send."""
         config = self.config
         origin = config.models[model].tier
         candidates = fallback.chain(model, config)
+        for m in preset or []:
+            # A preset is a prioritized chain: its models, each with its own fallbacks.
+            candidates += [c for c in fallback.chain(m, config) if c not in candidates]
         cooling = [m for m in candidates if self.cooldowns.cooling(m)]
         if len(cooling) < len(candidates):
             # Skip what is cooling down, unless that would leave nothing to try.

@@ -153,10 +153,26 @@ class LoopConfig(_Strict):
     task_seeds: dict[str, list[str]] | None = None
 
 
+class UserConfig(_Strict):
+    # Premium models cost extra: only users allowed them may use them (others get a 403, never a bill).
+    premium: bool = False
+    # What `auto` means for this user when no routing rule applies.
+    model: str | None = None
+
+
+class AgentConfig(_Strict):
+    # What `auto` means for requests from this agent (x-tm-agent) when no routing rule applies.
+    model: str | None = None
+
+
 class Config(_Strict):
     gateway: GatewayConfig = GatewayConfig()
     log: LogConfig = LogConfig()
     loop: LoopConfig = LoopConfig()
+    # Named chains a request may ask for as its model, tried in order (e.g. "tm:balanced").
+    presets: dict[str, list[str]] = Field(default_factory=dict)
+    users: dict[str, UserConfig] = Field(default_factory=dict)
+    agents: dict[str, AgentConfig] = Field(default_factory=dict)
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
     defaults: Defaults
@@ -172,6 +188,18 @@ class Config(_Strict):
                     f"models.{name}.provider: '{m.provider}' is not one of the providers "
                     f"({', '.join(sorted(self.providers)) or 'none defined'})"
                 )
+        for name, chain in self.presets.items():
+            if not name.startswith("tm:"):
+                raise ValueError(f"presets.{name}: a preset's name starts with 'tm:' (e.g. tm:balanced)")
+            if not chain:
+                raise ValueError(f"presets.{name}: a preset needs at least one model")
+            for i, m in enumerate(chain):
+                if m not in self.models:
+                    raise ValueError(f"presets.{name}.{i}: '{m}' is not one of the models")
+        for section in ("users", "agents"):
+            for who, entry in getattr(self, section).items():
+                if entry.model is not None and entry.model not in self.models:
+                    raise ValueError(f"{section}.{who}.model: '{entry.model}' is not one of the models")
         if self.loop.judge_model is not None and self.loop.judge_model not in self.models:
             raise ValueError(f"loop.judge_model: '{self.loop.judge_model}' is not one of the models")
         for key in ("model", "frontier_model"):

@@ -34,17 +34,22 @@ from tm_resources.gate import quick_gate, same_answer
 # What is embedded for routing
 
 
-def routing_text(prompt: str, max_chars: int = 1000) -> str:
-    """The part of a prompt that says what is being asked: its last paragraph (the end of it when
-    longer than `max_chars`). A short prompt is itself. Few-shot and document prompts put the
-    actual question last; their first 128 tokens (what the embedder keeps) are the same examples
-    on every request of a kind, so embedding the head would make every such prompt look alike."""
-    text = prompt.strip()
-    if len(text) <= max_chars and "\n\n" not in text:
-        return text
-    blocks = [b for b in text.split("\n\n") if b.strip()]
-    last = blocks[-1].strip() if blocks else text
-    return last[-max_chars:]
+def routing_text(prompt: str, max_chars: int = 1000, min_chars: int = 120, context_chars: int = 400) -> str:
+    """The part of a prompt that says what is being asked: its last paragraph (at most its last
+    `max_chars`). When that is shorter than `min_chars` ("What's wrong?" after a code block), the
+    paragraphs before it are added from the end, up to `context_chars` in all, so the question stays
+    inside the embedder's first 128 tokens. Few-shot and document prompts put the actual question
+    last; their first 128 tokens are the same examples on every request of a kind, so embedding the
+    head would make every such prompt look alike."""
+    blocks = [b.strip("\n") for b in prompt.strip().split("\n\n") if b.strip()]
+    if not blocks:
+        return ""
+    kept = [blocks.pop()[-max_chars:]]
+    size = len(kept[0])
+    while blocks and size < min_chars:
+        kept.append(blocks.pop()[-(context_chars - size - 2):])
+        size += len(kept[-1]) + 2
+    return "\n\n".join(reversed(kept))
 
 
 # ----------------------------------------------------------------------------------------------

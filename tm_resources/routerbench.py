@@ -228,7 +228,7 @@ def run_router_bench(data_dir: str | os.PathLike, test_dir: str | os.PathLike | 
     data = load_routerbench(data_dir)
     vecs = cached_vectors([routing_text(p) for p in data.prompts], embed, cache_dir)
     settings = {"k": k, "temperature": temperature, "prior_weight": prior_weight, "cost_weight": cost_weight,
-                "min_quality": min_quality, "cascades": cascades, "routing_text": "last paragraph, <= 1000 chars",
+                "min_quality": min_quality, "cascades": cascades, "routing_text": "last paragraphs (at least 120 chars, at most the last 1000)",
                 "embedder": "all-MiniLM-L6-v2 fp32, 128 tokens"}
     params = dict(k=k, temperature=temperature, prior_weight=prior_weight, cost_weight=cost_weight,
                   min_quality=min_quality, cascades=cascades)

@@ -83,15 +83,32 @@ def local_models(config: Config) -> list[str]:
     return [n for n, m in config.models.items() if m.tier is Tier.local]
 
 
+def machine_chooses(requested: str, config: Config) -> bool:
+    """`auto` and the presets let the machine choose: task-type rules apply to them."""
+    return requested == "auto" or requested in config.presets
+
+
+def default_for(requested: str, user_id: str, agent: str | None, config: Config) -> Route:
+    """What a machine-chosen request gets when no rule applies: the preset's first model, else the
+    agent's or the user's configured model, else the configured default."""
+    if requested in config.presets:
+        return Route(config.presets[requested][0], f"preset:{requested}", f"the first model of {requested}")
+    if agent and (a := config.agents.get(agent)) and a.model:
+        return Route(a.model, f"agent:{agent}", f"agent '{agent}' is configured to use {a.model}")
+    if (u := config.users.get(user_id)) and u.model:
+        return Route(u.model, f"user:{user_id}", f"user '{user_id}' is configured to use {u.model}")
+    return Route(config.defaults.model, "default", "no rule for this task type: the configured default")
+
+
 def route_request(requested: str, task_type: str | None, user_id: str, book: RuleBook, config: Config,
-                  known: Callable[[str], bool] | None = None) -> Route:
+                  known: Callable[[str], bool] | None = None, agent: str | None = None) -> Route:
     """Which model answers. A throttle applies to every request of its user and keeps it local, even
     for an escalated type; type rules apply to `auto`: escalate sends the type to the frontier,
     lock_local keeps it on its local model; a swap then replaces that local model (or the default)
     by the fine-tune that beat it. `known` says whether a model name can be served (the config's
     models, plus registered fine-tunes)."""
     known = known or config.models.__contains__
-    auto = requested == "auto"
+    auto = machine_chooses(requested, config)
     throttle = book.throttled.get(user_id)
     if throttle is not None:
         named = config.models.get(requested)
@@ -99,7 +116,7 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
             return Route(requested, "requested", f"user throttled to local; '{requested}' is local")
         rule = book.by_type.get(task_type) if task_type else None
         local = rule.target_model if rule is not None and rule.action == "lock_local" else None
-        target = local if local and known(local) else _local_default(config)
+        target = local if local and known(local) else _local_default(config, requested)
         return _swapped(Route(target, f"rule:{throttle.rule_id}", throttle.reason), task_type, book, known)
     if not auto:
         return Route(requested, "requested", "the client named the model")
@@ -113,8 +130,7 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
             target = rule.target_model or rule.model
             if target and known(target):
                 return _swapped(Route(target, f"rule:{rule.rule_id}", rule.reason), task_type, book, known)
-    default = Route(config.defaults.model, "default", "no rule for this task type: the configured default")
-    return _swapped(default, task_type, book, known)
+    return _swapped(default_for(requested, user_id, agent, config), task_type, book, known)
 
 
 def _swapped(route: Route, task_type: str | None, book: RuleBook, known: Callable[[str], bool]) -> Route:
@@ -124,7 +140,11 @@ def _swapped(route: Route, task_type: str | None, book: RuleBook, known: Callabl
     return Route(swap.target_model, f"rule:{swap.rule_id}", swap.reason)
 
 
-def _local_default(config: Config) -> str:
+def _local_default(config: Config, requested: str = "auto") -> str:
+    # A throttled user stays on the first local model of their preset, else the default if local.
+    for m in config.presets.get(requested, []):
+        if config.models[m].tier is Tier.local:
+            return m
     if config.models[config.defaults.model].tier is Tier.local:
         return config.defaults.model
     local = local_models(config)

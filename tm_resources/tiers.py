@@ -12,9 +12,12 @@ fitted (`calibrate`) so that it matches the share of labelled prompts classified
 (bench/tiers.py measures it on prompts the fit never saw).
 
 Below `min_confidence` the caller's fallback decides (e.g. the loop's task-type classifier, or
-`NearestExamples` over labelled prompts by embedding). The rule path reads words once, with a dict
-lookup per word and a handful of precompiled regexes: about 0.05 ms for a typical prompt and under
-1 ms at p99 with long ones (bench/tiers.py). Deterministic: no randomness, no state.
+`NearestExamples` over labelled prompts by embedding). The keyword lists are English: on prompts in
+other scripts the rules mix their probabilities with uniform ones, so they come out unsure and the
+(embedding) fallback decides. The rule path reads at most 2,000 characters (head and tail), once
+into words with a dict lookup per word, plus a few literal-led regexes and str.count calls: about
+0.1 ms at p50 and 0.3-0.6 ms at p99 on real prompts (bench/tiers.py). Deterministic: no randomness,
+no state.
 """
 
 from __future__ import annotations
@@ -125,6 +128,9 @@ _MULTI_STEP = re.compile(r"first\b.{0,200}?\b(?:then|next|after that|finally|sec
                          r"|and then\b|followed by\b", re.DOTALL)
 _AT_LIMIT = re.compile(r"(?:at most|at least|no more than|fewer than|less than|up to|under|exactly|within) \d")
 _MATH_CHARS = "^∑∫√∞≤≥≠π∀∃∈"
+# Letters of scripts the keyword lists cannot read: Greek, Cyrillic, Hebrew, Arabic, Indic, Thai, CJK, Hangul.
+_OTHER_SCRIPT = re.compile("[\u0370-\u03ff\u0400-\u04ff\u0590-\u06ff\u0900-\u0dff\u0e00-\u0e7f"
+                           "\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 _LATEX = ("\\frac", "\\sum", "\\int", "\\sqrt", "\\lim", "\\prod", "\\cdot", "\\infty")
 _CODE_LINE_STARTS = ("def ", "class ", "function ", "import ", "from ", "#include", "public ", "private ",
                      "return ", "const ", "let ", "var ", "select ", "for (", "while (", "if (", "}", "fn ")
@@ -149,10 +155,13 @@ class Signals:
     constraint: float
     questions: float
     length: float
+    # Share of the letters that are Latin: the keyword lists are English, so on other scripts the
+    # rules know little and their probabilities are mixed with uniform ones in that proportion.
+    latin: float
     chars: int
 
     def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in self.__dict__.items() if k != "chars"}
+        return {k: round(v, 3) for k, v in self.__dict__.items() if k not in ("chars", "latin")}
 
 
 def _sat(count: float, half: float) -> float:
@@ -186,7 +195,13 @@ def signals(prompt: str) -> Signals:
     digits_groups = len([w for w in low.split() if w[:1].isdigit() or w[:1] == "$"])
     multi = len(_MULTI_STEP.findall(low)) + (listed if listed >= 2 else 0)
     limits = len(_AT_LIMIT.findall(low))
-    n_words = len(words) if chars == len(text) else int(len(words) * chars / max(len(text), 1))
+    other = 0 if text.isascii() else len(_OTHER_SCRIPT.findall(text))
+    latin_letters = sum(len(w) for w in words) if other else 1
+    latin = latin_letters / (latin_letters + other) if other else 1.0
+    # Other scripts: about one word per two characters (CJK), so length still counts.
+    n_words = max(len(words), other // 2)
+    if chars != len(text):
+        n_words = int(n_words * chars / max(len(text), 1))
     questions = text.count("?")
     short_lookup = 1 if (n_words <= 12 and questions <= 1 and low.lstrip().startswith(_LOOKUP_STARTS)) else 0
     # Several numbers in a question is a word problem: "a train leaves at 3 pm going 60 mph ...".
@@ -206,6 +221,7 @@ def signals(prompt: str) -> Signals:
         questions=_sat(max(questions - 1, 0), 2.0),
         # log-scaled words: about 0 for a line, 0.5 near 30 words, 1 from about 1,000
         length=min(1.0, max(0.0, math.log10(max(n_words, 1)) / 3.0)),
+        latin=latin,
         chars=chars,
     )
 
@@ -301,6 +317,8 @@ class TierClassifier:
         """The rule path alone (what the < 1 ms budget covers)."""
         s = signals(prompt or "")
         probs = probabilities(*scores(s, self.weights), self.weights)
+        if s.latin < 1.0:
+            probs = {t: s.latin * p + (1 - s.latin) / len(TIERS) for t, p in probs.items()}
         # Ties resolve to the cheaper tier, in TIERS order: deterministic.
         tier = max(TIERS, key=lambda t: (probs[t], -TIERS.index(t)))
         return TierDecision(tier, round(probs[tier], 4), "rules", probs, s)
