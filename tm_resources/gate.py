@@ -52,9 +52,12 @@ _ASKS_JSON = re.compile(
     r"|json\s+(?:object|array|only|format|output)\b)",
     re.IGNORECASE,
 )
+# Nouns that also mean other things ("a class schedule", "a query letter", "a code of conduct",
+# "a conference program") count only with words that make them code.
 _ASKS_CODE = re.compile(
-    r"\b(?:write|implement|create|give me|generate|code|fix|refactor)\b[^.?!\n]{0,60}?"
-    r"\b(?:function|method|class|script|program|snippet|code|query|regex|module|algorithm|implementation)\b"
+    r"\b(?:write|implement|create|give me|generate|fix|refactor|show me)\b[^.?!\n]{0,60}?"
+    r"\b(?:function|method|script|snippet|regex|algorithm|implementation|code\b(?! of)|sql query"
+    r"|program (?:that|to|which)|class (?:that|which|to))"
     r"|\b(?:in|using)\s+(?:python|javascript|typescript|java|rust|go|golang|c\+\+|c#|ruby|php|bash|sql|kotlin|swift)\b"
     r"[^.?!\n]{0,40}?\b(?:write|implement|function|code|script|program)\b",
     re.IGNORECASE,
@@ -148,7 +151,7 @@ def _cut_mid_sentence(answer: str) -> bool:
 # 100 KB document costs what a short prompt costs, and a phrase deep inside it is not taken as an order.
 _PROMPT_WINDOW = 1500
 _CODE_NOUNS = ("function", "method", "class", "script", "program", "snippet", "code", "query", "regex",
-               "module", "algorithm", "implement")
+               "algorithm", "implement")
 
 
 def _instructions(prompt: str) -> str:
