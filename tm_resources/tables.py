@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -73,7 +73,3 @@ def vectors(values: Iterable[Any], dim: int) -> np.ndarray:
     """Stack vector column values (pgvector's Vector, arrays or lists) into an (n, dim) float32 matrix."""
     rows = [v.to_numpy() if hasattr(v, "to_numpy") else np.asarray(v) for v in values]
     return np.stack(rows).astype(np.float32, copy=False) if rows else np.empty((0, dim), dtype=np.float32)
-
-
-def hour_window(hour: datetime) -> tuple[datetime, datetime]:
-    return hour, hour + timedelta(hours=1)
