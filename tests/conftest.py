@@ -53,6 +53,9 @@ def make_config(anthropic_url: str, openai_url: str, **overrides) -> Config:
     data = {
         "gateway": {"refresh_interval_s": 0.1, "max_body_bytes": 200_000},
         "log": {"flush_interval_ms": 20},
+        # Most tests repeat a request and expect the provider to answer it again; the cache's own
+        # tests (tests/test_cache.py) turn it on.
+        "cache": {"enabled": False},
         "providers": {
             "anthropic": {"kind": "anthropic", "base_url": anthropic_url, "api_key_env": ["TM_TEST_ANTHROPIC_KEY"]},
             "local": {"kind": "openai", "base_url": openai_url},

@@ -27,6 +27,7 @@ def setup(db_url, tmp_path, monkeypatch):
         config = parse_config({
             "gateway": {"cooldown_s": 30, "max_retry_wait_s": 0.2},
             "log": {"flush_interval_ms": 20},
+            "cache": {"enabled": False},  # every test here repeats its request on purpose
             "providers": {
                 "anthropic": {"kind": "anthropic", "base_url": anth.url, "api_key_env": ["TM_FB_KEY_1", "TM_FB_KEY_2"],
                               "timeout_s": 0.5},

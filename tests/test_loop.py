@@ -21,7 +21,7 @@ from tm_assets.definitions import defs
 from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
 from tm_gateway.requestlog import RequestLog
 
-DERIVED = ("scored_requests", "task_types", "patterns", "grades", "routing_rules", "finetune_jobs")
+DERIVED = ("scored_requests", "task_types", "patterns", "grades", "routing_rules", "finetune_jobs", "cache_entries")
 
 
 def test_the_definitions_load():

@@ -1,5 +1,6 @@
 """The loop's asset graph, one asset per table, hourly partitions:
-requests -> scored_requests -> task_types -> patterns -> grades -> routing_rules -> finetune_jobs.
+requests -> scored_requests -> task_types -> patterns -> grades -> routing_rules -> finetune_jobs,
+and scored_requests -> cache_entries (what the gateway's semantic cache may serve).
 Each asset reads Postgres, calls the plain functions in `tm_assets.compute`, and replaces its hour."""
 
 
@@ -10,6 +11,7 @@ import pandas as pd
 
 from tm_assets import compute
 from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
+from tm_resources import cache
 from tm_resources.registry import served_config
 from tm_resources.tables import read_df, replace_hour_df
 
@@ -221,4 +223,29 @@ def finetune_jobs(
     })
 
 
-loop_assets = [scored_requests, task_types, patterns, grades, routing_rules, finetune_jobs]
+@dg.asset(
+    partitions_def=hourly,
+    deps=[scored_requests],
+    automation_condition=follow_condition,
+    group_name=LOOP,
+    kinds={"postgres"},
+    description="The answers the gateway's semantic cache may serve: the hour's requests whose answer "
+    "scored at least loop.thresholds.cache_min_quality and ended normally, with their prompt vectors "
+    "(HNSW-indexed). Entries older than a week are dropped.",
+)
+def cache_entries(
+    context: dg.AssetExecutionContext, postgres: PostgresResource, tm_config: TokenMachineConfig
+) -> dg.MaterializeResult:
+    config = tm_config.load()
+    hour = hour_of(context)
+    with postgres.get_connection() as conn:
+        n = cache.replace_entries(conn, hour, config)
+        total = conn.execute("SELECT count(*) FROM cache_entries").fetchone()[0]
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": n,
+        "entries_in_table": int(total),
+        "min_quality": config.loop.thresholds.cache_min_quality,
+    })
+
+
+loop_assets = [scored_requests, task_types, patterns, grades, routing_rules, finetune_jobs, cache_entries]

@@ -172,7 +172,7 @@ def read_window(conn: psycopg.Connection, hour: datetime, *, hours: int) -> pd.D
         conn,
         "SELECT r.id, r.ts, r.user_id, r.session_id, r.model, r.status, r.prompt, r.input_tokens,"
         " r.output_tokens, r.cache_read_tokens, r.cache_write_tokens, r.cost_usd, r.baseline_cost_usd,"
-        " r.parent_id, r.route, s.quality, s.prompt_quality, t.task_type"
+        " r.parent_id, r.route, r.cache_hit, s.quality, s.prompt_quality, t.task_type"
         " FROM scored_requests s"
         " JOIN requests r ON r.id = s.request_id AND r.ts = s.ts"
         " LEFT JOIN task_types t ON t.request_id = s.request_id"
@@ -182,6 +182,8 @@ def read_window(conn: psycopg.Connection, hour: datetime, *, hours: int) -> pd.D
 
 
 def patterns_table(window: pd.DataFrame, config: Config) -> pd.DataFrame:
+    # A cached answer says nothing new about its model (and cost nothing): patterns count model calls.
+    window = window[window["cache_hit"].isna()] if "cache_hit" in window else window
     if window.empty:
         return pd.DataFrame(columns=PATTERN_COLUMNS)
     by_user, by_type_model = grading.patterns(window, tiers_of(config))

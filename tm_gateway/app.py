@@ -15,6 +15,7 @@ from typing import TypedDict
 
 import aiohttp
 import numpy as np
+from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,6 +24,7 @@ from starlette.routing import Route
 from tm_gateway.state import SharedState
 from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
+from tm_resources import cache
 from tm_resources.config import Config
 from tm_resources.ids import uuid7
 from tm_resources.providers import SecretScrubber
@@ -77,6 +79,18 @@ def create_app(settings: GatewaySettings) -> Starlette:
         shared.start()
         # The loop's own classifier (same code, same examples); loading the model takes a second or two.
         classify = await asyncio.to_thread(prompt_classifier, config) if config.gateway.classify_auto else None
+        cache_pool = embed = None
+        if config.cache.enabled:
+            # A few connections for cache lookups; opened in the background, so a database that is
+            # down at start-up makes lookups miss rather than the gateway fail.
+            cache_pool = AsyncConnectionPool(
+                settings.database_url, min_size=1, max_size=4, open=False, configure=cache.configure_connection,
+                kwargs={"autocommit": True}, timeout=config.cache.lookup_timeout_s, name="tm-cache")
+            await cache_pool.open(wait=False)
+            if config.cache.semantic.enabled and config.cache.semantic.named_models:
+                from tm_resources.embedder import get_embedder
+
+                embed = (await asyncio.to_thread(get_embedder)).embed_one
         proxy = Proxy(
             config=config,
             session=session,
@@ -84,6 +98,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
             request_log=request_log,
             scrub=SecretScrubber.for_config(config),
             classify=classify,
+            cache_pool=cache_pool,
+            embed=embed,
         )
         app.state.proxy = proxy  # for tests that reach in
         # What start-up loaded (the model, the libraries) lives as long as the process: moving it out
@@ -95,6 +111,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
         finally:
             await shared.stop()
             await session.close()
+            if cache_pool is not None:
+                await cache_pool.close()
             # Every row the gateway accepted is written (or spooled) before the process ends.
             request_log.close()
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from tm_resources import db
 
 DEFINITIONS_MODULE = "tm_assets.definitions"
-LOOP_ASSETS = ("scored_requests", "task_types", "patterns", "grades", "routing_rules", "finetune_jobs")
+LOOP_ASSETS = ("scored_requests", "task_types", "patterns", "grades", "routing_rules", "finetune_jobs",
+               "cache_entries")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

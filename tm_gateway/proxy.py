@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -21,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from tm_gateway.state import SharedState
 from tm_gateway import fallback
 from tm_gateway.requestlog import RequestLog
+from tm_resources import cache
 from tm_resources import formats as fm
 from tm_resources.ids import uuid7
 from tm_resources.providers import Endpoint
@@ -164,6 +166,8 @@ class Proxy:
         request_log: RequestLog,
         scrub: Callable[[str], str],
         classify: Callable[[str], tuple[Any, str, float]] | None = None,
+        cache_pool: AsyncConnectionPool | None = None,
+        embed: Callable[[str], Any] | None = None,
     ):
         self.config = config
         self.session = session
@@ -177,6 +181,10 @@ class Proxy:
         self.scrub = scrub
         # prompt -> (vector, task type, confidence); CPU work, run off the event loop.
         self.classify = classify
+        # Postgres connections for cache lookups (None: no cache), and prompt -> vector for the
+        # semantic cache of requests that name their model (cache.semantic.named_models).
+        self.cache_pool = cache_pool
+        self.embed = embed
 
     # -- the parts --------------------------------------------------------------------------
 
@@ -323,6 +331,10 @@ class Proxy:
             if isinstance(uid, str) and "_session_" in uid:
                 r["session_id"] = uid.rsplit("_session_", 1)[1]
         headers["x-tm-route"] = route.route
+        if self.cache_pool is not None:
+            hit = await self._cache_lookup(body, h, row, headers)
+            if hit is not None:
+                return self._serve_cached(fmt, hit, stream, body, row, headers)
 
         chain = self.config.presets.get(body["model"]) if route.route.startswith("preset:") else None
         outcome = await self._call(fmt, body, route.model, stream, h, row, headers, chain)
@@ -367,6 +379,73 @@ class Proxy:
                  **_usage_fields(usage))
         headers["x-tm-cost-usd"] = f"{cost:.8f}"
         return Response(data, status_code=200, media_type=JSON, headers=headers)
+
+    # -- the cache --------------------------------------------------------------------------
+
+    async def _cache_lookup(self, body: dict, h: dict[str, str], row: _Row,
+                            headers: dict[str, str]) -> cache.Hit | None:
+        """Exact, then semantic. Never fails the request: a slow or unreachable database is a miss."""
+        if h.get("x-tm-cache", "").strip().lower() in ("off", "no", "false", "0", "bypass"):
+            headers["x-tm-cache"] = "off"
+            return None
+        keys = cache.keys(body, row.data["agent"])
+        r = row.data
+        r["request_hash"], r["context_hash"] = keys.request_hash, keys.context_hash
+        config = self.config
+        users = cache.scope_users(r["user_id"], config)
+        headers["x-tm-cache"] = "miss"
+        try:
+            async with asyncio.timeout(config.cache.lookup_timeout_s):
+                async with self.cache_pool.connection() as conn:
+                    hit = await cache.lookup_exact(conn, keys, users, config)
+                    if hit is None and keys.context_hash is not None and config.cache.semantic.enabled:
+                        vec = r.get("prompt_embedding")
+                        if vec is None and self.embed is not None and config.cache.semantic.named_models \
+                                and r.get("prompt"):
+                            vec = await asyncio.get_running_loop().run_in_executor(None, self.embed, r["prompt"])
+                            r["prompt_embedding"] = vec
+                        if vec is not None:
+                            hit = await cache.lookup_semantic(conn, r["requested_model"], keys, vec, users, config)
+        except Exception as err:  # noqa: BLE001 - a cache problem must never cost the user their answer
+            log.warning("cache lookup skipped: %s", type(err).__name__)
+            headers["x-tm-cache"] = "error"
+            return None
+        if hit is not None and hit.model is not None and hit.model not in config.models:
+            return None  # answered by a model no longer served (a rolled-back fine-tune)
+        return hit
+
+    def _serve_cached(self, fmt: str, hit: cache.Hit, stream: bool, body: dict, row: _Row,
+                      headers: dict[str, str]) -> Response:
+        """The stored answer, in the caller's format (streamed when asked), for nothing; the row says
+        where it came from and what the frontier would have charged for it."""
+        model = hit.model or row.data["requested_model"]
+        rid = str(row.data["id"]).replace("-", "")
+        how = (f"same request as {hit.source_id}" if hit.kind == "exact"
+               else f"prompt {hit.similarity:.3f} similar to {hit.source_id}, an answer the loop scored well")
+        route = f"cache:{hit.kind}"
+        row.data.update(route=route, route_reason=how)
+        row.done(status=200, model=model, provider="cache", upstream_model=None, response_text=hit.text,
+                 finish_reason="stop" if fmt == "openai" else "end_turn", cost_usd=0.0,
+                 baseline_cost_usd=hit.baseline_cost_usd, cache_hit=hit.kind, cache_source_id=hit.source_id,
+                 cache_similarity=hit.similarity, attempts=[])
+        headers.update({"x-tm-cache": hit.kind, "x-tm-cache-source": str(hit.source_id), "x-tm-model": model,
+                        "x-tm-provider": "cache", "x-tm-route": route, "x-tm-cost-usd": f"{0:.8f}"})
+        msg_id = "msg_" + rid
+        if not stream:
+            answer = fm.anthropic_text_message(hit.text, model=model, id=msg_id)
+            if fmt == "openai":
+                answer = fm.anthropic_response_to_openai(answer, model=model)
+                answer["id"] = "chatcmpl-" + rid
+            return Response(orjson.dumps(answer), status_code=200, media_type=JSON, headers=headers)
+        events = fm.anthropic_text_events(hit.text, model=model, id=msg_id)
+        if fmt == "anthropic":
+            out = b"".join(_sse_anthropic(e, d) for e, d in events)
+        else:
+            wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            conv = fm.AnthropicToOpenAIStream(model=model, id="chatcmpl-" + rid, include_usage=wants_usage)
+            chunks = [c for e, d in events for c in conv.feed(e, d)] + list(conv.finish())
+            out = b"".join(_sse_openai(c) for c in chunks) + _DONE
+        return Response(out, status_code=200, media_type=SSE, headers={**headers, "cache-control": "no-cache"})
 
     def _use(self, row: _Row, headers: dict[str, str], name: str, ep: Endpoint) -> None:
         row.data.update(model=name, provider=ep.name, upstream_model=self.config.models[name].upstream or name)

@@ -26,7 +26,8 @@ COLUMNS = (
     "messages", "params", "response_text", "finish_reason", "input_tokens", "output_tokens",
     "cache_read_tokens", "cache_write_tokens", "cost_usd", "latency_ms", "ttft_ms", "status",
     "error_class", "error_message", "route", "route_reason", "task_type", "prompt_embedding",
-    "parent_id", "baseline_cost_usd", "attempts",
+    "parent_id", "baseline_cost_usd", "attempts", "request_hash", "context_hash", "cache_hit",
+    "cache_source_id", "cache_similarity",
 )  # fmt: skip
 _VECTOR_AT = COLUMNS.index("prompt_embedding")
 # COPY writes NULL for a missing value, so the NOT NULL columns' defaults are filled in here.
@@ -52,6 +53,8 @@ def _dump_spooled(row: tuple) -> bytes:
 
 def _load_spooled(line: bytes) -> tuple:
     row = orjson.loads(line)
+    # Spooled by an older version with fewer columns (new ones are appended): the rest are NULL.
+    row += [None] * (len(COLUMNS) - len(row))
     if row[_VECTOR_AT] is not None:
         # A list would be sent as a Postgres array; the vector column wants the vector form.
         row[_VECTOR_AT] = np.asarray(row[_VECTOR_AT], dtype=np.float32)

@@ -98,6 +98,31 @@ class LogConfig(_Strict):
     spool_dir: str | None = None
 
 
+class SemanticCacheConfig(_Strict):
+    enabled: bool = True
+    # Cosine similarity of the prompts (MiniLM) above which a stored answer is served.
+    threshold: float = Field(0.95, gt=0, le=1)
+    # Answers of the last this many hours, among those the loop scored at least
+    # loop.thresholds.cache_min_quality (the loop's cache_entries asset).
+    window_h: int = Field(24, ge=1)
+    # `auto` and preset requests are embedded anyway (task type); embedding the prompt of a request
+    # that names its model costs 7-20 ms of CPU, so those use the exact cache only unless this is on.
+    named_models: bool = False
+
+
+class CacheConfig(_Strict):
+    enabled: bool = True
+    # Who shares answers: each user their own, a team (users.<id>.team), or everyone.
+    scope: Literal["user", "team", "global"] = "user"
+    # The exact cache serves the same request's answer for this long (unless the loop scored it
+    # under loop.thresholds.cache_min_quality).
+    exact_ttl_s: int = Field(86400, ge=1)
+    # A lookup slower than this is given up (the request goes to the model): the cache never fails
+    # a request or holds it up for long.
+    lookup_timeout_s: float = Field(0.25, gt=0)
+    semantic: SemanticCacheConfig = SemanticCacheConfig()
+
+
 class Defaults(_Strict):
     # What `model: "auto"` means until routing rules say otherwise.
     model: str
@@ -158,6 +183,8 @@ class UserConfig(_Strict):
     premium: bool = False
     # What `auto` means for this user when no routing rule applies.
     model: str | None = None
+    # Users of one team share cached answers when cache.scope is "team".
+    team: str | None = None
 
 
 class AgentConfig(_Strict):
@@ -168,6 +195,7 @@ class AgentConfig(_Strict):
 class Config(_Strict):
     gateway: GatewayConfig = GatewayConfig()
     log: LogConfig = LogConfig()
+    cache: CacheConfig = CacheConfig()
     loop: LoopConfig = LoopConfig()
     # Named chains a request may ask for as its model, tried in order (e.g. "tm:balanced").
     presets: dict[str, list[str]] = Field(default_factory=dict)

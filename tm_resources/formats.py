@@ -1005,6 +1005,41 @@ def _merge_anthropic_usage(usage: Usage, u: dict) -> None:
 # ---------------------------------------------------------------- stream translators
 
 
+def anthropic_text_message(text: str, *, model: str, id: str) -> dict:
+    """A whole Anthropic answer made of `text` alone, with no tokens used (a cached answer)."""
+    return {"id": id, "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0}}
+
+
+def anthropic_text_events(text: str, *, model: str, id: str, piece_chars: int = 64) -> list[tuple[str, dict]]:
+    """The Anthropic stream events of `anthropic_text_message`, its text in pieces of about
+    `piece_chars` (cut after a space where there is one)."""
+    head = anthropic_text_message("", model=model, id=id)
+    head.update(content=[], stop_reason=None)
+    events: list[tuple[str, dict]] = [
+        ("message_start", {"type": "message_start", "message": head}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+    ]
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + piece_chars)
+        if end < len(text):
+            space = text.rfind(" ", start + 1, end)
+            end = space + 1 if space > start else end
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                               "delta": {"type": "text_delta", "text": text[start:end]}}))
+        start = end
+    events += [
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"output_tokens": 0}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return events
+
+
 class AnthropicToOpenAIStream:
     """Anthropic upstream stream events -> OpenAI chat.completion.chunk dicts."""
 

@@ -1,0 +1,187 @@
+"""The response cache: exact (the same request again) and semantic (a prompt close to one whose answer
+scored well), both in Postgres.
+
+Exact hits come straight from `requests`, by the sha256 of everything that shapes the answer (the
+model asked for, system, messages, tools, sampling parameters): a repeat is served as soon as the
+first answer is logged, unless the loop has since scored that answer under
+`loop.thresholds.cache_min_quality`. Semantic hits come from `cache_entries`, which the loop fills
+with the answers that scored at least that bar (asset `cache_entries`, rebuilt from `requests` and
+`scored_requests` like every derived table), searched by HNSW on the prompt vector. A semantic hit
+also needs the same *context*: the same model asked for, system prompt, earlier turns and tools;
+only the last user turn may differ, and only when it is plain text.
+
+Only answers that ended normally (no tool call, not cut off) are served. Who shares answers is
+`cache.scope`: each user their own, a team (`users.<id>.team`), or everyone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import orjson
+import psycopg
+
+from tm_resources.config import Config
+
+# Finish reasons of a whole answer (OpenAI, Anthropic): nothing cut off, no tool call pending.
+SERVABLE_FINISH = ("stop", "end_turn", "stop_sequence")
+# Request fields that do not change the answer (or are the gateway's own business).
+_NOT_KEY = frozenset(("stream", "stream_options", "user", "metadata", "service_tier", "store"))
+# Fields that shape an answer's content besides the messages: kept in the semantic context.
+_CONTEXT_PARAMS = ("tools", "tool_choice", "response_format", "functions", "function_call")
+# How long ago entries are kept in cache_entries; lookups read the last cache.semantic.window_h.
+KEEP_ENTRIES = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class CacheKeys:
+    request_hash: str
+    # None: the request cannot be matched semantically (the last turn is not plain user text).
+    context_hash: str | None
+
+
+@dataclass(frozen=True)
+class Hit:
+    kind: str                    # "exact" | "semantic"
+    source_id: Any               # the request whose answer is served
+    source_ts: datetime
+    model: str | None
+    text: str
+    baseline_cost_usd: float | None
+    similarity: float | None
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _plain_text(content: Any) -> bool:
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content)
+
+
+def keys(body: dict, agent: str | None = None) -> CacheKeys:
+    """The request's cache keys. `body` is a validated request in either format; the agent it was
+    sent as (x-tm-agent) is part of both keys, since an agent answers with its own settings."""
+    request_hash = _digest({"agent": agent, **{k: v for k, v in body.items() if k not in _NOT_KEY}})
+    msgs = body["messages"]
+    last = msgs[-1]
+    if not (isinstance(last, dict) and last.get("role") == "user" and _plain_text(last.get("content"))):
+        return CacheKeys(request_hash, None)
+    context = {"agent": agent, "model": body["model"], "system": body.get("system"), "history": msgs[:-1],
+               **{k: body[k] for k in _CONTEXT_PARAMS if k in body}}
+    return CacheKeys(request_hash, _digest(context))
+
+
+def scope_users(user_id: str, config: Config) -> list[str] | None:
+    """The users whose answers `user_id` may be served; None: everyone's."""
+    scope = config.cache.scope
+    if scope == "global":
+        return None
+    if scope == "team":
+        me = config.users.get(user_id)
+        if me is not None and me.team:
+            return sorted({user_id, *(u for u, c in config.users.items() if c.team == me.team)})
+    return [user_id]
+
+
+_SCOPE = " AND r.user_id = ANY(%(users)s)"
+
+_EXACT = """
+SELECT r.id, r.ts, r.model, r.response_text, r.baseline_cost_usd
+FROM requests r
+WHERE r.request_hash = %(hash)s AND r.ts > now() - make_interval(secs => %(ttl)s)
+  AND r.status = 200 AND r.cache_hit IS NULL AND r.finish_reason = ANY(%(finish)s)
+  AND r.response_text IS NOT NULL AND r.response_text <> ''{scope}
+  AND NOT EXISTS (SELECT 1 FROM scored_requests s WHERE s.request_id = r.id AND s.quality < %(min_quality)s)
+ORDER BY r.ts DESC
+LIMIT 1
+"""
+
+# The nearest entry first, then its answer. With the HNSW index, an iterative scan so the filters do
+# not starve it; without (see db.hnsw_supported), an exact scan of the entries with this context.
+_SEMANTIC = """
+WITH nearest AS (
+    SELECT r.request_id, r.ts, r.prompt_embedding <=> %(vec)s::halfvec(384) AS distance
+    FROM cache_entries r
+    WHERE r.requested_model = %(model)s AND r.context_hash = %(context)s
+      AND r.ts > now() - make_interval(hours => %(hours)s){scope}
+    ORDER BY r.prompt_embedding <=> %(vec)s::halfvec(384)
+    LIMIT 1
+)
+SELECT q.id, q.ts, q.model, q.response_text, q.baseline_cost_usd, 1 - n.distance
+FROM nearest n JOIN requests q ON q.id = n.request_id AND q.ts = n.ts
+WHERE 1 - n.distance >= %(threshold)s
+"""
+
+
+def _sql(template: str, users: list[str] | None) -> str:
+    return template.format(scope=_SCOPE if users is not None else "")
+
+
+async def lookup_exact(conn: psycopg.AsyncConnection, keys_: CacheKeys, users: list[str] | None,
+                       config: Config) -> Hit | None:
+    params = {"hash": keys_.request_hash, "ttl": config.cache.exact_ttl_s, "finish": list(SERVABLE_FINISH),
+              "users": users, "min_quality": config.loop.thresholds.cache_min_quality}
+    cur = await conn.execute(_sql(_EXACT, users), params)
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return Hit("exact", row[0], row[1], row[2], row[3], row[4], None)
+
+
+async def lookup_semantic(conn: psycopg.AsyncConnection, requested_model: str, keys_: CacheKeys,
+                          vec: np.ndarray, users: list[str] | None, config: Config) -> Hit | None:
+    if keys_.context_hash is None:
+        return None
+    sem = config.cache.semantic
+    params = {"vec": np.asarray(vec, dtype=np.float32), "model": requested_model, "context": keys_.context_hash,
+              "hours": sem.window_h, "users": users, "threshold": sem.threshold}
+    cur = await conn.execute(_sql(_SEMANTIC, users), params)
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return Hit("semantic", row[0], row[1], row[2], row[3], row[4], float(row[5]))
+
+
+async def configure_connection(conn: psycopg.AsyncConnection) -> None:
+    """For each pooled connection: vectors as numpy arrays; HNSW scans that keep going until the
+    filters (model, context, window, scope) let a row through instead of returning nothing."""
+    from pgvector.psycopg import register_vector_async
+
+    await register_vector_async(conn)
+    await conn.execute("SET hnsw.iterative_scan = relaxed_order")
+
+
+# -- the loop's side: which answers the semantic cache may serve --------------------------------
+
+
+def replace_entries(conn: psycopg.Connection, hour: datetime, config: Config) -> int:
+    """Rewrite `hour`'s cache entries: its answered requests that scored at least
+    loop.thresholds.cache_min_quality, ended normally, and were not themselves cache hits. Entries
+    older than a week are dropped (lookups read the last cache.semantic.window_h hours)."""
+    end = hour + timedelta(hours=1)
+    with conn.transaction():
+        conn.execute("DELETE FROM cache_entries WHERE hour = %s OR ts < %s", (hour, hour - KEEP_ENTRIES))
+        cur = conn.execute(
+            """
+            INSERT INTO cache_entries (hour, request_id, ts, user_id, requested_model, context_hash, model,
+                                       quality, prompt_embedding)
+            SELECT %(hour)s, r.id, r.ts, r.user_id, r.requested_model, r.context_hash, r.model, s.quality,
+                   coalesce(r.prompt_embedding, s.prompt_embedding)::halfvec(384)
+            FROM requests r JOIN scored_requests s ON s.request_id = r.id
+            WHERE r.ts >= %(hour)s AND r.ts < %(end)s AND r.status = 200 AND r.cache_hit IS NULL
+              AND r.context_hash IS NOT NULL AND r.requested_model IS NOT NULL
+              AND r.finish_reason = ANY(%(finish)s) AND s.quality >= %(min_quality)s
+              AND coalesce(r.prompt_embedding, s.prompt_embedding) IS NOT NULL
+            ON CONFLICT (request_id) DO NOTHING
+            """,
+            {"hour": hour, "end": end, "finish": list(SERVABLE_FINISH),
+             "min_quality": config.loop.thresholds.cache_min_quality},
+        )
+        return cur.rowcount
