@@ -29,7 +29,9 @@ from tm_resources.providers import Endpoint
 from tm_resources.providers import endpoints as provider_endpoints
 from tm_resources.registry import with_registry
 from tm_resources.config import Config, Tier
-from tm_resources.rules import Route, machine_chooses, route_request
+from tm_resources.gate import quick_gate
+from tm_resources.rules import Route, auto_route, machine_chooses, route_request
+from tm_resources.tiers import TierClassifier
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,28 @@ def _system_and_prompt(fmt: str, body: dict) -> tuple[str | None, str]:
 
 
 _NOT_PARAMS = frozenset(("model", "messages", "system"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Whole:
+    """A provider's whole answer: the bytes for the client (in its format) and what the row needs."""
+
+    data: bytes
+    text: str
+    finish: str | None
+    usage: fm.Usage
+
+
+def _cascadable(body: dict) -> bool:
+    # The gate reads text: requests that may end in tool calls, or ask for several choices, go straight.
+    return not body.get("tools") and not body.get("functions") and body.get("n") in (None, 1)
+
+
+def _json_asked(body: dict) -> bool | None:
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        return True
+    return None
 
 
 class _Row:
@@ -227,23 +251,67 @@ class Proxy:
             raise BadRequest(
                 404, "model_not_found", f"model '{requested}' is not configured here; GET /v1/models lists the models"
             )
-        task_type = None
+        task_type, confidence, vec = None, 0.0, None
         if chooses and self.classify is not None and prompt:
-            vec, task_type, _confidence = await asyncio.get_running_loop().run_in_executor(
+            vec, task_type, confidence = await asyncio.get_running_loop().run_in_executor(
                 None, self.classify, prompt)
             row.data["prompt_embedding"] = vec
             row.data["task_type"] = task_type
         user = row.data["user_id"]
-        route = route_request(requested, task_type, user, self.shared.rules, self.config, agent=row.data["agent"])
+        config = self.config
+        route = route_request(requested, task_type, user, self.shared.rules, config, agent=row.data["agent"])
+        if route.route == "default" and requested == "auto":
+            route = auto_route(route, tier=self._tier(prompt, task_type, confidence), task_type=task_type,
+                               learned=self._learned(vec, user), config=config)
+            route = self._without_premium(route, user)
         row.data["route"] = route.route
         row.data["route_reason"] = route.reason
-        if self.config.models[route.model].tier is Tier.premium:
-            allowed = self.config.users.get(user)
-            if allowed is None or not allowed.premium:
-                raise BadRequest(403, "premium_not_allowed",
-                                 f"'{route.model}' is a premium model and user '{user}' is not allowed premium "
-                                 "models; ask an admin to set users.<you>.premium in tm.yaml, or use another model")
+        if config.models[route.model].tier is Tier.premium and not self._premium_allowed(user):
+            raise BadRequest(403, "premium_not_allowed",
+                             f"'{route.model}' is a premium model and user '{user}' is not allowed premium "
+                             "models; ask an admin to set users.<you>.premium in tm.yaml, or use another model")
         return route
+
+    def _premium_allowed(self, user: str) -> bool:
+        allowed = self.config.users.get(user)
+        return allowed is not None and allowed.premium
+
+    def _without_premium(self, route: Route, user: str) -> Route:
+        """The machine never chooses a premium model for a user who may not use one."""
+        if self._premium_allowed(user):
+            return route
+        models = self.config.models
+        ok = [m for m in (route.model, *route.chain) if models[m].tier is not Tier.premium]
+        top = route.escalate_to if route.escalate_to and models[route.escalate_to].tier is not Tier.premium else None
+        if ok and ok[0] == route.model and len(ok) == 1 + len(route.chain) and top == route.escalate_to:
+            return route
+        if not ok:
+            default = self.config.defaults.model
+            return Route(default, "default", f"{route.reason}; premium models left out: the default {default}")
+        return dataclasses.replace(route, model=ok[0], chain=tuple(ok[1:]), escalate_to=top,
+                                   reason=f"{route.reason}; premium models left out")
+
+    def _tier(self, prompt: str, task_type: str | None, confidence: float) -> tuple[str, float, str] | None:
+        """The prompt's tier (under 1 ms): the weighted signals, or the loop's task type when they are unsure."""
+        tiers = self.config.routing.tiers
+        if not tiers.enabled or not (tiers.chains or self.config.routing.cascade.tiers):
+            return None
+        mapped = tiers.task_type_tiers.get(task_type) if task_type else None
+        fallback = (lambda _prompt: (mapped, confidence)) if mapped else None
+        d = TierClassifier(min_confidence=tiers.min_confidence, fallback=fallback).classify(prompt)
+        how = "signals" if d.source == "rules" else f"task type {task_type}"
+        return d.tier.value, d.confidence, how
+
+    def _learned(self, vec: Any, user: str) -> tuple[str, str] | None:
+        settings = self.config.routing.learned
+        learned = getattr(self.shared, "learned", None)
+        if not settings.enabled or learned is None or vec is None:
+            return None
+        allowed = [m for m, c in self.config.models.items()
+                   if c.tier is not Tier.premium or self._premium_allowed(user)]
+        choice = learned.choose(vec, allowed=allowed, cost_weight=settings.cost_weight,
+                                min_quality=settings.min_quality)
+        return None if choice is None else (choice.arm, f"learned router: {choice.reason}")
 
     def _upstream_body(self, fmt: str, ep: Endpoint, body: dict, upstream_model: str, stream: bool) -> bytes:
         try:
@@ -336,22 +404,33 @@ class Proxy:
             if hit is not None:
                 return self._serve_cached(fmt, hit, stream, body, row, headers)
 
-        chain = self.config.presets.get(body["model"]) if route.route.startswith("preset:") else None
-        outcome = await self._call(fmt, body, route.model, stream, h, row, headers, chain)
+        if route.escalate_to and _cascadable(body):
+            return await self._cascade(fmt, body, route, prompt, stream, h, row, headers)
+        return await self._answer(fmt, body, route.model, list(route.chain), stream, h, row, headers)
+
+    async def _answer(self, fmt: str, body: dict, model: str, chain: list[str], stream: bool, h: dict[str, str],
+                      row: _Row, headers: dict[str, str]) -> Response:
+        """Call `model` (falling back along its chain, then `chain`) and answer, streamed or whole."""
+        outcome = await self._call(fmt, body, model, stream, h, row, headers, chain)
         if isinstance(outcome, Response):
             return outcome
         resp, name, ep = outcome
-
         if stream:
             relay = _StreamRelay(self, fmt, ep.kind, name, body, row)
             return _LoggedStream(relay.run(resp), relay, status_code=200, media_type=SSE,
                                  headers={**headers, "cache-control": "no-cache"})
+        got = await self._read_whole(fmt, resp, name, ep)
+        if not isinstance(got, _Whole):
+            return self._upstream_failed(fmt, row, headers, *got)
+        return self._send_whole(got, name, row, headers)
 
+    async def _read_whole(self, fmt: str, resp: aiohttp.ClientResponse, name: str,
+                          ep: Endpoint) -> _Whole | tuple[int, str, str]:
+        """A whole (non-streamed) answer, read and translated to the caller's format; or what went wrong."""
         try:
             data = await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-            return self._upstream_failed(fmt, row, headers, 502, "upstream_bad_response",
-                                         f"provider '{ep.name}' broke off its answer ({type(err).__name__})")
+            return 502, "upstream_bad_response", f"provider '{ep.name}' broke off its answer ({type(err).__name__})"
         finally:
             resp.release()
         try:
@@ -359,8 +438,7 @@ class Proxy:
             if not isinstance(answer, dict):
                 raise ValueError
         except ValueError:
-            return self._upstream_failed(fmt, row, headers, 502, "upstream_bad_response",
-                                         f"provider '{ep.name}' answered with something that is not JSON")
+            return 502, "upstream_bad_response", f"provider '{ep.name}' answered with something that is not JSON"
         if ep.kind == "anthropic":
             usage = fm.usage_from_anthropic(answer.get("usage"))
             text, finish = fm.response_text_anthropic(answer), fm.stop_reason_anthropic(answer)
@@ -372,13 +450,71 @@ class Proxy:
             try:
                 data = orjson.dumps(convert(answer, model=name))
             except fm.FormatError as err:
-                return self._upstream_failed(fmt, row, headers, 502, "upstream_bad_response",
-                                             f"provider '{ep.name}' gave an answer that cannot be translated: {err}")
-        cost, baseline = self._costs(name, usage)
-        row.done(status=200, response_text=text, finish_reason=finish, cost_usd=cost, baseline_cost_usd=baseline,
-                 **_usage_fields(usage))
+                return 502, "upstream_bad_response", f"provider '{ep.name}' gave an answer that cannot be translated: {err}"
+        return _Whole(data, text, finish, usage)
+
+    def _send_whole(self, got: _Whole, name: str, row: _Row, headers: dict[str, str]) -> Response:
+        cost, baseline = self._costs(name, got.usage)
+        row.done(status=200, response_text=got.text, finish_reason=got.finish, cost_usd=cost,
+                 baseline_cost_usd=baseline, **_usage_fields(got.usage))
         headers["x-tm-cost-usd"] = f"{cost:.8f}"
-        return Response(data, status_code=200, media_type=JSON, headers=headers)
+        return Response(got.data, status_code=200, media_type=JSON, headers=headers)
+
+    async def _cascade(self, fmt: str, body: dict, route: Route, prompt: str, stream: bool, h: dict[str, str],
+                       row: _Row, headers: dict[str, str]) -> Response:
+        """The cheap model answers first (whole, so the gate can read it); if its answer fails the quick
+        gate, or it cannot answer, the escalation model answers. The user's answer is `row`; a replaced
+        cheap answer gets a row of its own (served = false), which the answer's row names as parent_id."""
+        first = _Row({**row.data, "id": uuid7(), "served": False, "request_hash": None, "context_hash": None},
+                     row.started, self.request_log)
+        scratch: dict[str, str] = {}
+        plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        outcome = await self._call(fmt, plain, route.model, False, h, first, scratch, list(route.chain))
+        if isinstance(outcome, Response):
+            reasons = [f"no answer ({first.data.get('error_class')})"]  # its row is written, as failed
+        else:
+            resp, name, ep = outcome
+            got = await self._read_whole(fmt, resp, name, ep)
+            if not isinstance(got, _Whole):
+                self._upstream_failed(fmt, first, scratch, *got)
+                reasons = [f"no answer ({got[1]})"]
+            else:
+                verdict = quick_gate(prompt, got.text, finish_reason=got.finish, expect_json=_json_asked(body))
+                if verdict.passed:
+                    row.data.update({k: first.data[k] for k in ("model", "provider", "upstream_model", "attempts")})
+                    row.data["route_reason"] = f"{route.reason}; {name} passed the gate"
+                    headers.update(scratch)
+                    headers["x-tm-cascade"] = "passed"
+                    if not stream:
+                        return self._send_whole(got, name, row, headers)
+                    cost, baseline = self._costs(name, got.usage)
+                    row.done(status=200, response_text=got.text, finish_reason=got.finish, cost_usd=cost,
+                             baseline_cost_usd=baseline, **_usage_fields(got.usage))
+                    return self._text_stream(fmt, got.text, name, body, row, headers, got.usage)
+                reasons = verdict.reasons
+                cost, baseline = self._costs(name, got.usage)
+                first.done(status=200, response_text=got.text, finish_reason=got.finish, cost_usd=cost,
+                           baseline_cost_usd=baseline, route_reason=f"{route.reason}; failed the gate: "
+                           + "; ".join(reasons), **_usage_fields(got.usage))
+        why = "; ".join(reasons)
+        row.data.update(parent_id=first.data["id"], route_reason=f"{route.reason}; escalated: {why}")
+        headers["x-tm-cascade"] = f"escalated: {why}"
+        headers["x-tm-cascade-first"] = str(first.data["id"])
+        return await self._answer(fmt, body, route.escalate_to, [], stream, h, row, headers)
+
+    def _text_stream(self, fmt: str, text: str, model: str, body: dict, row: _Row, headers: dict[str, str],
+                     usage: fm.Usage | None = None) -> Response:
+        """A whole answer's text sent as a stream in the caller's format (a cached or gated answer)."""
+        rid = str(row.data["id"]).replace("-", "")
+        events = fm.anthropic_text_events(text, model=model, id="msg_" + rid, usage=usage)
+        if fmt == "anthropic":
+            out = b"".join(_sse_anthropic(e, d) for e, d in events)
+        else:
+            wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            conv = fm.AnthropicToOpenAIStream(model=model, id="chatcmpl-" + rid, include_usage=wants_usage)
+            chunks = [c for e, d in events for c in conv.feed(e, d)] + list(conv.finish())
+            out = b"".join(_sse_openai(c) for c in chunks) + _DONE
+        return Response(out, status_code=200, media_type=SSE, headers={**headers, "cache-control": "no-cache"})
 
     # -- the cache --------------------------------------------------------------------------
 
@@ -430,22 +566,13 @@ class Proxy:
                  cache_similarity=hit.similarity, attempts=[])
         headers.update({"x-tm-cache": hit.kind, "x-tm-cache-source": str(hit.source_id), "x-tm-model": model,
                         "x-tm-provider": "cache", "x-tm-route": route, "x-tm-cost-usd": f"{0:.8f}"})
-        msg_id = "msg_" + rid
-        if not stream:
-            answer = fm.anthropic_text_message(hit.text, model=model, id=msg_id)
-            if fmt == "openai":
-                answer = fm.anthropic_response_to_openai(answer, model=model)
-                answer["id"] = "chatcmpl-" + rid
-            return Response(orjson.dumps(answer), status_code=200, media_type=JSON, headers=headers)
-        events = fm.anthropic_text_events(hit.text, model=model, id=msg_id)
-        if fmt == "anthropic":
-            out = b"".join(_sse_anthropic(e, d) for e, d in events)
-        else:
-            wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            conv = fm.AnthropicToOpenAIStream(model=model, id="chatcmpl-" + rid, include_usage=wants_usage)
-            chunks = [c for e, d in events for c in conv.feed(e, d)] + list(conv.finish())
-            out = b"".join(_sse_openai(c) for c in chunks) + _DONE
-        return Response(out, status_code=200, media_type=SSE, headers={**headers, "cache-control": "no-cache"})
+        if stream:
+            return self._text_stream(fmt, hit.text, model, body, row, headers)
+        answer = fm.anthropic_text_message(hit.text, model=model, id="msg_" + rid)
+        if fmt == "openai":
+            answer = fm.anthropic_response_to_openai(answer, model=model)
+            answer["id"] = "chatcmpl-" + rid
+        return Response(orjson.dumps(answer), status_code=200, media_type=JSON, headers=headers)
 
     def _use(self, row: _Row, headers: dict[str, str], name: str, ep: Endpoint) -> None:
         row.data.update(model=name, provider=ep.name, upstream_model=self.config.models[name].upstream or name)

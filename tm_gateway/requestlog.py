@@ -27,12 +27,12 @@ COLUMNS = (
     "cache_read_tokens", "cache_write_tokens", "cost_usd", "latency_ms", "ttft_ms", "status",
     "error_class", "error_message", "route", "route_reason", "task_type", "prompt_embedding",
     "parent_id", "baseline_cost_usd", "attempts", "request_hash", "context_hash", "cache_hit",
-    "cache_source_id", "cache_similarity",
+    "cache_source_id", "cache_similarity", "served",
 )  # fmt: skip
 _VECTOR_AT = COLUMNS.index("prompt_embedding")
 # COPY writes NULL for a missing value, so the NOT NULL columns' defaults are filled in here.
 _DEFAULTS = {"stream": False, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
-             "cache_write_tokens": 0, "cost_usd": 0.0}
+             "cache_write_tokens": 0, "cost_usd": 0.0, "served": True}
 _COPY = f"COPY requests ({', '.join(COLUMNS)}) FROM STDIN"
 
 
@@ -54,7 +54,7 @@ def _dump_spooled(row: tuple) -> bytes:
 def _load_spooled(line: bytes) -> tuple:
     row = orjson.loads(line)
     # Spooled by an older version with fewer columns (new ones are appended): the rest are NULL.
-    row += [None] * (len(COLUMNS) - len(row))
+    row += [_DEFAULTS.get(c) for c in COLUMNS[len(row):]]
     if row[_VECTOR_AT] is not None:
         # A list would be sent as a Postgres array; the vector column wants the vector form.
         row[_VECTOR_AT] = np.asarray(row[_VECTOR_AT], dtype=np.float32)

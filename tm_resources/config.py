@@ -123,6 +123,59 @@ class CacheConfig(_Strict):
     semantic: SemanticCacheConfig = SemanticCacheConfig()
 
 
+TierName = Literal["SIMPLE", "MEDIUM", "COMPLEX", "REASONING"]
+
+
+class TierRouting(_Strict):
+    """`auto` with no rule, user or agent model: the tier classifier picks a chain (tm_resources/tiers.py)."""
+
+    enabled: bool = True
+    # Under this confidence the weighted-signal rules defer to the loop's task type (task_type_tiers).
+    min_confidence: float = Field(0.5, ge=0, le=1)
+    # Each tier's chain, tried in order (each model with its own fallbacks). A tier without a chain
+    # goes to defaults.model.
+    chains: dict[TierName, list[str]] = Field(default_factory=dict)
+    # The loop's task types mapped to tiers, for prompts the rules are unsure about.
+    task_type_tiers: dict[str, TierName] = Field(default_factory=lambda: {
+        "chat": "SIMPLE", "extraction": "SIMPLE", "summarization": "MEDIUM", "writing": "MEDIUM",
+        "coding": "COMPLEX", "math": "REASONING", "reasoning": "REASONING"})
+
+
+class CascadeRouting(_Strict):
+    """Where a cascade runs: the cheap model answers first; if its answer fails the quick quality gate
+    (empty, refusal, cut off, wrong format, unmet constraints) the frontier answers (tm_resources/gate.py)."""
+
+    # `auto` requests of these tiers / task types (no rule, user or agent model) run as a cascade.
+    tiers: list[TierName] = Field(default_factory=list)
+    task_types: list[str] = Field(default_factory=list)
+    # Default: defaults.model first, escalating to defaults.frontier_model.
+    first: str | None = None
+    escalate_to: str | None = None
+
+
+class LearnedRouting(_Strict):
+    """`auto` with no rule, user or agent model: pick the model the request log predicts best for its
+    cost (tm_resources/router.py, judged on RouterBench by `tm bench router`). Learns from the loop's
+    scored requests, re-read whenever the loop writes new rules. Off until enabled."""
+
+    enabled: bool = False
+    # Quality points one frontier call is worth: 0.06 = pay a frontier call for 6 points of quality.
+    cost_weight: float = Field(0.06, ge=0)
+    # Instead: the cheapest model predicted to reach this quality.
+    min_quality: float | None = Field(None, ge=0, le=1)
+    window_h: int = Field(168, ge=1)
+    min_rows: int = Field(50, ge=1)
+    k: int = Field(200, ge=1)
+    temperature: float = Field(0.3, gt=0)
+    prior_weight: float = Field(2.0, ge=0)
+
+
+class RoutingConfig(_Strict):
+    tiers: TierRouting = TierRouting()
+    cascade: CascadeRouting = CascadeRouting()
+    learned: LearnedRouting = LearnedRouting()
+
+
 class Defaults(_Strict):
     # What `model: "auto"` means until routing rules say otherwise.
     model: str
@@ -196,6 +249,7 @@ class Config(_Strict):
     gateway: GatewayConfig = GatewayConfig()
     log: LogConfig = LogConfig()
     cache: CacheConfig = CacheConfig()
+    routing: RoutingConfig = RoutingConfig()
     loop: LoopConfig = LoopConfig()
     # Named chains a request may ask for as its model, tried in order (e.g. "tm:balanced").
     presets: dict[str, list[str]] = Field(default_factory=dict)
@@ -207,10 +261,13 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
+        def models_exist(path: str, names: list[str]) -> None:
+            for i, m in enumerate(names):
+                if m not in self.models:
+                    raise ValueError(f"{path}.{i}: '{m}' is not one of the models")
+
         for name, m in self.models.items():
-            for i, fb in enumerate(m.fallbacks):
-                if fb not in self.models:
-                    raise ValueError(f"models.{name}.fallbacks.{i}: '{fb}' is not one of the models")
+            models_exist(f"models.{name}.fallbacks", m.fallbacks)
             if m.provider not in self.providers:
                 raise ValueError(
                     f"models.{name}.provider: '{m.provider}' is not one of the providers "
@@ -221,13 +278,17 @@ class Config(_Strict):
                 raise ValueError(f"presets.{name}: a preset's name starts with 'tm:' (e.g. tm:balanced)")
             if not chain:
                 raise ValueError(f"presets.{name}: a preset needs at least one model")
-            for i, m in enumerate(chain):
-                if m not in self.models:
-                    raise ValueError(f"presets.{name}.{i}: '{m}' is not one of the models")
+            models_exist(f"presets.{name}", chain)
         for section in ("users", "agents"):
             for who, entry in getattr(self, section).items():
                 if entry.model is not None and entry.model not in self.models:
                     raise ValueError(f"{section}.{who}.model: '{entry.model}' is not one of the models")
+        for tier, chain in self.routing.tiers.chains.items():
+            models_exist(f"routing.tiers.chains.{tier}", chain)
+        for key in ("first", "escalate_to"):
+            value = getattr(self.routing.cascade, key)
+            if value is not None and value not in self.models:
+                raise ValueError(f"routing.cascade.{key}: '{value}' is not one of the models")
         if self.loop.judge_model is not None and self.loop.judge_model not in self.models:
             raise ValueError(f"loop.judge_model: '{self.loop.judge_model}' is not one of the models")
         for key in ("model", "frontier_model"):

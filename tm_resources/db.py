@@ -143,12 +143,17 @@ def hnsw_supported(url: str) -> bool:
     return not local or _local_cpu_has_avx512()
 
 
+_warned: list[bool] = []  # said once per process
+
+
 def ensure_vector_indexes(conn: psycopg.Connection, url: str) -> None:
     """The semantic cache's HNSW index where the server can run it; without it the lookup is an exact
     scan of the matching entries (same context, last 24 h), found by the btree on (context, model, ts)."""
     if hnsw_supported(url):
         conn.execute("CREATE INDEX IF NOT EXISTS cache_entries_embedding ON cache_entries"
                      " USING hnsw (prompt_embedding halfvec_cosine_ops)")
-    elif not conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'cache_entries_embedding'").fetchone():
+    elif not _warned and not conn.execute(
+            "SELECT 1 FROM pg_indexes WHERE indexname = 'cache_entries_embedding'").fetchone():
+        _warned.append(True)
         log.warning("no HNSW index on cache_entries: this CPU lacks AVX-512, which the embedded server's "
                     "pgvector needs for it; semantic cache lookups scan the matching entries instead")

@@ -1012,11 +1012,14 @@ def anthropic_text_message(text: str, *, model: str, id: str) -> dict:
             "usage": {"input_tokens": 0, "output_tokens": 0}}
 
 
-def anthropic_text_events(text: str, *, model: str, id: str, piece_chars: int = 64) -> list[tuple[str, dict]]:
-    """The Anthropic stream events of `anthropic_text_message`, its text in pieces of about
-    `piece_chars` (cut after a space where there is one)."""
+def anthropic_text_events(text: str, *, model: str, id: str, usage: Usage | None = None,
+                          piece_chars: int = 64) -> list[tuple[str, dict]]:
+    """The Anthropic stream events of `anthropic_text_message` (with `usage` when tokens were used),
+    its text in pieces of about `piece_chars` (cut after a space where there is one)."""
     head = anthropic_text_message("", model=model, id=id)
     head.update(content=[], stop_reason=None)
+    if usage is not None:
+        head["usage"] = {**usage_to_anthropic(usage), "output_tokens": 0}
     events: list[tuple[str, dict]] = [
         ("message_start", {"type": "message_start", "message": head}),
         ("content_block_start", {"type": "content_block_start", "index": 0,
@@ -1034,7 +1037,7 @@ def anthropic_text_events(text: str, *, model: str, id: str, piece_chars: int = 
     events += [
         ("content_block_stop", {"type": "content_block_stop", "index": 0}),
         ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                           "usage": {"output_tokens": 0}}),
+                           "usage": {"output_tokens": usage.output_tokens if usage is not None else 0}}),
         ("message_stop", {"type": "message_stop"}),
     ]
     return events

@@ -75,8 +75,12 @@ def load_rulebook(conn: psycopg.Connection) -> RuleBook:
 @dataclass(frozen=True)
 class Route:
     model: str
-    route: str   # what decided: "rule:<rule_id>", "default", "requested"
+    route: str   # what decided: "rule:<rule_id>", "default", "requested", "tier:<TIER>", "learned", ...
     reason: str
+    # Models to try after `model` (and its own fallbacks) fail: a preset's or a tier's chain.
+    chain: tuple[str, ...] = ()
+    # A cascade: `model` answers first; when its answer fails the quick gate, this model answers.
+    escalate_to: str | None = None
 
 
 def local_models(config: Config) -> list[str]:
@@ -92,7 +96,8 @@ def default_for(requested: str, user_id: str, agent: str | None, config: Config)
     """What a machine-chosen request gets when no rule applies: the preset's first model, else the
     agent's or the user's configured model, else the configured default."""
     if requested in config.presets:
-        return Route(config.presets[requested][0], f"preset:{requested}", f"the first model of {requested}")
+        first, *rest = config.presets[requested]
+        return Route(first, f"preset:{requested}", f"the first model of {requested}", chain=tuple(rest))
     if agent and (a := config.agents.get(agent)) and a.model:
         return Route(a.model, f"agent:{agent}", f"agent '{agent}' is configured to use {a.model}")
     if (u := config.users.get(user_id)) and u.model:
@@ -149,3 +154,34 @@ def _local_default(config: Config, requested: str = "auto") -> str:
         return config.defaults.model
     local = local_models(config)
     return local[0] if local else config.defaults.model
+
+
+def auto_route(route: Route, *, tier: tuple[str, float, str] | None, task_type: str | None,
+               learned: tuple[str, str] | None, config: Config) -> Route:
+    """Refine what `auto` gets when nothing configured for it applied (`route.route == "default"`):
+    the learned router's pick when it has one, else the tier's chain; then a cascade where
+    configuration asks for one for that tier or task type.
+
+    tier: (TIER, confidence, how it was decided) from the tier classifier, or None;
+    learned: (model, reason) from the learned router, or None."""
+    if route.route != "default":
+        return route
+    if learned is not None:
+        route = Route(learned[0], "learned", learned[1])
+    elif tier is not None and config.routing.tiers.enabled:
+        name, confidence, source = tier
+        chain = config.routing.tiers.chains.get(name)
+        if chain:
+            route = Route(chain[0], f"tier:{name}", f"tier {name} ({source}, confidence {confidence:.2f})",
+                          chain=tuple(chain[1:]))
+    cascade = config.routing.cascade
+    wants = (tier is not None and tier[0] in cascade.tiers) or (task_type is not None and task_type in cascade.task_types)
+    if not wants:
+        return route
+    first = cascade.first or config.defaults.model
+    top = cascade.escalate_to or config.defaults.frontier_model
+    if top is None or top == first:
+        return route
+    why = f"tier {tier[0]}" if tier is not None and tier[0] in cascade.tiers else f"task type {task_type}"
+    return Route(first, "cascade", f"cascade for {why}: {first}, then {top} if the answer fails the gate",
+                 escalate_to=top)

@@ -1,0 +1,147 @@
+"""Choosing for `auto` when no rule applies, through the real gateway: the tier classifier's chains,
+premium models left out for users without them, and cascades (cheap model first, the quick gate,
+the frontier when the gate fails) with both attempts logged and linked."""
+
+from __future__ import annotations
+
+import anthropic
+import openai
+import psycopg
+import pytest
+
+from tests.conftest import make_config, query, start_gateway
+from tests.fakes import echo_responder
+from tm_resources import keys
+from tm_resources.config import parse_config
+
+REFUSAL = "I'm sorry, but I can't help with that."
+
+
+def refuses_when_asked(fmt: str, body: dict) -> str:
+    """A local model that refuses prompts containing 'refuse', and echoes the others."""
+    text = echo_responder(fmt, body)
+    return REFUSAL if "refuse" in text else text
+
+
+@pytest.fixture
+def gw(db_url, upstreams, tmp_path):
+    anth, local = upstreams
+    local.responder = refuses_when_asked
+    data = make_config(anth.url, local.openai_url).model_dump(mode="json")
+    data["models"]["claude-opus-test"] = {"provider": "anthropic", "upstream": "opus-up", "tier": "premium",
+                                         "context_window": 200000, "price": {"input": 15, "output": 75}}
+    data["users"] = {"boss": {"premium": True}, "writer": {"model": "claude-test"}}
+    data["routing"] = {
+        "tiers": {"chains": {"SIMPLE": ["local-test"], "MEDIUM": ["local-test"],
+                             "COMPLEX": ["claude-opus-test", "claude-test"], "REASONING": ["claude-test"]}},
+        "cascade": {"tiers": ["SIMPLE", "MEDIUM"]},
+    }
+    config = parse_config(data)
+    with psycopg.connect(db_url) as conn:
+        k = {u: keys.create_key(conn, u)[0] for u in ("staff", "boss", "writer")}
+    app, served = start_gateway(config, db_url, tmp_path)
+
+    class G:
+        def __init__(self):
+            self.url, self.keys_, self.anthropic, self.local = served.url, k, anth, local
+
+        def openai(self, user="staff"):
+            return openai.OpenAI(base_url=self.url + "/v1", api_key=self.keys_[user], max_retries=0)
+
+        def rows(self):
+            assert app.state.proxy.request_log.flush()
+            return query(db_url, "SELECT * FROM requests ORDER BY ts, id")
+
+    try:
+        yield G()
+    finally:
+        served.stop()
+
+
+def ask(client, text, **kw):
+    return client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": text}], **kw)
+
+
+REASONING = "Prove that the square root of 2 is irrational. Justify each step rigorously."
+COMPLEX = ("Implement a thread-safe LRU cache class in Python with O(1) get and put, explain the "
+           "concurrency design, and write pytest unit tests covering eviction and concurrent access.")
+
+
+def test_each_tier_goes_to_its_chain(gw):
+    reasoning = ask(gw.openai(), REASONING)
+    assert reasoning.headers["x-tm-route"] == "tier:REASONING"
+    assert reasoning.headers["x-tm-model"] == "claude-test"
+    rows = gw.rows()
+    assert rows[-1]["route"] == "tier:REASONING" and "confidence" in rows[-1]["route_reason"]
+    # A user's own model for `auto` comes before the classifier.
+    assert ask(gw.openai("writer"), REASONING).headers["x-tm-route"] == "user:writer"
+
+
+def test_premium_models_are_left_out_of_a_chain_for_users_without_them(gw):
+    staff = ask(gw.openai("staff"), COMPLEX)
+    assert staff.headers["x-tm-route"] == "tier:COMPLEX"
+    assert staff.headers["x-tm-model"] == "claude-test"  # the premium first choice skipped, no 403
+    boss = ask(gw.openai("boss"), COMPLEX)
+    assert boss.headers["x-tm-model"] == "claude-opus-test"
+    assert "premium models left out" in gw.rows()[0]["route_reason"]
+
+
+def test_a_cascade_answer_that_passes_the_gate_is_the_only_attempt(gw):
+    raw = ask(gw.openai(), "hi there, how are you?")
+    assert raw.headers["x-tm-route"] == "cascade" and raw.headers["x-tm-cascade"] == "passed"
+    assert raw.headers["x-tm-model"] == "local-test"
+    assert raw.parse().choices[0].message.content == "echo: hi there, how are you?"
+    [row] = gw.rows()
+    assert row["served"] is True and row["model"] == "local-test" and row["parent_id"] is None
+    assert "passed the gate" in row["route_reason"] and row["output_tokens"] > 0
+    assert len(gw.anthropic.requests) == 0
+
+
+def test_a_cascade_escalates_when_the_cheap_answer_fails_the_gate(gw):
+    raw = ask(gw.openai(), "please refuse this one")
+    assert raw.headers["x-tm-cascade"] == "escalated: refusal"
+    assert raw.headers["x-tm-model"] == "claude-test"
+    assert raw.parse().choices[0].message.content == "echo: please refuse this one"
+    first, answer = sorted(gw.rows(), key=lambda r: r["served"])
+    # Both attempts are logged and linked; the answer the user got is marked.
+    assert first["served"] is False and first["model"] == "local-test" and first["response_text"] == REFUSAL
+    assert first["status"] == 200 and first["cost_usd"] > 0 and "failed the gate: refusal" in first["route_reason"]
+    assert answer["served"] is True and answer["parent_id"] == first["id"] and answer["model"] == "claude-test"
+    assert raw.headers["x-tm-request-id"] == str(answer["id"])
+    assert raw.headers["x-tm-cascade-first"] == str(first["id"])
+    assert answer["cost_usd"] > 0 and answer["prompt"] == first["prompt"] == "please refuse this one"
+
+
+def test_cascades_stream_in_both_formats(gw):
+    chunks = list(gw.openai().chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "hello, how are you?"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: hello, how are you?"
+    assert chunks[-1].usage.completion_tokens > 0  # the cheap model's real usage, replayed
+    client = anthropic.Anthropic(base_url=gw.url, api_key=gw.keys_["staff"], max_retries=0)
+    with client.messages.stream(model="auto", max_tokens=200,
+                                messages=[{"role": "user", "content": "hi, please refuse"}]) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == "echo: hi, please refuse"
+    passed, *escalated = gw.rows()
+    first, answer = sorted(escalated, key=lambda r: r["served"])
+    assert [(r["model"], r["served"], r["stream"]) for r in (passed, first, answer)] == [
+        ("local-test", True, True), ("local-test", False, True), ("claude-test", True, True)]
+    assert answer["parent_id"] == first["id"] and answer["status"] == 200
+
+
+def test_a_cascade_whose_cheap_model_is_down_goes_to_the_frontier(gw):
+    gw.local.fail(503, times=1)
+    raw = ask(gw.openai(), "hey, what's up?")
+    assert raw.headers["x-tm-model"] == "claude-test"
+    assert raw.headers["x-tm-cascade"].startswith("escalated: no answer")
+    first, answer = sorted(gw.rows(), key=lambda r: r["served"])
+    assert first["status"] == 503 and first["served"] is False and answer["parent_id"] == first["id"]
+
+
+def test_tools_skip_the_cascade(gw):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+    raw = ask(gw.openai(), "hi, please refuse", tools=tools)
+    assert "x-tm-cascade" not in raw.headers and raw.headers["x-tm-model"] == "local-test"
+    assert len(gw.rows()) == 1
