@@ -145,3 +145,31 @@ def test_tools_skip_the_cascade(gw):
     raw = ask(gw.openai(), "hi, please refuse", tools=tools)
     assert "x-tm-cascade" not in raw.headers and raw.headers["x-tm-model"] == "local-test"
     assert len(gw.rows()) == 1
+
+
+def test_auto_route_order_and_cascade_settings():
+    from tm_resources.rules import Route, auto_route
+
+    config = parse_config({
+        "providers": {"p": {"kind": "openai", "base_url": "http://127.0.0.1:9"}},
+        "models": {m: {"provider": "p"} for m in ("small", "mid", "big")},
+        "defaults": {"model": "small", "frontier_model": "big"},
+        "routing": {"tiers": {"chains": {"MEDIUM": ["mid", "big"]}},
+                    "cascade": {"task_types": ["coding"]}},
+    })
+    default = Route("small", "default", "no rule")
+    medium = ("MEDIUM", 0.8, "signals")
+    # Something configured already decided: left alone.
+    assert auto_route(Route("mid", "user:u", "x"), tier=medium, task_type=None, learned=None, config=config).model == "mid"
+    r = auto_route(default, tier=medium, task_type="writing", learned=None, config=config)
+    assert (r.model, r.route, r.chain, r.escalate_to) == ("mid", "tier:MEDIUM", ("big",), None)
+    # A tier without a chain keeps the default.
+    assert auto_route(default, tier=("SIMPLE", 0.9, "signals"), task_type=None, learned=None, config=config) == default
+    # The learned router's pick comes before the tiers.
+    r = auto_route(default, tier=medium, task_type=None, learned=("big", "best for its cost"), config=config)
+    assert (r.model, r.route) == ("big", "learned")
+    # A cascade for the task type: the configured first model, then the frontier.
+    r = auto_route(default, tier=medium, task_type="coding", learned=None, config=config)
+    assert (r.model, r.route, r.escalate_to) == ("small", "cascade", "big")
+    with pytest.raises(Exception, match="routing.tiers.chains.MEDIUM.0"):
+        parse_config({**config.model_dump(mode="json"), "routing": {"tiers": {"chains": {"MEDIUM": ["nope"]}}}})
