@@ -26,6 +26,7 @@ from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
 from tm_resources import cache
 from tm_resources.config import Config
+from tm_resources.learned import RouterSettings
 from tm_resources.ids import uuid7
 from tm_resources.providers import SecretScrubber
 
@@ -64,7 +65,12 @@ def create_app(settings: GatewaySettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        shared = SharedState(settings.database_url, config.gateway.refresh_interval_s)
+        learned = config.routing.learned
+        shared = SharedState(
+            settings.database_url, config.gateway.refresh_interval_s, learn_router=learned.enabled,
+            router_models=list(config.models),
+            router_settings=RouterSettings(window_h=learned.window_h, min_rows=learned.min_rows, k=learned.k,
+                                           temperature=learned.temperature, prior_weight=learned.prior_weight))
         shared.load()
         spool = Path(config.log.spool_dir) if config.log.spool_dir else settings.home / "spool"
         request_log = RequestLog(

@@ -304,7 +304,7 @@ class Proxy:
 
     def _learned(self, vec: Any, user: str) -> tuple[str, str] | None:
         settings = self.config.routing.learned
-        learned = getattr(self.shared, "learned", None)
+        learned = self.shared.learned
         if not settings.enabled or learned is None or vec is None:
             return None
         allowed = [m for m, c in self.config.models.items()

@@ -1,15 +1,19 @@
-"""What a replica holds in memory from Postgres (API keys, routing rules), re-read only when its version moves."""
+"""What a replica holds in memory from Postgres (API keys, routing rules, the model registry, and
+optionally the learned router), re-read only when its version moves."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import time
+from collections.abc import Iterable
 
 import psycopg
 
 from tm_resources.db import connect
 from tm_resources.keys import active_keys
+from tm_resources.learned import LearnedRouter, RouterSettings, load_with
 from tm_resources.registry import RegisteredModel, load_registry
 from tm_resources.rules import RuleBook, load_rulebook
 
@@ -18,11 +22,30 @@ log = logging.getLogger(__name__)
 
 class SharedState:
     """sha256(key) -> (key id, user id), and the rule book; each re-read when `tm_state_versions` says
-    its table changed, so a request never waits on a query."""
+    its table changed, so a request never waits on a query.
 
-    def __init__(self, url: str, interval_s: float = 1.0):
+    learn_router: also hold `learned`, the router fitted to the scored request log
+    (tm_resources/learned.py), loaded in the background after `start()` and again whenever the loop
+    writes new routing rules (each hour). It may choose among `router_models` (the configured
+    models; None: any model in the log) and the deployed fine-tunes. A failed load keeps the router
+    held and is retried after `learn_retry_s`. `learned` is None until the first load has finished
+    (and always when learn_router is off); a LearnedRouter whose `.router` is None says in `.reason`
+    why the log was not enough.
+    """
+
+    learn_retry_s = 60.0
+
+    def __init__(self, url: str, interval_s: float = 1.0, *, learn_router: bool = False,
+                 router_models: Iterable[str] | None = None, router_settings: RouterSettings | None = None):
         self.url = url
         self.interval_s = interval_s
+        self.learn_router = learn_router
+        self.router_models = None if router_models is None else frozenset(router_models)
+        self.router_settings = router_settings or RouterSettings()
+        self.learned: LearnedRouter | None = None
+        self._learn_task: asyncio.Task | None = None
+        self._learn_again = False
+        self._learn_retry_at: float | None = None
         self._keys: dict[bytes, tuple[str, str]] = {}
         self.rules = RuleBook()
         # Deployed fine-tunes; `registry_version` moves whenever the list is re-read.
@@ -60,14 +83,20 @@ class SharedState:
                     )
                     self._keys = {bytes(h): (kid, uid) for h, kid, uid in await cur.fetchall()}
                     log.info("api keys reloaded: %d in force", len(self._keys))
+                relearn = False
                 if versions.get("routing_rules") != self._versions.get("routing_rules"):
                     self.rules = await asyncio.to_thread(self._read_rules)
                     log.info("routing rules reloaded: %d in force (hour %s)", len(self.rules), self.rules.hour)
+                    # The loop has finished an hour: its new scores are in the log.
+                    relearn = True
                 if versions.get("model_registry") != self._versions.get("model_registry"):
                     self.registry = await asyncio.to_thread(self._read_registry)
                     self.registry_version += 1
                     log.info("model registry reloaded: %d deployed models", len(self.registry))
                 self._versions = versions
+                if self.learn_router and (relearn or (self._learn_retry_at is not None
+                                                      and time.monotonic() >= self._learn_retry_at)):
+                    self._schedule_learn()
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # noqa: BLE001 - keep serving with what we hold
@@ -75,6 +104,43 @@ class SharedState:
                 if conn is not None:
                     await conn.close()
                 conn = None
+
+    def _schedule_learn(self) -> None:
+        """(Re-)fit the learned router in a task of its own, so keys and rules keep refreshing while it
+        runs; new rules arriving meanwhile ask for one more load once this one ends."""
+        if self._learn_task is not None and not self._learn_task.done():
+            self._learn_again = True
+            return
+        self._learn_retry_at = None
+        self._learn_task = asyncio.get_running_loop().create_task(self._learn(), name="tm-router-learn")
+
+    async def _learn(self) -> None:
+        while True:
+            self._learn_again = False
+            try:
+                learned = await asyncio.to_thread(self.read_learned)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - keep routing with the router held
+                self._learn_retry_at = time.monotonic() + self.learn_retry_s
+                log.warning("learned router reload failed (%s: %s); keeping the last one, retrying in %.0f s",
+                            type(err).__name__, err, self.learn_retry_s)
+            else:
+                self.learned = learned
+                log.info("learned router reloaded: %s", learned.reason)
+            if not self._learn_again:
+                return
+
+    def router_choices(self) -> frozenset[str] | None:
+        """The models the learned router may choose: the configured ones and the deployed fine-tunes."""
+        if self.router_models is None:
+            return None
+        return self.router_models | {m.name for m in self.registry}
+
+    def read_learned(self) -> LearnedRouter:
+        """Fit the learned router now (blocking: a thread or a test, never the event loop)."""
+        with connect(self.url) as conn:
+            return load_with(conn, self.router_settings, self.router_choices())
 
     def _read_registry(self) -> list[RegisteredModel]:
         with connect(self.url) as conn:
@@ -86,11 +152,14 @@ class SharedState:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._poll(), name="tm-state-refresh")
+        if self.learn_router:
+            self._schedule_learn()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._learn_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
