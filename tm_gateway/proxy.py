@@ -30,8 +30,7 @@ from tm_resources.providers import endpoints as provider_endpoints
 from tm_resources.registry import with_registry
 from tm_resources.config import Config, Tier
 from tm_resources.gate import quick_gate
-from tm_resources.rules import Route, auto_route, machine_chooses, route_request
-from tm_resources.tiers import TierClassifier
+from tm_resources.rules import Route, auto_route, machine_chooses, route_request, tier_of
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +260,7 @@ class Proxy:
         config = self.config
         route = route_request(requested, task_type, user, self.shared.rules, config, agent=row.data["agent"])
         if route.route == "default" and requested == "auto":
-            route = auto_route(route, tier=self._tier(prompt, task_type, confidence), task_type=task_type,
+            route = auto_route(route, tier=tier_of(prompt, task_type, confidence, config), task_type=task_type,
                                learned=self._learned(vec, user), config=config)
             route = self._without_premium(route, user)
         row.data["route"] = route.route
@@ -290,17 +289,6 @@ class Proxy:
             return Route(default, "default", f"{route.reason}; premium models left out: the default {default}")
         return dataclasses.replace(route, model=ok[0], chain=tuple(ok[1:]), escalate_to=top,
                                    reason=f"{route.reason}; premium models left out")
-
-    def _tier(self, prompt: str, task_type: str | None, confidence: float) -> tuple[str, float, str] | None:
-        """The prompt's tier (under 1 ms): the weighted signals, or the loop's task type when they are unsure."""
-        tiers = self.config.routing.tiers
-        if not tiers.enabled or not (tiers.chains or self.config.routing.cascade.tiers):
-            return None
-        mapped = tiers.task_type_tiers.get(task_type) if task_type else None
-        fallback = (lambda _prompt: (mapped, confidence)) if mapped else None
-        d = TierClassifier(min_confidence=tiers.min_confidence, fallback=fallback).classify(prompt)
-        how = "signals" if d.source == "rules" else f"task type {task_type}"
-        return d.tier.value, d.confidence, how
 
     def _learned(self, vec: Any, user: str) -> tuple[str, str] | None:
         settings = self.config.routing.learned

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from tm_resources.config import Config, Tier
+from tm_resources.tiers import TierClassifier
 
 # Actions that steer a task type (escalate beats lock_local when both name one), the one that
 # picks which local model serves, and the one that steers a user.
@@ -185,3 +186,16 @@ def auto_route(route: Route, *, tier: tuple[str, float, str] | None, task_type: 
     why = f"tier {tier[0]}" if tier is not None and tier[0] in cascade.tiers else f"task type {task_type}"
     return Route(first, "cascade", f"cascade for {why}: {first}, then {top} if the answer fails the gate",
                  escalate_to=top)
+
+
+def tier_of(prompt: str, task_type: str | None, confidence: float, config: Config) -> tuple[str, float, str] | None:
+    """The prompt's tier for `auto_route`: the weighted signals (well under 1 ms), or the loop's task
+    type (mapped by routing.tiers.task_type_tiers) when the signals are under the confidence bar and
+    the task type is surer. None when no tier chain or cascade is configured (nothing to decide)."""
+    tiers = config.routing.tiers
+    if not tiers.enabled or not (tiers.chains or config.routing.cascade.tiers):
+        return None
+    mapped = tiers.task_type_tiers.get(task_type) if task_type else None
+    fallback = (lambda _prompt: (mapped, confidence)) if mapped else None
+    d = TierClassifier(min_confidence=tiers.min_confidence, fallback=fallback).classify(prompt)
+    return d.tier.value, d.confidence, "signals" if d.source == "rules" else f"task type {task_type}"
