@@ -1,4 +1,5 @@
-"""The `tm` command line: start Token Machine, run the gateway, manage keys and the schema."""
+"""The `tm` command line: start Token Machine, run the gateway, manage keys and the schema, benchmark
+the router."""
 
 from __future__ import annotations
 
@@ -256,6 +257,38 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import contextlib
+    import json
+
+    from tm_resources.routerbench import RouterBenchError, run_router_bench
+
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        print(f"tm: cannot write {args.output}: no folder {Path(args.output).resolve().parent}", file=sys.stderr)
+        return 2
+    try:
+        # Only the figures go to stdout (`tm bench router ... > figures.json`); chatter goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            out = run_router_bench(args.data, args.test, train_share=args.train_share, seed=args.seed,
+                                   repeats=args.repeats, k=args.k, temperature=args.temperature,
+                                   prior_weight=args.prior_weight, cost_weight=args.cost_weight,
+                                   min_quality=args.min_quality, cascades=not args.no_cascades,
+                                   cache_dir=args.cache_dir)
+    except (OSError, RouterBenchError) as err:
+        print(f"tm: {err}", file=sys.stderr)
+        return 2
+    text = json.dumps(out, indent=2)
+    if args.output:
+        try:
+            Path(args.output).write_text(text + "\n")
+        except OSError as err:
+            print(f"tm: cannot write {args.output}: {err.strerror or err}", file=sys.stderr)
+            print(text)
+            return 2
+    print(text)
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     url = db.database_url(tm_home())
     applied = db.migrate(url)
@@ -314,6 +347,39 @@ def build_parser() -> argparse.ArgumentParser:
     mr = msub.add_parser("rollback", help="roll a version's routing swap back")
     mr.add_argument("version")
     mo.set_defaults(func=cmd_models)
+
+    from tm_resources import routerbench as rb
+
+    be = sub.add_parser("bench", help="benchmarks that run without the gateway")
+    bsub = be.add_subparsers(dest="bench_cmd", required=True)
+    br = bsub.add_parser("router", help="the learned router on RouterBench-format data: accuracy and cost per"
+                         " query against every single model, a random and the perfect router (JSON)")
+    br.add_argument("--data", required=True, metavar="DIR",
+                    help="folder of RouterBench CSV files: the log to learn from")
+    br.add_argument("--test", metavar="DIR",
+                    help="folder of RouterBench CSV files to route (default: a held-out share of --data)")
+    br.add_argument("--train-share", type=float, default=0.7, metavar="SHARE",
+                    help="without --test: the share of --data learnt from (default 0.7)")
+    br.add_argument("--seed", type=int, default=0, metavar="N", help="without --test: the split's seed (default 0)")
+    br.add_argument("--repeats", type=int, default=1, metavar="N",
+                    help="without --test: splits, seeds --seed, --seed+1, ...; more than 1 reports each and"
+                         " their mean (default 1)")
+    br.add_argument("--k", type=int, default=rb.DEFAULT_K, metavar="N",
+                    help=f"neighbours read per prompt (default {rb.DEFAULT_K})")
+    br.add_argument("--temperature", type=float, default=rb.DEFAULT_TEMPERATURE, metavar="T",
+                    help=f"similarity temperature (default {rb.DEFAULT_TEMPERATURE:g})")
+    br.add_argument("--prior-weight", type=float, default=rb.DEFAULT_PRIOR_WEIGHT, metavar="W",
+                    help=f"pull towards each model's log-wide mean (default {rb.DEFAULT_PRIOR_WEIGHT:g})")
+    br.add_argument("--cost-weight", type=float, default=rb.DEFAULT_COST_WEIGHT, metavar="W",
+                    help=f"quality (0-1) worth the cost of one call of the best model"
+                         f" (default {rb.DEFAULT_COST_WEIGHT:g})")
+    br.add_argument("--min-quality", type=float, metavar="Q",
+                    help="instead: the cheapest model predicted to reach this quality (0-1)")
+    br.add_argument("--no-cascades", action="store_true", help="single models only, no cheap-first cascades")
+    br.add_argument("--cache-dir", metavar="DIR",
+                    help="where prompt vectors are cached (default $TM_HOME/bench-cache)")
+    br.add_argument("--output", metavar="FILE", help="also write the JSON to this file")
+    be.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("db", help="the database schema")
     dsub = d.add_subparsers(dest="db_cmd", required=True)

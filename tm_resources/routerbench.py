@@ -9,6 +9,10 @@ the stored answer of each model a cascade tries, every attempt paid for).
 
 Figures are per query: accuracy (share of prompts answered correctly) and cost (USD). Prompt
 vectors come from the shared embedder, cached on disk under a hash of the texts.
+
+Input that cannot be benchmarked raises `FileNotFoundError` (no such folder, no CSV in it) or
+`RouterBenchError` (a `ValueError`: not RouterBench format, other models in the test folder,
+settings out of range), each with a one-line message that names the file and the column.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ DEFAULT_K = 200
 DEFAULT_TEMPERATURE = 0.3
 DEFAULT_PRIOR_WEIGHT = 2.0
 DEFAULT_COST_WEIGHT = 0.06
+
+
+class RouterBenchError(ValueError):
+    """The data or the settings cannot be benchmarked; the message says which file, column or setting."""
 
 
 @dataclass(frozen=True)
@@ -73,28 +81,73 @@ def _decode(cell: object) -> str:
     return cell
 
 
+COST_SUFFIX = "|total_cost"
+RESPONSE_SUFFIX = "|model_response"
+
+
+def _read_csv(path: Path):
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RouterBenchError(f"{path}: not a readable CSV file ({detail})") from None
+
+
+def _numeric(path: Path, frame, column: str) -> np.ndarray:
+    """A column as floats (blank cells NaN); any other text in it is an error naming the cell."""
+    import pandas as pd
+
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = values.isna() & frame[column].notna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise RouterBenchError(f"{path}: column '{column}' must be numeric, row {row + 1} has "
+                               f"{str(frame[column].iloc[row])[:40]!r}")
+    return values.to_numpy(dtype=np.float64)
+
+
 def load_routerbench(data_dir: str | os.PathLike) -> RouterBenchData:
-    """Every *.csv of `data_dir` (sorted by name), models in the order of the first file."""
+    """Every *.csv of `data_dir` (sorted by name; or the one CSV file `data_dir` names), models in the
+    order of the first file."""
     import pandas as pd
 
     folder = Path(data_dir)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder")
     files = sorted(folder.glob("*.csv")) if folder.is_dir() else [folder]
-    if not files or not files[0].exists():
-        raise FileNotFoundError(f"no RouterBench CSV files in {folder}")
-    frames = [pd.read_csv(f) for f in files]
-    models = [c for c in frames[0].columns if f"{c}|total_cost" in frames[0].columns]
-    if not models:
-        raise ValueError(f"{files[0]}: no '<model>' / '<model>|total_cost' column pairs: not RouterBench format")
-    for f, frame in zip(files, frames):
-        missing = [c for m in models for c in (m, f"{m}|total_cost") if c not in frame.columns]
-        if "prompt" not in frame.columns or missing:
-            raise ValueError(f"{f}: missing columns {(['prompt'] if 'prompt' not in frame.columns else []) + missing}")
+    if not files:
+        raise FileNotFoundError(f"{folder}: no CSV files in it (RouterBench data is a folder of *.csv files)")
+    frames = [_read_csv(f) for f in files]
+    first = list(frames[0].columns)
+    priced = [c[: -len(COST_SUFFIX)] for c in first if c.endswith(COST_SUFFIX)]
+    if "prompt" not in first:
+        raise RouterBenchError(f"{files[0]}: not RouterBench format: no 'prompt' column")
+    if not priced:
+        raise RouterBenchError(f"{files[0]}: not RouterBench format: no '<model>{COST_SUFFIX}' column "
+                               f"(columns: {', '.join(map(str, first[:8]))}{', ...' if len(first) > 8 else ''})")
+    unscored = [m for m in priced if m not in first]
+    if unscored:
+        raise RouterBenchError(f"{files[0]}: not RouterBench format: column '{unscored[0]}' is missing "
+                               f"(the 0/1 correctness of the model that has '{unscored[0]}{COST_SUFFIX}')")
+    models = [c for c in first if f"{c}{COST_SUFFIX}" in first]
+    for f, frame in zip(files[1:], frames[1:]):
+        missing = [c for c in ("prompt", *(x for m in models for x in (m, f"{m}{COST_SUFFIX}")))
+                   if c not in frame.columns]
+        if missing:
+            raise RouterBenchError(f"{f}: column '{missing[0]}' is missing"
+                                   f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                                   f"every CSV of a folder needs the models of {files[0].name}")
+    quality = np.vstack([np.column_stack([_numeric(f, fr, m) for m in models]) for f, fr in zip(files, frames)])
+    cost = np.vstack([np.column_stack([_numeric(f, fr, f"{m}{COST_SUFFIX}") for m in models])
+                      for f, fr in zip(files, frames)])
     df = pd.concat(frames, ignore_index=True)
-    quality = df[models].to_numpy(dtype=np.float64)
-    cost = df[[f"{m}|total_cost" for m in models]].to_numpy(dtype=np.float64)
     complete = ~(np.isnan(quality).any(axis=1) | np.isnan(cost).any(axis=1) | df["prompt"].isna().to_numpy())
+    if not complete.any():
+        raise RouterBenchError(f"{folder}: none of its {len(df)} rows has every model's correctness and cost")
     df = df[complete].reset_index(drop=True)
-    answers = [{m: _decode(df.at[i, f"{m}|model_response"]) if f"{m}|model_response" in df.columns else ""
+    answers = [{m: _decode(df.at[i, f"{m}{RESPONSE_SUFFIX}"]) if f"{m}{RESPONSE_SUFFIX}" in df.columns else ""
                 for m in models} for i in range(len(df))]
     evals = df["eval_name"].astype(str).tolist() if "eval_name" in df.columns else ["all"] * len(df)
     return RouterBenchData(str(folder), [_decode(p) for p in df["prompt"]], evals, models,
@@ -116,6 +169,7 @@ def cached_vectors(texts: Sequence[str], embed: Embed | None = None, cache_dir: 
         vecs = np.load(path)
         if vecs.shape[0] == len(texts):
             return vecs
+    log.info("embedding %d prompts (cached afterwards in %s)", len(texts), folder)
     if embed is None:
         from tm_resources.embedder import get_embedder
 
@@ -222,10 +276,16 @@ def run_router_bench(data_dir: str | os.PathLike, test_dir: str | os.PathLike | 
     embed: texts -> unit vectors (default: the shared MiniLM embedder); cache_dir: where vectors are
     cached (default $TM_HOME/bench-cache).
     """
-    if not 0 < train_share < 1:
-        raise ValueError("train_share must be between 0 and 1")
+    _check_settings(train_share=train_share, repeats=repeats, k=k, temperature=temperature,
+                    prior_weight=prior_weight, min_quality=min_quality)
     t0 = time.perf_counter()
     data = load_routerbench(data_dir)
+    # Every input is checked before the (slow, on a first run) embedding.
+    test = _aligned_test(data, load_routerbench(test_dir), data_dir, test_dir) if test_dir is not None else None
+    cut = int(round(train_share * len(data)))
+    if test is None and not 1 <= cut < len(data):
+        raise RouterBenchError(f"train_share {train_share:g} of {len(data)} rows leaves "
+                               f"{'no rows to learn from' if cut < 1 else 'none to route'}")
     vecs = cached_vectors([routing_text(p) for p in data.prompts], embed, cache_dir)
     settings = {"k": k, "temperature": temperature, "prior_weight": prior_weight, "cost_weight": cost_weight,
                 "min_quality": min_quality, "cascades": cascades, "routing_text": "last paragraphs (at least 120 chars, at most the last 1000)",
@@ -235,14 +295,7 @@ def run_router_bench(data_dir: str | os.PathLike, test_dir: str | os.PathLike | 
     out: dict = {"data": {"dir": str(data_dir), "rows": len(data), "dropped_incomplete": data.dropped,
                           "models": data.models, "evals": dict(Counter(data.eval_names))},
                  "settings": settings}
-    if test_dir is not None:
-        test = load_routerbench(test_dir)
-        if test.models != data.models and set(test.models) != set(data.models):
-            raise ValueError(f"{test_dir} has other models than {data_dir}")
-        if test.models != data.models:
-            order = [test.models.index(m) for m in data.models]
-            test = RouterBenchData(test.source, test.prompts, test.eval_names, data.models, test.quality[:, order],
-                                   test.cost[:, order], test.answers, test.dropped)
+    if test is not None:
         test_vecs = cached_vectors([routing_text(p) for p in test.prompts], embed, cache_dir)
         out["test"] = {"dir": str(test_dir), "rows": len(test), "dropped_incomplete": test.dropped}
         result = evaluate_split(data, test, vecs, test_vecs, **params)
@@ -252,9 +305,6 @@ def run_router_bench(data_dir: str | os.PathLike, test_dir: str | os.PathLike | 
         splits = []
         for s in range(seed, seed + repeats):
             order = np.random.default_rng(s).permutation(len(data))
-            cut = int(round(train_share * len(data)))
-            if cut < 1 or cut >= len(data):
-                raise ValueError("train_share leaves no rows to learn from or none to route")
             tr, te = np.sort(order[:cut]), np.sort(order[cut:])
             result = evaluate_split(data.subset(tr), data.subset(te), vecs[tr], vecs[te], **params)
             result["target"] = _target(result)
@@ -263,6 +313,39 @@ def run_router_bench(data_dir: str | os.PathLike, test_dir: str | os.PathLike | 
         out.update(splits[0] if repeats == 1 else {"splits": splits, "mean": _mean_of(splits)})
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
+
+
+def _aligned_test(data: RouterBenchData, test: RouterBenchData, data_dir, test_dir) -> RouterBenchData:
+    """The test rows with their model columns in the order of the learning rows; other models: an error."""
+    if set(test.models) != set(data.models):
+        only_test = [m for m in test.models if m not in data.models]
+        only_data = [m for m in data.models if m not in test.models]
+        what = "; ".join(x for x in (f"only in the test data: {', '.join(only_test)}" if only_test else "",
+                                     f"missing from the test data: {', '.join(only_data)}" if only_data else "")
+                         if x)
+        raise RouterBenchError(f"{test_dir} has other models than {data_dir} ({what})")
+    if test.models == data.models:
+        return test
+    order = [test.models.index(m) for m in data.models]
+    return RouterBenchData(test.source, test.prompts, test.eval_names, data.models, test.quality[:, order],
+                           test.cost[:, order], test.answers, test.dropped)
+
+
+def _check_settings(*, train_share: float, repeats: int, k: int, temperature: float, prior_weight: float,
+                    min_quality: float | None) -> None:
+    """Refuse settings out of range before the (slow) embedding, naming the setting."""
+    if not 0 < train_share < 1:
+        raise RouterBenchError(f"train_share must be between 0 and 1 (exclusive), not {train_share:g}")
+    if repeats < 1:
+        raise RouterBenchError(f"repeats must be at least 1, not {repeats}")
+    if k < 1:
+        raise RouterBenchError(f"k must be at least 1, not {k}")
+    if not temperature > 0:
+        raise RouterBenchError(f"temperature must be above 0, not {temperature:g}")
+    if not prior_weight >= 0:
+        raise RouterBenchError(f"prior_weight must be at least 0, not {prior_weight:g}")
+    if min_quality is not None and not 0 <= min_quality <= 1:
+        raise RouterBenchError(f"min_quality must be between 0 and 1, not {min_quality:g}")
 
 
 def _mean_of(splits: list[dict]) -> dict:
