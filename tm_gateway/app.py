@@ -97,6 +97,12 @@ def create_app(settings: GatewaySettings) -> Starlette:
                 from tm_resources.embedder import get_embedder
 
                 embed = (await asyncio.to_thread(get_embedder)).embed_one
+        dispatcher = None
+        if any(a.intents or a.keywords for a in config.agents.values()):
+            from tm_resources.dispatch import Dispatcher
+            from tm_resources.embedder import get_embedder
+
+            dispatcher = await asyncio.to_thread(lambda: Dispatcher.from_config(config, get_embedder().embed))
         proxy = Proxy(
             config=config,
             session=session,
@@ -106,6 +112,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             classify=classify,
             cache_pool=cache_pool,
             embed=embed,
+            dispatcher=dispatcher,
         )
         app.state.proxy = proxy  # for tests that reach in
         # What start-up loaded (the model, the libraries) lives as long as the process: moving it out

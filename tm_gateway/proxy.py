@@ -29,6 +29,7 @@ from tm_resources.providers import Endpoint
 from tm_resources.providers import endpoints as provider_endpoints
 from tm_resources.registry import with_registry
 from tm_resources.config import Config, Tier
+from tm_resources.dispatch import AGENT_HEADER, Dispatcher, apply_agent, resolve_agent
 from tm_resources.gate import quick_gate
 from tm_resources.rules import Route, auto_route, machine_chooses, route_request, tier_of
 
@@ -191,6 +192,7 @@ class Proxy:
         classify: Callable[[str], tuple[Any, str, float]] | None = None,
         cache_pool: AsyncConnectionPool | None = None,
         embed: Callable[[str], Any] | None = None,
+        dispatcher: Dispatcher | None = None,
     ):
         self.config = config
         self.session = session
@@ -208,6 +210,8 @@ class Proxy:
         # semantic cache of requests that name their model (cache.semantic.named_models).
         self.cache_pool = cache_pool
         self.embed = embed
+        # Chooses an agent for requests addressed to the dispatcher (None: no agent has intents).
+        self.dispatcher = dispatcher
 
     # -- the parts --------------------------------------------------------------------------
 
@@ -243,7 +247,47 @@ class Proxy:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def choose_model(self, requested: str, prompt: str, row: _Row) -> Route:
+    async def _classified(self, prompt: str, row: _Row) -> tuple[Any, str, float]:
+        """The prompt's (vector, task type, confidence), computed once per request, off the event loop."""
+        vec, task_type, confidence = await asyncio.get_running_loop().run_in_executor(None, self.classify, prompt)
+        row.data["prompt_embedding"] = vec
+        row.data["task_type"] = task_type
+        return vec, task_type, confidence
+
+    async def _agent(self, fmt: str, body: dict, h: dict[str, str], row: _Row,
+                     headers: dict[str, str]) -> tuple[dict, tuple[Any, str, float] | None]:
+        """The agent a request is for: named in x-tm-agent, or chosen by the dispatcher from the prompt
+        when it is addressed to `dispatch.name`. The agent's system prompt and default parameters are
+        applied; its model is what `auto` means (rules.default_for). Returns the body to send and the
+        prompt's classification when dispatching computed it."""
+        config = self.config
+        name, dispatch = resolve_agent(h.get(AGENT_HEADER), config)
+        classified = None
+        if dispatch:
+            row.data["agent"] = config.dispatch.name  # unless it finds one
+            _, prompt = _system_and_prompt(fmt, body)
+            if self.dispatcher is not None and prompt:
+                vec = None
+                if self.classify is not None:
+                    classified = await self._classified(prompt, row)
+                    vec = classified[0]
+                decision = await asyncio.get_running_loop().run_in_executor(
+                    None, self.dispatcher.classify, prompt, vec)
+                name = decision.agent
+                row.data["dispatch_reason"] = decision.reason
+                headers["x-tm-dispatch"] = f"{name or 'none'}; confidence {decision.confidence:.2f}"
+            else:
+                headers["x-tm-dispatch"] = "none; no agent has intents or keywords"
+        if name is not None:
+            row.data["agent"] = name
+            headers["x-tm-agent"] = name
+            agent = config.agents.get(name)
+            if agent is not None:
+                body = apply_agent(body, fmt, agent)
+        return body, classified
+
+    async def choose_model(self, requested: str, prompt: str, row: _Row,
+                           classified: tuple[Any, str, float] | None = None) -> Route:
         """Classify the task when the machine chooses, then let the rules in force decide."""
         chooses = machine_chooses(requested, self.config)
         if not chooses and requested not in self.config.models:
@@ -252,10 +296,7 @@ class Proxy:
             )
         task_type, confidence, vec = None, 0.0, None
         if chooses and self.classify is not None and prompt:
-            vec, task_type, confidence = await asyncio.get_running_loop().run_in_executor(
-                None, self.classify, prompt)
-            row.data["prompt_embedding"] = vec
-            row.data["task_type"] = task_type
+            vec, task_type, confidence = classified or await self._classified(prompt, row)
         user = row.data["user_id"]
         config = self.config
         route = route_request(requested, task_type, user, self.shared.rules, config, agent=row.data["agent"])
@@ -264,7 +305,8 @@ class Proxy:
                                learned=self._learned(vec, user), config=config)
             route = self._without_premium(route, user)
         row.data["route"] = route.route
-        row.data["route_reason"] = route.reason
+        dispatched = row.data.pop("dispatch_reason", None)
+        row.data["route_reason"] = f"dispatched to {dispatched}; {route.reason}" if dispatched else route.reason
         if config.models[route.model].tier is Tier.premium and not self._premium_allowed(user):
             raise BadRequest(403, "premium_not_allowed",
                              f"'{route.model}' is a premium model and user '{user}' is not allowed premium "
@@ -371,8 +413,9 @@ class Proxy:
             row.data["requested_model"] = body["model"]
         _validate(fmt, body)
         stream = body.get("stream", False)
+        body, dispatched = await self._agent(fmt, body, h, row, headers)
         system, prompt = _system_and_prompt(fmt, body)
-        route = await self.choose_model(body["model"], prompt, row)
+        route = await self.choose_model(body["model"], prompt, row, dispatched)
         r = row.data
         r.update(
             stream=stream,

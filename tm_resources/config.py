@@ -241,8 +241,84 @@ class UserConfig(_Strict):
 
 
 class AgentConfig(_Strict):
+    """A role a request may name (`x-tm-agent: <name>`) or the dispatcher may pick for it
+    (tm_resources/dispatch.py): its model, system prompt and default sampling parameters."""
+
     # What `auto` means for requests from this agent (x-tm-agent) when no routing rule applies.
     model: str | None = None
+    # What the agent is for, in a line (for people; the dispatcher does not read it).
+    description: str = ""
+    # Example requests that belong to this agent: the dispatcher votes by the nearest of them.
+    intents: list[str] = Field(default_factory=list)
+    # Words or phrases that strongly signal this agent (whole words, any case, plural -s/-es allowed).
+    keywords: list[str] = Field(default_factory=list)
+    # A system prompt put before the client's own when answering as this agent.
+    system: str | None = None
+    # Default sampling parameters for requests that do not set them (AGENT_PARAMS lists the names).
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+# An agent's default parameters, each with a check of its value. A parameter the request's format
+# lacks (top_k in OpenAI's, seed or the penalties in Anthropic's) is left out for that format.
+AGENT_PARAMS: dict[str, tuple[str, Any]] = {
+    "temperature": ("a number from 0 to 2", lambda v: _number(v) and 0 <= v <= 2),
+    "top_p": ("a number from 0 to 1", lambda v: _number(v) and 0 <= v <= 1),
+    "top_k": ("a positive integer", lambda v: _integer(v) and v >= 1),
+    "max_tokens": ("a positive integer", lambda v: _integer(v) and v >= 1),
+    "stop": ("a string or a list of strings",
+             lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))),
+    "presence_penalty": ("a number from -2 to 2", lambda v: _number(v) and -2 <= v <= 2),
+    "frequency_penalty": ("a number from -2 to 2", lambda v: _number(v) and -2 <= v <= 2),
+    "seed": ("an integer", lambda v: _integer(v)),
+}
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class DispatchConfig(_Strict):
+    """Requests naming the dispatcher (`x-tm-agent: <name>`) go to the agent whose intents and keywords
+    they match best (tm_resources/dispatch.py)."""
+
+    name: str = Field("dispatcher", min_length=1)
+    # Under this confidence (0..1) the dispatcher is unsure: the request goes to fallback_agent, if any.
+    min_confidence: float = Field(0.35, ge=0, le=1)
+    # One of the agents, for requests the dispatcher cannot place; none: answered as if no agent was named.
+    fallback_agent: str | None = None
+
+
+def _check_agents(agents: dict[str, AgentConfig], dispatch: DispatchConfig) -> None:
+    """The agents and the dispatcher's settings, each problem named by its key path."""
+    if not dispatch.name.strip() or dispatch.name != dispatch.name.strip():
+        raise ValueError(f"dispatch.name: {dispatch.name!r} is what requests send in x-tm-agent: "
+                         "no leading or trailing spaces")
+    for name, agent in agents.items():
+        if not name.strip() or name != name.strip():
+            raise ValueError(f"agents.{name}: {name!r} is what requests send in x-tm-agent: "
+                             "not empty, no leading or trailing spaces")
+        if name.casefold() == dispatch.name.casefold():
+            raise ValueError(f"agents.{name}: '{name}' is the dispatcher's name (dispatch.name): "
+                             "rename the agent, or give the dispatcher another name")
+        for key in ("intents", "keywords"):
+            for i, text in enumerate(getattr(agent, key)):
+                if not text.strip():
+                    raise ValueError(f"agents.{name}.{key}.{i}: must not be empty")
+        for key, value in agent.params.items():
+            if key not in AGENT_PARAMS:
+                raise ValueError(f"agents.{name}.params.{key}: not a parameter an agent may set "
+                                 f"(one of: {', '.join(AGENT_PARAMS)})")
+            wanted, ok = AGENT_PARAMS[key]
+            if not ok(value):
+                raise ValueError(f"agents.{name}.params.{key}: must be {wanted}, not {value!r}")
+    fallback = dispatch.fallback_agent
+    if fallback is not None and fallback not in agents:
+        raise ValueError(f"dispatch.fallback_agent: '{fallback}' is not one of the agents "
+                         f"({', '.join(sorted(agents)) or 'none defined'})")
 
 
 class Config(_Strict):
@@ -255,6 +331,7 @@ class Config(_Strict):
     presets: dict[str, list[str]] = Field(default_factory=dict)
     users: dict[str, UserConfig] = Field(default_factory=dict)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
+    dispatch: DispatchConfig = DispatchConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
     defaults: Defaults
@@ -283,6 +360,7 @@ class Config(_Strict):
             for who, entry in getattr(self, section).items():
                 if entry.model is not None and entry.model not in self.models:
                     raise ValueError(f"{section}.{who}.model: '{entry.model}' is not one of the models")
+        _check_agents(self.agents, self.dispatch)
         for tier, chain in self.routing.tiers.chains.items():
             models_exist(f"routing.tiers.chains.{tier}", chain)
         for key in ("first", "escalate_to"):
