@@ -1,4 +1,4 @@
-"""The decision engine: each of the six rules fires exactly past its threshold, never below it, in every mode."""
+"""The decision engine: each of the seven rules fires exactly past its threshold, never below it, in every mode."""
 
 from __future__ import annotations
 
@@ -73,6 +73,25 @@ def test_thresholds_are_configuration_not_literals():
 def test_escalate_wins_if_thresholds_overlap():
     p = pats(("coding", "llama3.2", 30, 0.7))
     assert actions(run(p, thresholds=Thresholds(escalate_below=0.75, lock_above=0.6))) == ["escalate:coding"]
+
+
+@pytest.mark.parametrize("samples,quality,fires", [
+    (10, 0.5, True), (10, 0.8, True), (9, 0.6, False), (10, 0.49, False), (20, 0.81, False), (500, 0.65, True),
+])
+def test_cascade_boundary_between_escalate_and_lock(samples, quality, fires):
+    got = run(pats(("coding", "llama3.2", samples, quality)), frontier_model="claude-sonnet-4-5")
+    assert ("cascade:coding" in actions(got)) is fires
+    if fires:
+        d = got[0]
+        assert (d.action, d.model, d.target_model) == ("cascade", "llama3.2", "claude-sonnet-4-5")
+        assert f"{quality:.2f}" in d.reason and "quick gate" in d.reason and d.evidence["local_samples"] == samples
+
+
+def test_cascades_can_be_switched_off_and_go_to_the_best_local_model():
+    p = pats(("coding", "llama3.2", 6, 0.6), ("coding", "qwen2.5-coder", 6, 0.7))
+    [d] = run(p)
+    assert d.rule_id == "cascade:coding" and d.model == "qwen2.5-coder"
+    assert run(p, thresholds=Thresholds(cascade_borderline=False)) == []
 
 
 # --- 3. coach -----------------------------------------------------------------------------------
@@ -226,6 +245,27 @@ def test_a_throttled_user_goes_local_even_on_an_escalated_type():
     assert _route(got, "chat", "ann")[0] == "llama3.2-ft"
     assert _route(got, "chat", "bob")[0] == "llama3.2-ft"
     assert _route(got, "poetry", "ann") == ("llama3.2", "default")
+
+
+def test_a_cascade_rule_routes_local_first_with_the_frontier_behind_it():
+    config = load_config(EXAMPLE_CONFIG)
+    local = config.defaults.model
+    frontier = config.defaults.frontier_model
+    rule = Rule("cascade:coding", "cascade", "coding", None, local, frontier, "borderline")
+    book = RuleBook.from_rules([rule])
+    r = route_request("auto", "coding", "ann", book, config)
+    assert (r.model, r.route, r.escalate_to) == (local, "rule:cascade:coding", frontier)
+    # a named model is the client's choice; another type is not touched
+    assert route_request(frontier, "coding", "ann", book, config).escalate_to is None
+    assert route_request("auto", "poetry", "ann", book, config).escalate_to is None
+    # a fine-tune that beat the local model answers first; the frontier still stands behind it
+    swap = Rule("swap:coding:" + local, "swap_model", "coding", None, local, "ft-1", "won")
+    r = route_request("auto", "coding", "ann", RuleBook.from_rules([rule, swap]), config,
+                      lambda m: m in config.models or m == "ft-1")
+    assert (r.model, r.escalate_to) == ("ft-1", frontier)
+    # escalate beats cascade on one type
+    esc = Rule("escalate:coding", "escalate", "coding", None, None, frontier, "bad")
+    assert route_request("auto", "coding", "ann", RuleBook.from_rules([rule, esc]), config).escalate_to is None
 
 
 def test_rules_that_are_not_active_do_not_route():

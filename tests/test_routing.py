@@ -4,6 +4,8 @@ the frontier when the gate fails) with both attempts logged and linked."""
 
 from __future__ import annotations
 
+import time
+
 import anthropic
 import openai
 import psycopg
@@ -44,6 +46,7 @@ def gw(db_url, upstreams, tmp_path):
     class G:
         def __init__(self):
             self.url, self.keys_, self.anthropic, self.local = served.url, k, anth, local
+            self.app, self.db_url = app, db_url
 
         def openai(self, user="staff"):
             return openai.OpenAI(base_url=self.url + "/v1", api_key=self.keys_[user], max_retries=0)
@@ -111,6 +114,31 @@ def test_a_cascade_escalates_when_the_cheap_answer_fails_the_gate(gw):
     assert raw.headers["x-tm-request-id"] == str(answer["id"])
     assert raw.headers["x-tm-cascade-first"] == str(first["id"])
     assert answer["cost_usd"] > 0 and answer["prompt"] == first["prompt"] == "please refuse this one"
+
+
+def test_the_loop_can_ask_for_a_cascade_by_a_rule(gw):
+    # What routing_rules writes for a borderline local type (decisions.py): local first, the frontier behind it.
+    with psycopg.connect(gw.db_url) as conn:
+        conn.execute("INSERT INTO routing_rules (hour, rule_id, action, task_type, model, target_model, status,"
+                     " reason, evidence) VALUES (date_trunc('hour', now()), 'cascade:math', 'cascade', 'math',"
+                     " 'local-test', 'claude-test', 'active', 'borderline math', '{\"local_samples\": 12}')")
+    deadline = time.monotonic() + 10
+    while len(gw.app.state.proxy.shared.rules) == 0:
+        assert time.monotonic() < deadline, "the gateway did not pick the rule up"
+        time.sleep(0.05)
+    passed = ask(gw.openai(), "What is the integral of x^2 from 0 to 3?")
+    assert passed.headers["x-tm-route"] == "rule:cascade:math" and passed.headers["x-tm-cascade"] == "passed"
+    assert passed.headers["x-tm-model"] == "local-test"
+    failed = ask(gw.openai(), "What is the integral of x^2 from 0 to 3? If unsure, refuse.")
+    assert failed.headers["x-tm-route"] == "rule:cascade:math"
+    assert failed.headers["x-tm-cascade"] == "escalated: refusal" and failed.headers["x-tm-model"] == "claude-test"
+    rows = gw.rows()
+    assert sorted((r["model"], r["served"], r["route"]) for r in rows) == [
+        ("claude-test", True, "rule:cascade:math"), ("local-test", False, "rule:cascade:math"),
+        ("local-test", True, "rule:cascade:math")]
+    [refused] = [r for r in rows if not r["served"]]
+    [answer] = [r for r in rows if r["model"] == "claude-test"]
+    assert answer["parent_id"] == refused["id"] and str(answer["id"]) == failed.headers["x-tm-request-id"]
 
 
 def test_cascades_stream_in_both_formats(gw):

@@ -199,6 +199,10 @@ class Thresholds(_Strict):
     escalate_min_samples: int = Field(10, ge=1)         # ... over at least this many requests
     lock_above: float = Field(0.8, ge=0, le=1)          # local average quality over this ...
     lock_min_samples: int = Field(20, ge=1)             # ... over at least this many requests
+    # A local type averaging between escalate_below and lock_above over escalate_min_samples+
+    # requests is cascaded: its local model answers first, the frontier when that answer fails
+    # the gateway's quick gate. False: such a type keeps the default route.
+    cascade_borderline: bool = True
     coaching_below: float = Field(0.4, ge=0, le=1)      # a user's prompt quality under this ...
     coaching_days: int = Field(3, ge=1)                 # ... on each of this many days in a row
     finetune_min_samples: int = Field(50, ge=1)         # a pattern this common ...

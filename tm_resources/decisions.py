@@ -1,4 +1,4 @@
-"""The decision engine: six conditions over patterns, grades and costs, six routing actions, every threshold from config."""
+"""The decision engine: seven conditions over patterns, grades and costs, seven routing actions, every threshold from config."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pandas as pd
 from tm_resources.config import Thresholds
 from tm_resources.grading import low_prompt_streak, tier_name
 
-Action = Literal["escalate", "lock_local", "coach", "finetune_candidate", "throttle", "swap_model"]
+Action = Literal["escalate", "cascade", "lock_local", "coach", "finetune_candidate", "throttle", "swap_model"]
 Mode = Literal["manual", "dry-run", "auto"]
 
 # auto: the gateway obeys the rule; dry-run: written as a proposal; manual: computed and shown,
@@ -21,9 +21,10 @@ STATUS_BY_MODE: dict[str, str] = {"auto": "active", "dry-run": "proposed", "manu
 
 # Order of the returned list, and of precedence where rules meet on one request: a throttle on
 # the user beats any rule on the task type (a throttled user goes local only, even for an
-# escalated type); escalate and lock_local never coexist on a type; swap_model only picks which
+# escalated type); escalate, cascade and lock_local never coexist on a type (the local average
+# is under escalate_below, between, or over lock_above); swap_model only picks which
 # local model serves; coach and finetune_candidate do not route.
-ACTION_ORDER: tuple[Action, ...] = ("throttle", "escalate", "lock_local", "swap_model", "finetune_candidate", "coach")
+ACTION_ORDER: tuple[Action, ...] = ("throttle", "escalate", "cascade", "lock_local", "swap_model", "finetune_candidate", "coach")
 
 BASELINE_WINDOW_H = 168        # a user's baseline: their hours in the trailing 7 days ...
 BASELINE_MIN_HOURS = 3         # ... when they had at least this many active hours; else the team's
@@ -95,9 +96,9 @@ def _type_rules(pat: pd.DataFrame, t: Thresholds, frontier_model: str | None) ->
         n = int(g["samples"].sum())
         q = round(float((g["avg_quality"] * g["samples"]).sum() / n), _EPS_DIGITS)
         ev = {"local_samples": n, "local_avg_quality": _r(q), "local_models": sorted(g["model"].tolist())}
+        others = pat[(pat["task_type"] == task_type) & (pat["_tier"].notna()) & (pat["_tier"] != "local")]
+        target = frontier_model or _best(others)  # where the type goes when local is not enough
         if n >= t.escalate_min_samples and q < t.escalate_below:
-            others = pat[(pat["task_type"] == task_type) & (pat["_tier"].notna()) & (pat["_tier"] != "local")]
-            target = frontier_model or _best(others)
             out.append(Decision(
                 f"escalate:{task_type}", "escalate", task_type, None, None, target,
                 f"Local models averaged quality {q:.2f} on {task_type} over {n} requests, under "
@@ -105,12 +106,21 @@ def _type_rules(pat: pd.DataFrame, t: Thresholds, frontier_model: str | None) ->
                 f"{target or 'the frontier model'}.",
                 ev | {"escalate_below": t.escalate_below, "escalate_min_samples": t.escalate_min_samples}))
         elif n >= t.lock_min_samples and q > t.lock_above:
-            target = _best(g)
+            kept = _best(g)
             out.append(Decision(
-                f"lock_local:{task_type}", "lock_local", task_type, None, None, target,
+                f"lock_local:{task_type}", "lock_local", task_type, None, None, kept,
                 f"Local models averaged quality {q:.2f} on {task_type} over {n} requests, above "
-                f"{t.lock_above:.2f} (at least {t.lock_min_samples} needed): keep {task_type} on {target}.",
+                f"{t.lock_above:.2f} (at least {t.lock_min_samples} needed): keep {task_type} on {kept}.",
                 ev | {"lock_above": t.lock_above, "lock_min_samples": t.lock_min_samples}))
+        elif t.cascade_borderline and n >= t.escalate_min_samples and q <= t.lock_above:
+            first = _best(g)
+            out.append(Decision(
+                f"cascade:{task_type}", "cascade", task_type, None, first, target,
+                f"Local models averaged quality {q:.2f} on {task_type} over {n} requests, between "
+                f"{t.escalate_below:.2f} and {t.lock_above:.2f}: {first} answers {task_type} first, "
+                f"{target or 'the frontier model'} when its answer fails the quick gate.",
+                ev | {"escalate_below": t.escalate_below, "lock_above": t.lock_above,
+                      "escalate_min_samples": t.escalate_min_samples}))
     return out
 
 

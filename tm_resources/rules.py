@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,9 +11,9 @@ import psycopg
 from tm_resources.config import Config, Tier
 from tm_resources.tiers import TierClassifier
 
-# Actions that steer a task type (escalate beats lock_local when both name one), the one that
+# Actions that steer a task type (escalate beats cascade beats lock_local when several name one), the one that
 # picks which local model serves, and the one that steers a user.
-TYPE_ACTIONS = ("escalate", "lock_local")
+TYPE_ACTIONS = ("escalate", "cascade", "lock_local")
 SWAP_ACTION = "swap_model"
 USER_ACTIONS = ("throttle",)
 
@@ -110,6 +111,7 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
                   known: Callable[[str], bool] | None = None, agent: str | None = None) -> Route:
     """Which model answers. A throttle applies to every request of its user and keeps it local, even
     for an escalated type; type rules apply to `auto`: escalate sends the type to the frontier,
+    cascade has its local model answer first and the frontier when that answer fails the quick gate,
     lock_local keeps it on its local model; a swap then replaces that local model (or the default)
     by the fine-tune that beat it. `known` says whether a model name can be served (the config's
     models, plus registered fine-tunes)."""
@@ -132,6 +134,13 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
             target = rule.target_model if rule.target_model and known(rule.target_model) else config.defaults.frontier_model
             if target and known(target):
                 return Route(target, f"rule:{rule.rule_id}", rule.reason)
+        elif rule.action == "cascade":
+            first = rule.model if rule.model and known(rule.model) else config.defaults.model
+            top = rule.target_model if rule.target_model and known(rule.target_model) else config.defaults.frontier_model
+            route = _swapped(Route(first, f"rule:{rule.rule_id}", rule.reason), task_type, book, known)
+            if top and known(top) and top != route.model:
+                return dataclasses.replace(route, escalate_to=top)
+            return route
         else:
             target = rule.target_model or rule.model
             if target and known(target):
