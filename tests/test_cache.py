@@ -203,6 +203,35 @@ def test_a_similar_prompt_is_answered_from_an_answer_that_scored_well(cached):
     assert ask(client, "how can i reverse a python list?").headers["x-tm-cache"] == "miss"
 
 
+LONG_OPENING = ("You are reviewing a pull request for our billing service. The service is written in Python "
+                "with FastAPI, talks to Postgres through SQLAlchemy, and publishes invoices to a queue. "
+                "Our conventions: type hints everywhere, no bare excepts, money as integer cents, UTC "
+                "timestamps, and every public function documented with its errors. ") * 2
+
+
+def test_long_prompts_that_open_alike_are_not_taken_for_one_another(cached):
+    # Both prompts are longer than the embedder's 128-token window: their vectors are the same, their
+    # questions are not. Such answers are kept out of the semantic cache, and such prompts skip it.
+    client = cached.openai()
+    ask(client, LONG_OPENING + "Question: is the retry logic in charge_card() idempotent?", model="auto")
+    [source] = cached.rows()
+    cached.score(source["id"], 0.95)
+    assert cached.fill_entries() == 0
+    other = ask(client, LONG_OPENING + "Question: write the migration that adds a currency column.", model="auto")
+    assert other.headers["x-tm-cache"] == "miss"
+    assert other.parse().choices[0].message.content.endswith("adds a currency column.")
+    # The same long request again is still an exact hit.
+    again = ask(client, LONG_OPENING + "Question: is the retry logic in charge_card() idempotent?", model="auto")
+    assert again.headers["x-tm-cache"] == "exact"
+
+
+def test_fits_window():
+    from tm_resources.embedder import fits_window
+
+    assert fits_window(["How do I reverse a list in Python?", LONG_OPENING, "", "word " * 125, "word " * 126]) == [
+        True, False, False, True, False]
+
+
 def test_entries_outside_the_window_or_below_the_bar_are_not_served(cached):
     client = cached.openai()
     ask(client, "What does HTTP 418 mean?", model="auto")

@@ -93,6 +93,10 @@ def create_app(settings: GatewaySettings) -> Starlette:
                 settings.database_url, min_size=1, max_size=4, open=False, configure=cache.configure_connection,
                 kwargs={"autocommit": True}, timeout=config.cache.lookup_timeout_s, name="tm-cache")
             await cache_pool.open(wait=False)
+            if config.cache.semantic.enabled:
+                from tm_resources.embedder import fits_window
+
+                await asyncio.to_thread(fits_window, ["load the tokenizer before the first lookup"])
             if config.cache.semantic.enabled and config.cache.semantic.named_models:
                 from tm_resources.embedder import get_embedder
 

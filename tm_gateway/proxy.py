@@ -30,6 +30,7 @@ from tm_resources.providers import endpoints as provider_endpoints
 from tm_resources.registry import with_registry
 from tm_resources.config import Config, Tier
 from tm_resources.dispatch import AGENT_HEADER, Dispatcher, apply_agent, resolve_agent
+from tm_resources.embedder import fits_window
 from tm_resources.gate import quick_gate
 from tm_resources.rules import Route, auto_route, machine_chooses, route_request, tier_of
 
@@ -551,7 +552,8 @@ class Proxy:
 
     async def _cache_lookup(self, body: dict, h: dict[str, str], row: _Row,
                             headers: dict[str, str]) -> cache.Hit | None:
-        """Exact, then semantic. Never fails the request: a slow or unreachable database is a miss."""
+        """Exact, then semantic (only for a prompt its vector covers whole: a long one is embedded
+        from its opening only). Never fails the request: a slow or unreachable database is a miss."""
         if h.get("x-tm-cache", "").strip().lower() in ("off", "no", "false", "0", "bypass"):
             headers["x-tm-cache"] = "off"
             return None
@@ -565,10 +567,10 @@ class Proxy:
             async with asyncio.timeout(config.cache.lookup_timeout_s):
                 async with self.cache_pool.connection() as conn:
                     hit = await cache.lookup_exact(conn, keys, users, config)
-                    if hit is None and keys.context_hash is not None and config.cache.semantic.enabled:
+                    if hit is None and keys.context_hash is not None and config.cache.semantic.enabled \
+                            and r.get("prompt") and fits_window([r["prompt"]])[0]:
                         vec = r.get("prompt_embedding")
-                        if vec is None and self.embed is not None and config.cache.semantic.named_models \
-                                and r.get("prompt"):
+                        if vec is None and self.embed is not None and config.cache.semantic.named_models:
                             vec = await asyncio.get_running_loop().run_in_executor(None, self.embed, r["prompt"])
                             r["prompt_embedding"] = vec
                         if vec is not None:

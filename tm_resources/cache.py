@@ -26,6 +26,7 @@ import orjson
 import psycopg
 
 from tm_resources.config import Config
+from tm_resources.embedder import fits_window
 
 # Finish reasons of a whole answer (OpenAI, Anthropic): nothing cut off, no tool call pending.
 SERVABLE_FINISH = ("stop", "end_turn", "stop_sequence")
@@ -163,9 +164,22 @@ async def configure_connection(conn: psycopg.AsyncConnection) -> None:
 
 def replace_entries(conn: psycopg.Connection, hour: datetime, config: Config) -> int:
     """Rewrite `hour`'s cache entries: its answered requests that scored at least
-    loop.thresholds.cache_min_quality, ended normally, and were not themselves cache hits. Entries
-    older than a week are dropped (lookups read the last cache.semantic.window_h hours)."""
+    loop.thresholds.cache_min_quality, ended normally, were not themselves cache hits, and whose
+    prompt its vector covers whole (embedder.fits_window: a longer prompt is embedded from its
+    opening only, and would be served to every prompt that opens the same way). Entries older than
+    a week are dropped (lookups read the last cache.semantic.window_h hours)."""
     end = hour + timedelta(hours=1)
+    params = {"hour": hour, "end": end, "finish": list(SERVABLE_FINISH),
+              "min_quality": config.loop.thresholds.cache_min_quality}
+    servable = """
+        FROM requests r JOIN scored_requests s ON s.request_id = r.id
+        WHERE r.ts >= %(hour)s AND r.ts < %(end)s AND r.status = 200 AND r.cache_hit IS NULL
+          AND r.context_hash IS NOT NULL AND r.requested_model IS NOT NULL
+          AND r.finish_reason = ANY(%(finish)s) AND s.quality >= %(min_quality)s
+          AND coalesce(r.prompt_embedding, s.prompt_embedding) IS NOT NULL"""
+    candidates = conn.execute("SELECT r.id, r.prompt" + servable, params).fetchall()
+    whole = fits_window([prompt or "" for _, prompt in candidates])
+    params["ids"] = [rid for (rid, _), ok in zip(candidates, whole) if ok]
     with conn.transaction():
         conn.execute("DELETE FROM cache_entries WHERE hour = %s OR ts < %s", (hour, hour - KEEP_ENTRIES))
         cur = conn.execute(
@@ -173,15 +187,11 @@ def replace_entries(conn: psycopg.Connection, hour: datetime, config: Config) ->
             INSERT INTO cache_entries (hour, request_id, ts, user_id, requested_model, context_hash, model,
                                        quality, prompt_embedding)
             SELECT %(hour)s, r.id, r.ts, r.user_id, r.requested_model, r.context_hash, r.model, s.quality,
-                   coalesce(r.prompt_embedding, s.prompt_embedding)::halfvec(384)
-            FROM requests r JOIN scored_requests s ON s.request_id = r.id
-            WHERE r.ts >= %(hour)s AND r.ts < %(end)s AND r.status = 200 AND r.cache_hit IS NULL
-              AND r.context_hash IS NOT NULL AND r.requested_model IS NOT NULL
-              AND r.finish_reason = ANY(%(finish)s) AND s.quality >= %(min_quality)s
-              AND coalesce(r.prompt_embedding, s.prompt_embedding) IS NOT NULL
+                   coalesce(r.prompt_embedding, s.prompt_embedding)::halfvec(384)"""
+            + servable + """
+              AND r.id = ANY(%(ids)s)
             ON CONFLICT (request_id) DO NOTHING
             """,
-            {"hour": hour, "end": end, "finish": list(SERVABLE_FINISH),
-             "min_quality": config.loop.thresholds.cache_min_quality},
+            params,
         )
         return cur.rowcount

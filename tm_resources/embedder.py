@@ -250,6 +250,27 @@ class Embedder:
 
 _shared: dict[tuple, Embedder] = {}
 _shared_lock = threading.Lock()
+_window_tokenizers: dict[int, object] = {}
+
+
+def fits_window(texts: list[str], max_tokens: int = DEFAULT_MAX_TOKENS) -> list[bool]:
+    """Whether each text's vector covers all of it: under `max_tokens` word pieces ([CLS]/[SEP]
+    included). A longer text is embedded from its opening only, so two texts that differ after it
+    get the same vector; the semantic cache must not take one for the other. Tokenizer only, no model."""
+    tok = _window_tokenizers.get(max_tokens)
+    if tok is None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(model_path() / "tokenizer.json"))
+        tok.no_padding()
+        tok.enable_truncation(max_length=max_tokens)
+        _window_tokenizers[max_tokens] = tok
+    max_chars = max_tokens * _CHARS_PER_TOKEN_BOUND
+    out = [False] * len(texts)
+    short = [i for i, t in enumerate(texts) if t and len(t) <= max_chars]
+    for i, enc in zip(short, tok.encode_batch([texts[i] for i in short])):
+        out[i] = len(enc.ids) < max_tokens
+    return out
 
 
 def get_embedder(*, precision: Precision = DEFAULT_PRECISION, max_tokens: int = DEFAULT_MAX_TOKENS,
