@@ -186,7 +186,7 @@ def explain_semantic(url: str, config, ctx: str, vec: np.ndarray) -> tuple[list[
 
 
 async def time_lookups(url: str, config, rows: list[dict], vecs: np.ndarray, n: int, budget_s: float,
-                       rng: random.Random) -> dict[str, list[float]]:
+                       rng: random.Random, ef_search: int | None = None) -> tuple[dict[str, list[float]], dict[str, int]]:
     from psycopg_pool import AsyncConnectionPool
 
     from tm_resources import cache
@@ -207,7 +207,10 @@ async def time_lookups(url: str, config, rows: list[dict], vecs: np.ndarray, n: 
     times: dict[str, list[float]] = {k: [] for k in ("exact_hit", "exact_miss", "semantic_hit", "semantic_miss",
                                                       "miss_path")}
     wrong = {k: 0 for k in times}
-    async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False, configure=cache.configure_connection,
+    async def configure(conn) -> None:
+        await cache.configure_connection(conn, ef_search or config.cache.semantic.hnsw_ef_search)
+
+    async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False, configure=configure,
                                    kwargs={"autocommit": True}, name="bench-cache") as pool:
         await pool.wait()
 
@@ -250,8 +253,8 @@ async def time_lookups(url: str, config, rows: list[dict], vecs: np.ndarray, n: 
                 break
     bad = {k: v for k, v in wrong.items() if v}
     if bad:
-        print(f"  WARNING: unexpected lookup results: {bad}")
-    return times
+        print(f"  WARNING: unexpected lookup results (of {len(times['exact_hit'])} per kind): {bad}")
+    return times, wrong
 
 
 def scale(args, config) -> dict:
@@ -278,7 +281,8 @@ def scale(args, config) -> dict:
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     now = datetime.now(timezone.utc)
     rows: list[dict] = []
-    out = {"hnsw_supported": supported, "hnsw_index": bool(has_index), "sizes": {}}
+    out = {"hnsw_supported": supported, "hnsw_index": bool(has_index),
+           "ef_search": args.ef_search or config.cache.semantic.hnsw_ef_search, "sizes": {}}
     print(f"{'entries':>8} {'kind':<14} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'>250ms':>7}"
           f"   (EXPLAIN ANALYZE of the semantic query)")
     for size in sorted(sizes):
@@ -287,11 +291,11 @@ def scale(args, config) -> dict:
         fill_s = time.perf_counter() - t0
         ctx = rows[0]["keys"].context_hash
         plan, exec_ms = explain_semantic(url, config, ctx, vecs[0])
-        times = asyncio.run(time_lookups(url, config, rows, vecs, args.lookups, args.budget_s, rng))
+        times, wrong = asyncio.run(time_lookups(url, config, rows, vecs, args.lookups, args.budget_s, rng, args.ef_search))
         fig = {}
         for kind, ts in times.items():
             fig[kind] = {"n": len(ts), "p50_ms": round(pct(ts, 50), 3), "p99_ms": round(pct(ts, 99), 3),
-                         "max_ms": round(max(ts), 2), "over_timeout": sum(t > config.cache.lookup_timeout_s * 1000
+                         "max_ms": round(max(ts), 2), "unexpected": wrong[kind], "over_timeout": sum(t > config.cache.lookup_timeout_s * 1000
                                                                          for t in ts)}
             print(f"{size:>8} {kind:<14} {len(ts):>5} {fig[kind]['p50_ms']:>8.2f} {fig[kind]['p99_ms']:>8.2f} "
                   f"{fig[kind]['max_ms']:>8.1f} {fig[kind]['over_timeout']:>7}"
@@ -483,6 +487,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=15, help="sample pairs per similarity band")
     ap.add_argument("--embed-n", type=int, default=1000, help="prompts timed with embed_one")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--ef-search", type=int, default=None,
+                    help="hnsw.ef_search for the lookups (default: cache.semantic.hnsw_ef_search)")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--skip-replay", action="store_true")
     args = ap.parse_args()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -90,7 +91,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
             # A few connections for cache lookups; opened in the background, so a database that is
             # down at start-up makes lookups miss rather than the gateway fail.
             cache_pool = AsyncConnectionPool(
-                settings.database_url, min_size=1, max_size=4, open=False, configure=cache.configure_connection,
+                settings.database_url, min_size=1, max_size=4, open=False,
+                configure=functools.partial(cache.configure_connection, ef_search=config.cache.semantic.hnsw_ef_search),
                 kwargs={"autocommit": True}, timeout=config.cache.lookup_timeout_s, name="tm-cache")
             await cache_pool.open(wait=False)
             if config.cache.semantic.enabled:

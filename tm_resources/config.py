@@ -109,6 +109,9 @@ class SemanticCacheConfig(_Strict):
     # `auto` and preset requests are embedded anyway (task type); embedding the prompt of a request
     # that names its model costs 7-20 ms of CPU, so those use the exact cache only unless this is on.
     named_models: bool = False
+    # Candidates the HNSW index keeps while searching (pgvector's hnsw.ef_search, default 40). At
+    # 50,000 entries in one context, 100 missed 0.5 % of the hits 40 missed 5.8 % of, for +2 ms.
+    hnsw_ef_search: int = Field(100, ge=1, le=1000)
 
 
 class CacheConfig(_Strict):

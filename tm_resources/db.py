@@ -155,5 +155,7 @@ def ensure_vector_indexes(conn: psycopg.Connection, url: str) -> None:
     elif not _warned and not conn.execute(
             "SELECT 1 FROM pg_indexes WHERE indexname = 'cache_entries_embedding'").fetchone():
         _warned.append(True)
-        log.warning("no HNSW index on cache_entries: this CPU lacks AVX-512, which the embedded server's "
-                    "pgvector needs for it; semantic cache lookups scan the matching entries instead")
+        why = ("TM_VECTOR_INDEX=none" if os.environ.get("TM_VECTOR_INDEX", "").strip().lower() == "none" else
+               "this CPU lacks AVX-512, which the embedded server's pgvector needs for it")
+        log.warning("no HNSW index on cache_entries (%s); semantic cache lookups scan the matching entries "
+                    "instead", why)
