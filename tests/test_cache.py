@@ -4,6 +4,7 @@ scoping, opting out, streamed cached answers, and a cache that is down never fai
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -103,6 +104,30 @@ def test_the_same_request_again_is_answered_from_the_exact_cache(cached):
     # A different question, or other sampling settings, is not the same request.
     assert ask(cached.openai(), "What is the capital of Spain?").headers["x-tm-cache"] == "miss"
     assert ask(cached.openai(), "What is the capital of France?", temperature=0.2).headers["x-tm-cache"] == "miss"
+
+
+def test_another_replicas_answer_is_an_exact_hit_once_its_poll_has_read_it(cached, tmp_path):
+    # Each replica holds the hashes of recent requests, so that a request nobody has sent costs no
+    # query; another replica's requests reach it through the state poll.
+    other_app, other = start_gateway(cached.config, cached.db_url, tmp_path / "replica-b")
+    try:
+        hashes = other_app.state.proxy.shared.hashes
+        held = len(hashes)
+        first = ask(cached.openai(), "Name three prime numbers.")
+        assert first.headers["x-tm-cache"] == "miss"
+        cached.rows()  # replica A has logged it
+        deadline = time.monotonic() + 10
+        while len(hashes) == held:
+            assert time.monotonic() < deadline, "replica B never read the new request's hash"
+            time.sleep(0.05)
+        client_b = openai.OpenAI(base_url=other.url + "/v1", api_key=cached.keys["alice"], max_retries=0)
+        calls = cached.calls()
+        again = ask(client_b, "Name three prime numbers.")
+        assert again.headers["x-tm-cache"] == "exact"
+        assert again.parse().choices[0].message.content == first.parse().choices[0].message.content
+        assert cached.calls() == calls
+    finally:
+        other.stop()
 
 
 def test_a_streaming_client_gets_the_cached_answer_as_a_stream(cached):

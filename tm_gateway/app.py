@@ -71,7 +71,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
             settings.database_url, config.gateway.refresh_interval_s, learn_router=learned.enabled,
             router_models=list(config.models),
             router_settings=RouterSettings(window_h=learned.window_h, min_rows=learned.min_rows, k=learned.k,
-                                           temperature=learned.temperature, prior_weight=learned.prior_weight))
+                                           temperature=learned.temperature, prior_weight=learned.prior_weight),
+            exact_ttl_s=config.cache.exact_ttl_s if config.cache.enabled else None)
         shared.load()
         spool = Path(config.log.spool_dir) if config.log.spool_dir else settings.home / "spool"
         request_log = RequestLog(

@@ -563,18 +563,28 @@ class Proxy:
         config = self.config
         users = cache.scope_users(r["user_id"], config)
         headers["x-tm-cache"] = "miss"
+        # Postgres is asked only for what may be there: an exact hash some replica has logged, a prompt
+        # with a vector its semantic entries could match.
+        hashes = self.shared.hashes
+        exact = hashes is None or hashes.may_have(keys.request_hash)
+        vec = r.get("prompt_embedding")
+        semantic = config.cache.semantic
+        similar = keys.context_hash is not None and semantic.enabled and bool(r.get("prompt")) \
+            and (vec is not None or (self.embed is not None and semantic.named_models)) \
+            and fits_window([r["prompt"]])[0]
+        if hashes is not None:
+            hashes.add(keys.request_hash)
+        if not (exact or similar):
+            return None
         try:
             async with asyncio.timeout(config.cache.lookup_timeout_s):
                 async with self.cache_pool.connection() as conn:
-                    hit = await cache.lookup_exact(conn, keys, users, config)
-                    if hit is None and keys.context_hash is not None and config.cache.semantic.enabled \
-                            and r.get("prompt") and fits_window([r["prompt"]])[0]:
-                        vec = r.get("prompt_embedding")
-                        if vec is None and self.embed is not None and config.cache.semantic.named_models:
+                    hit = await cache.lookup_exact(conn, keys, users, config) if exact else None
+                    if hit is None and similar:
+                        if vec is None:
                             vec = await asyncio.get_running_loop().run_in_executor(None, self.embed, r["prompt"])
                             r["prompt_embedding"] = vec
-                        if vec is not None:
-                            hit = await cache.lookup_semantic(conn, r["requested_model"], keys, vec, users, config)
+                        hit = await cache.lookup_semantic(conn, r["requested_model"], keys, vec, users, config)
         except Exception as err:  # noqa: BLE001 - a cache problem must never cost the user their answer
             log.warning("cache lookup skipped: %s", type(err).__name__)
             headers["x-tm-cache"] = "error"

@@ -1,5 +1,6 @@
 """What a replica holds in memory from Postgres (API keys, routing rules, the model registry, and
-optionally the learned router), re-read only when its version moves."""
+optionally the learned router and the exact cache's recent request hashes), re-read only when its
+version moves (the hashes: by time, each poll)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Iterable
 
 import psycopg
 
+from tm_resources.cache import RecentHashes
 from tm_resources.db import connect
 from tm_resources.keys import active_keys
 from tm_resources.learned import LearnedRouter, RouterSettings, load_with
@@ -36,7 +38,8 @@ class SharedState:
     learn_retry_s = 60.0
 
     def __init__(self, url: str, interval_s: float = 1.0, *, learn_router: bool = False,
-                 router_models: Iterable[str] | None = None, router_settings: RouterSettings | None = None):
+                 router_models: Iterable[str] | None = None, router_settings: RouterSettings | None = None,
+                 exact_ttl_s: float | None = None):
         self.url = url
         self.interval_s = interval_s
         self.learn_router = learn_router
@@ -52,6 +55,8 @@ class SharedState:
         self.registry: list[RegisteredModel] = []
         self.registry_version = 0
         self._versions: dict[str, int] = {}
+        # The exact cache's pre-filter (cache.RecentHashes), when the cache is on.
+        self.hashes = RecentHashes(exact_ttl_s) if exact_ttl_s else None
         self._task: asyncio.Task | None = None
 
     def lookup(self, key: str | None) -> tuple[str, str] | None:
@@ -67,6 +72,8 @@ class SharedState:
             self.rules = load_rulebook(conn)
             self.registry = load_registry(conn)
             self.registry_version += 1
+            if self.hashes is not None:
+                self.hashes.load(conn)
 
     async def _poll(self) -> None:
         conn: psycopg.AsyncConnection | None = None
@@ -94,6 +101,8 @@ class SharedState:
                     self.registry_version += 1
                     log.info("model registry reloaded: %d deployed models", len(self.registry))
                 self._versions = versions
+                if self.hashes is not None:
+                    await self.hashes.refresh(conn)
                 if self.learn_router and (relearn or (self._learn_retry_at is not None
                                                       and time.monotonic() >= self._learn_retry_at)):
                     self._schedule_learn()

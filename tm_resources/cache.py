@@ -56,6 +56,66 @@ class Hit:
     similarity: float | None
 
 
+class RecentHashes:
+    """The request hashes answered in the last `ttl_s` seconds, by any replica, held in memory so that
+    an exact lookup goes to Postgres only for a request that may have been answered before: a miss,
+    most requests, costs a set lookup instead of a query. Read whole at start (`load`), then by time
+    (`refresh`, each state poll, `overlap_s` back for rows logged late), read whole again after
+    `ttl_s / 2` so expired hashes go; this replica adds its own as it looks them up (`add`). Only the
+    first 64 bits are kept (about 60 bytes a request). A hash held here may still miss in Postgres
+    (expired, scored under the bar, failed): it only decides whether to ask."""
+
+    overlap_s = 30.0
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._seen: set[int] = set()
+        self._local: set[int] = set()  # added here since the last whole read: maybe not logged yet
+        self._newest: datetime | None = None
+        self._loaded_at: datetime | None = None
+
+    @staticmethod
+    def _key(request_hash: str) -> int:
+        return int(request_hash[:16], 16)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def may_have(self, request_hash: str) -> bool:
+        return self._loaded_at is None or self._key(request_hash) in self._seen
+
+    def add(self, request_hash: str) -> None:
+        key = self._key(request_hash)
+        self._seen.add(key)
+        self._local.add(key)
+
+    _SQL = ("SELECT request_hash, ts FROM requests WHERE ts > %(since)s AND request_hash IS NOT NULL"
+            " AND status = 200 AND cache_hit IS NULL")
+
+    def _take(self, rows: list, now: datetime, whole: bool) -> None:
+        seen = {self._key(h) for h, _ in rows}
+        if whole:
+            self._seen, self._local, self._loaded_at = seen | self._local, set(), now
+        else:
+            self._seen |= seen
+        newest = max((ts for _, ts in rows), default=None)
+        if newest is not None and (self._newest is None or newest > self._newest):
+            self._newest = newest
+
+    def load(self, conn: psycopg.Connection) -> None:
+        now = conn.execute("SELECT now()").fetchone()[0]
+        self._take(conn.execute(self._SQL, {"since": now - timedelta(seconds=self.ttl_s)}).fetchall(), now, True)
+
+    async def refresh(self, conn: psycopg.AsyncConnection) -> None:
+        cur = await conn.execute("SELECT now()")
+        now = (await cur.fetchone())[0]
+        whole = self._loaded_at is None or now - self._loaded_at > timedelta(seconds=self.ttl_s / 2)
+        since = now - timedelta(seconds=self.ttl_s) if whole or self._newest is None else \
+            self._newest - timedelta(seconds=self.overlap_s)
+        cur = await conn.execute(self._SQL, {"since": since})
+        self._take(await cur.fetchall(), now, whole)
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

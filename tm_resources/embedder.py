@@ -268,8 +268,11 @@ def fits_window(texts: list[str], max_tokens: int = DEFAULT_MAX_TOKENS) -> list[
     max_chars = max_tokens * _CHARS_PER_TOKEN_BOUND
     out = [False] * len(texts)
     short = [i for i, t in enumerate(texts) if t and len(t) <= max_chars]
-    for i, enc in zip(short, tok.encode_batch([texts[i] for i in short])):
-        out[i] = len(enc.ids) < max_tokens
+    if len(short) == 1:  # the gateway's case: encode_batch would wake the tokenizer's thread pool
+        out[short[0]] = len(tok.encode(texts[short[0]]).ids) < max_tokens
+    elif short:
+        for i, enc in zip(short, tok.encode_batch([texts[i] for i in short])):
+            out[i] = len(enc.ids) < max_tokens
     return out
 
 
