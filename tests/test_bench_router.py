@@ -146,11 +146,12 @@ def test_bench_router_with_a_test_folder_and_the_default_settings(bench_dirs, tm
     train, test = bench_dirs
     cache = tmp_path / "vectors"
     run = tm("bench", "router", "--data", str(train), "--test", str(test), "--no-cascades",
-             "--cache-dir", str(cache), home=tmp_path / "home")
+             "--cache-dir", str(cache), "--text", "prompt", home=tmp_path / "home")
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["data"]["rows"] == 32 and out["test"]["rows"] == 12
     assert "router_cascade" not in out and out["settings"]["cascades"] is False
+    assert "the gateway's vector" in out["settings"]["text"]
     _check_figures(out)
     # On a tiny log the cautious defaults stay with the model that is right everywhere: still well
     # above a random pick.

@@ -273,7 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                    repeats=args.repeats, k=args.k, temperature=args.temperature,
                                    prior_weight=args.prior_weight, cost_weight=args.cost_weight,
                                    min_quality=args.min_quality, cascades=not args.no_cascades,
-                                   cache_dir=args.cache_dir)
+                                   cache_dir=args.cache_dir, text=args.text)
     except (OSError, RouterBenchError) as err:
         print(f"tm: {err}", file=sys.stderr)
         return 2
@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--no-cascades", action="store_true", help="single models only, no cheap-first cascades")
     br.add_argument("--cache-dir", metavar="DIR",
                     help="where prompt vectors are cached (default $TM_HOME/bench-cache)")
+    br.add_argument("--text", choices=sorted(rb.TEXTS), default="last-paragraphs",
+                    help="what is embedded of each prompt: its last paragraphs (default) or the whole prompt,"
+                         " whose first 128 tokens the embedder keeps, as the gateway's learned router sees it")
     br.add_argument("--output", metavar="FILE", help="also write the JSON to this file")
     be.set_defaults(func=cmd_bench)
 

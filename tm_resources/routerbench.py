@@ -262,20 +262,29 @@ def _target(result: dict) -> dict:
     return out
 
 
+# What `tm bench router --text` embeds of each prompt.
+TEXTS = {"last-paragraphs": routing_text, "prompt": lambda p: p}
+
+
 def run_router_bench(data_dir: str | os.PathLike, test_dir: str | os.PathLike | None = None, *,
                      train_share: float = 0.7, seed: int = 0, repeats: int = 1, k: int = DEFAULT_K,
                      temperature: float = DEFAULT_TEMPERATURE, prior_weight: float = DEFAULT_PRIOR_WEIGHT,
                      cost_weight: float = DEFAULT_COST_WEIGHT, min_quality: float | None = None,
                      cascades: bool = True, embed: Embed | None = None,
-                     cache_dir: str | os.PathLike | None = None) -> dict:
+                     cache_dir: str | os.PathLike | None = None, text: str = "last-paragraphs") -> dict:
     """Route held-out RouterBench rows and return JSON-able figures.
 
     Without `test_dir`: a random `train_share` of `data_dir` is the log, the rest is routed;
     `repeats` > 1 repeats that with seeds seed, seed+1, ... and reports each split and the mean.
     With `test_dir`: all of `data_dir` is the log and `test_dir` is routed.
     embed: texts -> unit vectors (default: the shared MiniLM embedder); cache_dir: where vectors are
-    cached (default $TM_HOME/bench-cache).
+    cached (default $TM_HOME/bench-cache). text: what is embedded, "last-paragraphs"
+    (router.routing_text) or "prompt" (the whole prompt, as the gateway embeds it today: the
+    embedder keeps its opening 128 tokens).
     """
+    if text not in TEXTS:
+        raise RouterBenchError(f"text must be one of {', '.join(TEXTS)}, not {text!r}")
+    to_text = TEXTS[text]
     _check_settings(train_share=train_share, repeats=repeats, k=k, temperature=temperature,
                     prior_weight=prior_weight, min_quality=min_quality)
     t0 = time.perf_counter()
@@ -286,9 +295,11 @@ def run_router_bench(data_dir: str | os.PathLike, test_dir: str | os.PathLike | 
     if test is None and not 1 <= cut < len(data):
         raise RouterBenchError(f"train_share {train_share:g} of {len(data)} rows leaves "
                                f"{'no rows to learn from' if cut < 1 else 'none to route'}")
-    vecs = cached_vectors([routing_text(p) for p in data.prompts], embed, cache_dir)
+    vecs = cached_vectors([to_text(p) for p in data.prompts], embed, cache_dir)
     settings = {"k": k, "temperature": temperature, "prior_weight": prior_weight, "cost_weight": cost_weight,
-                "min_quality": min_quality, "cascades": cascades, "routing_text": "last paragraphs (at least 120 chars, at most the last 1000)",
+                "min_quality": min_quality, "cascades": cascades,
+                "text": {"last-paragraphs": "last paragraphs (at least 120 chars, at most the last 1000)",
+                         "prompt": "the whole prompt, cut to its first 128 tokens (the gateway's vector)"}[text],
                 "embedder": "all-MiniLM-L6-v2 fp32, 128 tokens"}
     params = dict(k=k, temperature=temperature, prior_weight=prior_weight, cost_weight=cost_weight,
                   min_quality=min_quality, cascades=cascades)
@@ -296,7 +307,7 @@ def run_router_bench(data_dir: str | os.PathLike, test_dir: str | os.PathLike | 
                           "models": data.models, "evals": dict(Counter(data.eval_names))},
                  "settings": settings}
     if test is not None:
-        test_vecs = cached_vectors([routing_text(p) for p in test.prompts], embed, cache_dir)
+        test_vecs = cached_vectors([to_text(p) for p in test.prompts], embed, cache_dir)
         out["test"] = {"dir": str(test_dir), "rows": len(test), "dropped_incomplete": test.dropped}
         result = evaluate_split(data, test, vecs, test_vecs, **params)
         result["target"] = _target(result)
