@@ -257,6 +257,24 @@ def test_fits_window():
         True, False, False, True, False]
 
 
+def test_named_model_requests_use_the_semantic_cache_when_configured(db_url, upstreams, tmp_path):
+    c = Cached(db_url, upstreams, tmp_path, semantic={"threshold": 0.9, "named_models": True})
+    try:
+        client = c.openai()
+        first = ask(client, "How do I reverse a list in Python?")  # names local-test
+        [source] = c.rows()
+        assert source["prompt_embedding"] is not None  # embedded for the cache, not for a task type
+        c.score(source["id"], 0.92)
+        assert c.fill_entries() == 1
+        similar = ask(client, "how can i reverse a python list?")
+        assert similar.headers["x-tm-cache"] == "semantic"
+        assert similar.parse().choices[0].message.content == first.parse().choices[0].message.content
+        # Entries are per model asked for: the same prompt to another model is not served this answer.
+        assert ask(client, "how can i reverse a python list?", model="claude-test").headers["x-tm-cache"] == "miss"
+    finally:
+        c.stop()
+
+
 def test_entries_outside_the_window_or_below_the_bar_are_not_served(cached):
     client = cached.openai()
     ask(client, "What does HTTP 418 mean?", model="auto")

@@ -578,12 +578,13 @@ class Proxy:
             return None
         try:
             async with asyncio.timeout(config.cache.lookup_timeout_s):
+                if similar and vec is None:  # a named model's prompt (semantic.named_models): embedded
+                    # before a pooled connection is taken, not while holding one
+                    vec = await asyncio.get_running_loop().run_in_executor(None, self.embed, r["prompt"])
+                    r["prompt_embedding"] = vec
                 async with self.cache_pool.connection() as conn:
                     hit = await cache.lookup_exact(conn, keys, users, config) if exact else None
                     if hit is None and similar:
-                        if vec is None:
-                            vec = await asyncio.get_running_loop().run_in_executor(None, self.embed, r["prompt"])
-                            r["prompt_embedding"] = vec
                         hit = await cache.lookup_semantic(conn, r["requested_model"], keys, vec, users, config)
         except Exception as err:  # noqa: BLE001 - a cache problem must never cost the user their answer
             log.warning("cache lookup skipped: %s", type(err).__name__)
