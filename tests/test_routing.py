@@ -201,3 +201,60 @@ def test_auto_route_order_and_cascade_settings():
     assert (r.model, r.route, r.escalate_to) == ("small", "cascade", "big")
     with pytest.raises(Exception, match="routing.tiers.chains.MEDIUM.0"):
         parse_config({**config.model_dump(mode="json"), "routing": {"tiers": {"chains": {"MEDIUM": ["nope"]}}}})
+    with pytest.raises(Exception, match="routing.tiers.llm_classifier: 'nope'"):
+        parse_config({**config.model_dump(mode="json"), "routing": {"tiers": {"llm_classifier": "nope"}}})
+
+
+def test_parse_llm_tier_reads_the_first_tier_word():
+    from tm_resources.tiers import Tier, llm_tier_messages, parse_llm_tier
+
+    assert parse_llm_tier("COMPLEX") is Tier.COMPLEX
+    assert parse_llm_tier("  reasoning.\n") is Tier.REASONING
+    assert parse_llm_tier("Tier: Medium (it is a summary)") is Tier.MEDIUM
+    assert parse_llm_tier("I think SIMPLE, maybe COMPLEX") is Tier.SIMPLE
+    assert parse_llm_tier("complexity is high") is None and parse_llm_tier("") is None and parse_llm_tier(None) is None
+    long = "a" * 5000 + "THE END"
+    asked = llm_tier_messages(long)[-1]["content"]
+    assert "THE END" in asked and "[...]" in asked and len(asked) < 2200
+
+
+def test_a_cheap_llm_decides_the_tier_when_signals_and_task_type_are_unsure(db_url, upstreams, tmp_path):
+    anth, local = upstreams
+
+    def local_model(fmt: str, body: dict) -> str:
+        system = " ".join(m["content"] for m in body["messages"] if m["role"] == "system")
+        if "sort requests" in system:  # the tier question (tiers.LLM_TIER_SYSTEM)
+            asked = body["messages"][-1]["content"]
+            return "REASONING" if "gardens" in asked else "no idea, sorry"
+        return echo_responder(fmt, body)
+
+    local.responder = local_model
+    data = make_config(anth.url, local.openai_url).model_dump(mode="json")
+    data["routing"] = {"tiers": {
+        "min_confidence": 0.999,  # nothing is sure enough: every auto prompt asks the classifier
+        "chains": {"SIMPLE": ["local-test"], "MEDIUM": ["local-test"], "COMPLEX": ["claude-test"],
+                   "REASONING": ["claude-test"]},
+        "llm_classifier": "local-test", "llm_timeout_s": 1.0}}
+    config = parse_config(data)
+    with psycopg.connect(db_url) as conn:
+        key = keys.create_key(conn, "staff")[0]
+    app, served = start_gateway(config, db_url, tmp_path)
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0)
+    try:
+        asked = ask(client, "Three gardens share a wall; which one gets the most sun in winter?")
+        assert asked.headers["x-tm-route"] == "tier:REASONING" and asked.headers["x-tm-model"] == "claude-test"
+        question = [r for r in local.requests if r.body and "sort requests" in str(r.body["messages"][0])]
+        assert len(question) == 1 and question[0].body["max_tokens"] == 8
+        # An answer that is not a tier, or none in time, keeps what the signals said.
+        hi = ask(client, "hi there")
+        assert hi.headers["x-tm-route"] == "tier:SIMPLE" and hi.headers["x-tm-model"] == "local-test"
+        local.stall(3.0, times=1)
+        slow = ask(client, "Five gardens in a row: which one is shaded at noon?")
+        assert slow.headers["x-tm-route"] != "tier:REASONING"  # the classifier's late answer is not waited for
+        assert slow.parse().choices[0].message.content.startswith("echo: ")
+        app.state.proxy.request_log.flush()
+        rows = query(db_url, "SELECT route, route_reason FROM requests ORDER BY ts")
+        assert "local-test asked; the signals said" in rows[0]["route_reason"]
+        assert "asked" not in rows[1]["route_reason"] and "asked" not in rows[2]["route_reason"]
+    finally:
+        served.stop()

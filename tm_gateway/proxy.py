@@ -25,13 +25,14 @@ from tm_gateway.requestlog import RequestLog
 from tm_resources import cache
 from tm_resources import formats as fm
 from tm_resources.ids import uuid7
-from tm_resources.providers import Endpoint
+from tm_resources.providers import Endpoint, complete_text
 from tm_resources.providers import endpoints as provider_endpoints
 from tm_resources.registry import with_registry
 from tm_resources.config import Config, Tier
 from tm_resources.dispatch import AGENT_HEADER, Dispatcher, apply_agent, resolve_agent
 from tm_resources.embedder import fits_window
 from tm_resources.gate import quick_gate
+from tm_resources.tiers import llm_tier_messages, parse_llm_tier
 from tm_resources.rules import Route, auto_route, machine_chooses, route_request, tier_of
 
 log = logging.getLogger(__name__)
@@ -302,8 +303,12 @@ class Proxy:
         config = self.config
         route = route_request(requested, task_type, user, self.shared.rules, config, agent=row.data["agent"])
         if route.route == "default" and requested == "auto":
-            route = auto_route(route, tier=tier_of(prompt, task_type, confidence, config), task_type=task_type,
-                               learned=self._learned(vec, user), config=config)
+            learned = self._learned(vec, user)
+            tier = tier_of(prompt, task_type, confidence, config)
+            if tier is not None and learned is None and tier[1] < config.routing.tiers.min_confidence \
+                    and config.routing.tiers.llm_classifier:
+                tier = await self._llm_tier(prompt, tier)
+            route = auto_route(route, tier=tier, task_type=task_type, learned=learned, config=config)
             route = self._without_premium(route, user)
         row.data["route"] = route.route
         dispatched = row.data.pop("dispatch_reason", None)
@@ -313,6 +318,24 @@ class Proxy:
                              f"'{route.model}' is a premium model and user '{user}' is not allowed premium "
                              "models; ask an admin to set users.<you>.premium in tm.yaml, or use another model")
         return route
+
+    async def _llm_tier(self, prompt: str, unsure: tuple[str, float, str]) -> tuple[str, float, str]:
+        """routing.tiers.llm_classifier's tier for a prompt the signals and the task type are both
+        unsure about; what they said when it cannot answer in time."""
+        tiers = self.config.routing.tiers
+        model = tiers.llm_classifier
+        mcfg = self.config.models[model]
+        ep = self.endpoints[mcfg.provider]
+        try:
+            async with asyncio.timeout(tiers.llm_timeout_s):
+                text = await complete_text(self.session, ep, mcfg.upstream or model, llm_tier_messages(prompt), 8)
+        except Exception as err:  # noqa: BLE001 - an unsure tier is still a tier; never fail the request
+            log.info("tier classifier %s did not answer (%s): keeping %s", model, type(err).__name__, unsure[0])
+            return unsure
+        asked = parse_llm_tier(text)
+        if asked is None:
+            return unsure
+        return asked.value, unsure[1], f"{model} asked; the signals said {unsure[0]}"
 
     def _premium_allowed(self, user: str) -> bool:
         allowed = self.config.users.get(user)

@@ -143,6 +143,11 @@ class TierRouting(_Strict):
     task_type_tiers: dict[str, TierName] = Field(default_factory=lambda: {
         "chat": "SIMPLE", "extraction": "SIMPLE", "summarization": "MEDIUM", "writing": "MEDIUM",
         "coding": "COMPLEX", "math": "REASONING", "reasoning": "REASONING"})
+    # Optionally, when neither the signals nor the task type clear min_confidence: ask this
+    # configured (cheap, local) model for the tier, waiting at most llm_timeout_s; no answer in time
+    # (or not one of the four words) keeps what the signals said.
+    llm_classifier: str | None = None
+    llm_timeout_s: float = Field(1.5, gt=0, le=30)
 
 
 class CascadeRouting(_Strict):
@@ -375,6 +380,9 @@ class Config(_Strict):
             value = getattr(self.routing.cascade, key)
             if value is not None and value not in self.models:
                 raise ValueError(f"routing.cascade.{key}: '{value}' is not one of the models")
+        llm = self.routing.tiers.llm_classifier
+        if llm is not None and llm not in self.models:
+            raise ValueError(f"routing.tiers.llm_classifier: '{llm}' is not one of the models")
         if self.loop.judge_model is not None and self.loop.judge_model not in self.models:
             raise ValueError(f"loop.judge_model: '{self.loop.judge_model}' is not one of the models")
         for key in ("model", "frontier_model"):

@@ -8,11 +8,9 @@ import logging
 from collections.abc import Callable, Sequence
 
 import aiohttp
-import orjson
 
-from tm_resources import formats as fm
 from tm_resources.config import Config
-from tm_resources.providers import endpoint_for
+from tm_resources.providers import complete_text, endpoint_for
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +28,18 @@ async def _judge_all(config: Config, model: str, conversations: Sequence[list[di
         nonlocal unreachable
         if unreachable:
             return None
-        body = {"model": upstream, "messages": messages, "max_tokens": 16, "temperature": 0}
-        if ep.kind == "anthropic":
-            body = fm.openai_request_to_anthropic(body, model=upstream, default_max_tokens=16)
         async with sem:
             if unreachable:
                 return None
             try:
-                async with session.post(ep.url, data=orjson.dumps(body), headers=ep.headers()) as resp:
-                    if resp.status >= 400:
-                        return None
-                    answer = orjson.loads(await resp.read())
+                text = await complete_text(session, ep, upstream, messages, 16)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError):
                 # One refused connection means the judge is down: stop trying for this batch.
                 unreachable = True
                 return None
-            except (aiohttp.ClientError, ValueError):
+            except aiohttp.ClientError:
                 return None
-        text = fm.response_text_anthropic(answer) if ep.kind == "anthropic" else fm.response_text_openai(answer)
-        return parse(text)
+        return None if text is None else parse(text)
 
     async with aiohttp.ClientSession(timeout=timeout) as session:
         results = await asyncio.gather(*(one(session, m) for m in conversations))

@@ -295,6 +295,32 @@ class TierDecision:
 
 Fallback = Callable[[str], "tuple[Tier | str, float] | None"]
 
+# The optional last resort (routing.tiers.llm_classifier): a cheap model asked for the tier of a
+# prompt the signals and the task type are both unsure about.
+LLM_TIER_SYSTEM = (
+    "You sort requests for an AI gateway by the model they need. Reply with exactly one word:\n"
+    "SIMPLE - greetings, quick facts, short rewrites or translations, yes/no questions;\n"
+    "MEDIUM - explanations, summaries, emails and ordinary writing, light analysis;\n"
+    "COMPLEX - writing or reviewing code, multi-step technical work, long structured documents;\n"
+    "REASONING - proofs, mathematics, logic puzzles, careful step-by-step analysis.")
+LLM_TIER_MAX_CHARS = 2000
+_LLM_TIER_WORD = re.compile(r"\b(SIMPLE|MEDIUM|COMPLEX|REASONING)\b", re.IGNORECASE)
+
+
+def llm_tier_messages(prompt: str) -> list[dict]:
+    """What the cheap model is asked: the instructions and the prompt (its opening and its end when long)."""
+    if len(prompt) > LLM_TIER_MAX_CHARS:
+        half = LLM_TIER_MAX_CHARS // 2
+        prompt = prompt[:half] + "\n[...]\n" + prompt[-half:]
+    return [{"role": "system", "content": LLM_TIER_SYSTEM},
+            {"role": "user", "content": f"Request:\n<<<\n{prompt}\n>>>\nTier (one word):"}]
+
+
+def parse_llm_tier(text: str | None) -> Tier | None:
+    """The tier a cheap model answered: the first of the four words in its reply, else None."""
+    m = _LLM_TIER_WORD.search(text or "")
+    return Tier(m.group(1).upper()) if m else None
+
 
 class TierClassifier:
     """Tier of a prompt: the weighted-signal rules, or `fallback` when their confidence is under
