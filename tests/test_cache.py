@@ -177,6 +177,14 @@ def test_opting_out_and_answers_the_loop_scored_badly(cached):
     assert cached.rows()[1]["request_hash"] is None
     assert ask(cached.openai(), "Summarise the meeting notes").headers["x-tm-cache"] == "miss"
     assert cached.calls() == calls + 2
+    # The HTTP way to ask for a fresh answer (a client's "regenerate") opts out too.
+    ask(cached.openai(), "Summarise the agenda")
+    cached.rows()
+    for directive in ("no-cache", "no-store", "max-age=0, no-cache"):
+        fresh = ask(cached.openai(), "Summarise the agenda", extra_headers={"cache-control": directive})
+        assert fresh.headers["x-tm-cache"] == "off"
+    assert cached.calls() == calls + 6
+    assert ask(cached.openai(), "Summarise the agenda").headers["x-tm-cache"] == "exact"
 
 
 def test_answers_are_shared_within_the_configured_scope(db_url, upstreams, tmp_path):

@@ -577,7 +577,9 @@ class Proxy:
                             headers: dict[str, str]) -> cache.Hit | None:
         """Exact, then semantic (only for a prompt its vector covers whole: a long one is embedded
         from its opening only). Never fails the request: a slow or unreachable database is a miss."""
-        if h.get("x-tm-cache", "").strip().lower() in ("off", "no", "false", "0", "bypass"):
+        directives = h.get("cache-control", "").lower()
+        if h.get("x-tm-cache", "").strip().lower() in ("off", "no", "false", "0", "bypass") \
+                or "no-cache" in directives or "no-store" in directives:
             headers["x-tm-cache"] = "off"
             return None
         keys = cache.keys(body, row.data["agent"])
