@@ -230,8 +230,9 @@ def finetune_jobs(
     group_name=LOOP,
     kinds={"postgres"},
     description="The answers the gateway's semantic cache may serve: the hour's requests whose answer "
-    "scored at least loop.thresholds.cache_min_quality and ended normally, with their prompt vectors "
-    "(HNSW-indexed). Entries older than a week are dropped.",
+    "scored at least loop.thresholds.cache_min_quality and ended normally, and whose prompt fits the "
+    "embedder's 128-token window (a longer one is embedded from its opening only), with their prompt "
+    "vectors (HNSW-indexed). Entries older than a week are dropped.",
 )
 def cache_entries(
     context: dg.AssetExecutionContext, postgres: PostgresResource, tm_config: TokenMachineConfig
