@@ -187,10 +187,12 @@ def test_tool_calls_cross_both_ways(gateway: Gateway, upstreams):
 
 
 def test_models_listing_in_both_formats(gateway: Gateway):
-    ids = [m.id for m in oa(gateway).models.list()]
-    assert ids == ["claude-test", "local-test"]
+    # `auto` (and any presets) first: what a client lists is what it may ask for.
+    models = oa(gateway).models.list().data
+    assert [m.id for m in models] == ["auto", "claude-test", "local-test"]
+    assert [m.owned_by for m in models] == ["token-machine", "anthropic", "local"]
     page = an(gateway).models.list()
-    assert [m.id for m in page.data] == ["claude-test", "local-test"]
+    assert [m.id for m in page.data] == ["auto", "claude-test", "local-test"]
 
 
 def test_healthz(gateway: Gateway):

@@ -50,6 +50,12 @@ def test_a_preset_is_a_prioritized_chain(gw):
     assert raw.headers["x-tm-model"] == "claude-test"  # the next in the preset's chain
 
 
+def test_the_model_list_offers_auto_and_the_presets(gw):
+    url, k, app, db_url, anth, local = gw
+    ids = [m.id for m in client(url, k["staff"]).models.list()]
+    assert ids == ["auto", "tm:balanced", "tm:basic", "tm:complex", "claude-opus-test", "claude-test", "local-test"]
+
+
 def test_premium_only_for_users_allowed_it(gw):
     url, k, app, db_url, anth, local = gw
     with pytest.raises(openai.PermissionDeniedError) as e:

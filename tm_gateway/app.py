@@ -150,7 +150,11 @@ def create_app(settings: GatewaySettings) -> Starlette:
             return error_response(fmt, 401, "invalid or missing API key")
         started = time.perf_counter()
         created = int(time.time())
-        names = sorted(config.models)
+        proxy._sync_registry()
+        served = proxy.config
+        # What a client may put in `model`: the machine's choices first, then every model served
+        # (configured ones and deployed fine-tunes).
+        names = ["auto", *sorted(served.presets), *sorted(served.models)]
         if fmt == "anthropic":
             body = {
                 "data": [
@@ -166,7 +170,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
             body = {
                 "object": "list",
                 "data": [
-                    {"id": n, "object": "model", "created": created, "owned_by": config.models[n].provider}
+                    {"id": n, "object": "model", "created": created,
+                     "owned_by": served.models[n].provider if n in served.models else "token-machine"}
                     for n in names
                 ],
             }
