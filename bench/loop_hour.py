@@ -112,7 +112,7 @@ def main() -> int:
     from tm_assets.checks import loop_checks
     from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
     from tm_gateway.requestlog import RequestLog
-    from tm_resources import db
+    from tm_resources import cache, db
     from tm_resources.embedder import get_embedder
     from tm_resources.ids import uuid7
 
@@ -132,6 +132,8 @@ def main() -> int:
     log = RequestLog(url, spool_dir=home / "spool").start()
     offsets = sorted(rng.uniform(0, 3599) for _ in range(args.requests))
     for i, (p, off) in enumerate(zip(chosen, offsets)):
+        # The cache keys the gateway stores, so the cache_entries asset has its real work to do.
+        k = cache.keys({"model": "auto", "messages": [{"role": "user", "content": p["prompt"]}]})
         log.write({
             "id": uuid7(), "ts": hour + timedelta(seconds=off), "user_id": f"user{rng.randrange(args.users)}",
             "api_key_id": "k_bench", "api_format": "openai", "endpoint": "/v1/chat/completions",
@@ -141,7 +143,7 @@ def main() -> int:
             "response_text": p["answer"], "finish_reason": "stop", "input_tokens": len(p["prompt"].split()) * 4 // 3,
             "output_tokens": len(p["answer"].split()) * 4 // 3, "cost_usd": p["cost"],
             "baseline_cost_usd": None, "latency_ms": 500.0, "status": 200, "route": "default",
-            "prompt_embedding": vec_of.get(i),
+            "prompt_embedding": vec_of.get(i), "request_hash": k.request_hash, "context_hash": k.context_hash,
         })
     assert log.flush(120)
     log.close()
