@@ -47,19 +47,35 @@ class Cached:
     def calls(self) -> int:
         return len(self.anth.requests) + len(self.local.requests)
 
-    def score(self, request_id, quality: float) -> None:
-        """What the loop's scored_requests asset would write for this request."""
+    def score(self, request_id, quality: float, prompt: str | None = None) -> None:
+        """What the loop's scored_requests asset would write for this request (with the prompt's
+        vector when given: the loop embeds the prompts the gateway did not)."""
+        from pgvector.psycopg import register_vector
+
+        from tm_resources.embedder import get_embedder
+
+        vec = get_embedder().embed_one(prompt) if prompt is not None else None
         with psycopg.connect(self.db_url) as conn:
+            register_vector(conn)
             conn.execute(
-                "INSERT INTO scored_requests (hour, request_id, ts, user_id, model, quality)"
-                " SELECT date_trunc('hour', ts), id, ts, user_id, model, %s FROM requests WHERE id = %s",
-                (quality, request_id))
+                "INSERT INTO scored_requests (hour, request_id, ts, user_id, model, quality, prompt_embedding)"
+                " SELECT date_trunc('hour', ts), id, ts, user_id, model, %s, %s FROM requests WHERE id = %s",
+                (quality, vec, request_id))
 
     def fill_entries(self) -> int:
-        """Run the loop's cache_entries step for the current hour."""
+        """Run the loop's cache_entries step for the current hour, and wait until the gateway has
+        re-read which contexts have entries (as every replica does when the loop writes them)."""
         hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
         with psycopg.connect(self.db_url) as conn:
-            return sum(cache.replace_entries(conn, h, self.config) for h in (hour - timedelta(hours=1), hour))
+            n = sum(cache.replace_entries(conn, h, self.config) for h in (hour - timedelta(hours=1), hour))
+            conn.commit()
+            version = conn.execute("SELECT version FROM tm_state_versions WHERE name = 'cache_entries'").fetchone()[0]
+        shared = self.app.state.proxy.shared
+        deadline = time.monotonic() + 10
+        while (shared._versions.get("cache_entries") or 0) < version:
+            assert time.monotonic() < deadline, "the gateway did not re-read the cache contexts"
+            time.sleep(0.02)
+        return n
 
     def stop(self) -> None:
         self.served.stop()
@@ -214,7 +230,10 @@ def test_a_similar_prompt_is_answered_from_an_answer_that_scored_well(cached):
     # Not scored yet: the semantic cache serves only answers the loop scored well.
     assert ask(client, "How can I reverse a list in Python?", model="auto").headers["x-tm-cache"] == "miss"
     cached.score(source["id"], 0.92)
+    contexts = cached.app.state.proxy.shared.contexts
+    assert not contexts.may_have(source["context_hash"], "auto")  # no entries: no semantic query
     assert cached.fill_entries() == 1
+    assert contexts.may_have(source["context_hash"], "auto") and len(contexts) == 1
     calls = cached.calls()
 
     similar = ask(client, "how can i reverse a python list?", model="auto")
@@ -271,8 +290,10 @@ def test_named_model_requests_use_the_semantic_cache_when_configured(db_url, ups
         client = c.openai()
         first = ask(client, "How do I reverse a list in Python?")  # names local-test
         [source] = c.rows()
-        assert source["prompt_embedding"] is not None  # embedded for the cache, not for a task type
-        c.score(source["id"], 0.92)
+        # No entries in this context yet: nothing to look up, so nothing embedded at the gateway;
+        # the loop embeds the prompt when it scores it.
+        assert source["prompt_embedding"] is None
+        c.score(source["id"], 0.92, prompt="How do I reverse a list in Python?")
         assert c.fill_entries() == 1
         similar = ask(client, "how can i reverse a python list?")
         assert similar.headers["x-tm-cache"] == "semantic"

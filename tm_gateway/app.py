@@ -72,7 +72,9 @@ def create_app(settings: GatewaySettings) -> Starlette:
             router_models=list(config.models),
             router_settings=RouterSettings(window_h=learned.window_h, min_rows=learned.min_rows, k=learned.k,
                                            temperature=learned.temperature, prior_weight=learned.prior_weight),
-            exact_ttl_s=config.cache.exact_ttl_s if config.cache.enabled else None)
+            exact_ttl_s=config.cache.exact_ttl_s if config.cache.enabled else None,
+            semantic_window_h=config.cache.semantic.window_h
+            if config.cache.enabled and config.cache.semantic.enabled else None)
         shared.load()
         spool = Path(config.log.spool_dir) if config.log.spool_dir else settings.home / "spool"
         request_log = RequestLog(

@@ -589,12 +589,13 @@ class Proxy:
         users = cache.scope_users(r["user_id"], config)
         headers["x-tm-cache"] = "miss"
         # Postgres is asked only for what may be there: an exact hash some replica has logged, a prompt
-        # with a vector its semantic entries could match.
-        hashes = self.shared.hashes
+        # with a vector in a context that has semantic entries.
+        hashes, contexts = self.shared.hashes, self.shared.contexts
         exact = hashes is None or hashes.may_have(keys.request_hash)
         vec = r.get("prompt_embedding")
         semantic = config.cache.semantic
         similar = keys.context_hash is not None and semantic.enabled and bool(r.get("prompt")) \
+            and (contexts is None or contexts.may_have(keys.context_hash, r["requested_model"])) \
             and (vec is not None or (self.embed is not None and semantic.named_models)) \
             and fits_window([r["prompt"]])[0]
         if hashes is not None:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import psycopg
 
-from tm_resources.cache import RecentHashes
+from tm_resources.cache import CacheContexts, RecentHashes
 from tm_resources.db import connect
 from tm_resources.keys import active_keys
 from tm_resources.learned import LearnedRouter, RouterSettings, load_with
@@ -39,7 +39,7 @@ class SharedState:
 
     def __init__(self, url: str, interval_s: float = 1.0, *, learn_router: bool = False,
                  router_models: Iterable[str] | None = None, router_settings: RouterSettings | None = None,
-                 exact_ttl_s: float | None = None):
+                 exact_ttl_s: float | None = None, semantic_window_h: int | None = None):
         self.url = url
         self.interval_s = interval_s
         self.learn_router = learn_router
@@ -57,6 +57,8 @@ class SharedState:
         self._versions: dict[str, int] = {}
         # The exact cache's pre-filter (cache.RecentHashes), when the cache is on.
         self.hashes = RecentHashes(exact_ttl_s) if exact_ttl_s else None
+        # The semantic cache's pre-filter (cache.CacheContexts), when it is on.
+        self.contexts = CacheContexts(semantic_window_h) if semantic_window_h else None
         self._task: asyncio.Task | None = None
 
     def lookup(self, key: str | None) -> tuple[str, str] | None:
@@ -74,6 +76,8 @@ class SharedState:
             self.registry_version += 1
             if self.hashes is not None:
                 self.hashes.load(conn)
+            if self.contexts is not None:
+                self.contexts.load(conn)
 
     async def _poll(self) -> None:
         conn: psycopg.AsyncConnection | None = None
@@ -100,6 +104,9 @@ class SharedState:
                     self.registry = await asyncio.to_thread(self._read_registry)
                     self.registry_version += 1
                     log.info("model registry reloaded: %d deployed models", len(self.registry))
+                if self.contexts is not None and versions.get("cache_entries") != self._versions.get("cache_entries"):
+                    await asyncio.to_thread(self._read_contexts)
+                    log.info("cache contexts reloaded: %d with entries", len(self.contexts))
                 self._versions = versions
                 if self.hashes is not None:
                     await self.hashes.refresh(conn)
@@ -154,6 +161,10 @@ class SharedState:
     def _read_registry(self) -> list[RegisteredModel]:
         with connect(self.url) as conn:
             return load_registry(conn)
+
+    def _read_contexts(self) -> None:
+        with connect(self.url) as conn:
+            self.contexts.load(conn)
 
     def _read_rules(self) -> RuleBook:
         with connect(self.url) as conn:

@@ -116,6 +116,29 @@ class RecentHashes:
         self._take(await cur.fetchall(), now, whole)
 
 
+class CacheContexts:
+    """Which (context, model asked for) pairs have semantic cache entries in the last `window_h`
+    hours, held in memory so that a request in any other context (most turns of a conversation, a
+    new system prompt) costs no semantic lookup. Read at start and whenever the loop rewrites
+    `cache_entries` (its version moves); a pair held here may still miss (another user's entry,
+    too far apart): it only decides whether to ask."""
+
+    def __init__(self, window_h: int):
+        self.window_h = window_h
+        self._pairs: set[tuple[int, str]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._pairs or ())
+
+    def may_have(self, context_hash: str, requested_model: str) -> bool:
+        return self._pairs is None or (int(context_hash[:16], 16), requested_model) in self._pairs
+
+    def load(self, conn: psycopg.Connection) -> None:
+        rows = conn.execute("SELECT DISTINCT context_hash, requested_model FROM cache_entries"
+                            " WHERE ts > now() - make_interval(hours => %s)", (self.window_h,)).fetchall()
+        self._pairs = {(int(c[:16], 16), m) for c, m in rows}
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
