@@ -19,6 +19,9 @@ def test_the_shipped_example_is_valid():
     config = load_config(EXAMPLE_CONFIG)
     assert config.defaults.model in config.models
     assert config.models["claude-sonnet-4-5"].price.cost(1_000_000, 1_000_000) == pytest.approx(18.0)
+    # The three presets a request may name, none starting with a premium model (open to every user).
+    assert sorted(config.presets) == ["tm:balanced", "tm:basic", "tm:complex"]
+    assert all(config.models[chain[0]].tier.value != "premium" for chain in config.presets.values())
 
 
 @pytest.mark.parametrize("mutate,expected", [
