@@ -181,12 +181,14 @@ def explain_semantic(url: str, config, ctx: str, vec: np.ndarray) -> tuple[list[
     with psycopg.connect(url, autocommit=True) as conn:
         register_vector(conn)
         plan = [r[0] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + cache._sql(cache._SEMANTIC, users), params)]
-    ms = next((float(line.split(":")[1].split()[0]) for line in plan if line.startswith("Execution Time")), float("nan"))
+    ms = next((float(line.split(":")[1].split()[0]) for line in plan if line.startswith("Execution Time")),
+              float("nan"))
     return plan, ms
 
 
 async def time_lookups(url: str, config, rows: list[dict], vecs: np.ndarray, n: int, budget_s: float,
-                       rng: random.Random, ef_search: int | None = None) -> tuple[dict[str, list[float]], dict[str, int]]:
+                       rng: random.Random, ef_search: int | None = None
+                       ) -> tuple[dict[str, list[float]], dict[str, int]]:
     from psycopg_pool import AsyncConnectionPool
 
     from tm_resources import cache
@@ -291,12 +293,13 @@ def scale(args, config) -> dict:
         fill_s = time.perf_counter() - t0
         ctx = rows[0]["keys"].context_hash
         plan, exec_ms = explain_semantic(url, config, ctx, vecs[0])
-        times, wrong = asyncio.run(time_lookups(url, config, rows, vecs, args.lookups, args.budget_s, rng, args.ef_search))
+        times, wrong = asyncio.run(time_lookups(url, config, rows, vecs, args.lookups, args.budget_s, rng,
+                                                args.ef_search))
         fig = {}
         for kind, ts in times.items():
             fig[kind] = {"n": len(ts), "p50_ms": round(pct(ts, 50), 3), "p99_ms": round(pct(ts, 99), 3),
-                         "max_ms": round(max(ts), 2), "unexpected": wrong[kind], "over_timeout": sum(t > config.cache.lookup_timeout_s * 1000
-                                                                         for t in ts)}
+                         "max_ms": round(max(ts), 2), "unexpected": wrong[kind],
+                         "over_timeout": sum(t > config.cache.lookup_timeout_s * 1000 for t in ts)}
             print(f"{size:>8} {kind:<14} {len(ts):>5} {fig[kind]['p50_ms']:>8.2f} {fig[kind]['p99_ms']:>8.2f} "
                   f"{fig[kind]['max_ms']:>8.1f} {fig[kind]['over_timeout']:>7}"
                   + (f"   server {exec_ms:.2f} ms" if kind == "semantic_miss" else ""))
@@ -397,10 +400,11 @@ def replay(name: str, texts: list[str], embedder, args, rng: random.Random) -> t
         seen.add(t)
     # Token windows as the embedder sees them ([CLS]/[SEP] included): a prompt that reaches the cap is
     # embedded from its first max_tokens only, so two prompts that differ after it get similarity 1.
+    from tm_resources.embedder import fits_window
+
     cap = embedder.max_tokens
-    max_chars = cap * 12
-    ids = [tuple(e.ids) for e in embedder._tokenizer.encode_batch([t[:max_chars] for t in texts])]
-    fits = np.array([len(x) < cap for x in ids])
+    ids = [tuple(e.ids) for e in embedder._tokenizer.encode_batch([t[:embedder._max_chars] for t in texts])]
+    fits = np.array(fits_window(texts, cap))  # the rule the gateway and the loop apply
     truncated_same = [i for i in range(1, n) if not exact[i] and ids[i] == ids[arg[i]] and not fits[i]]
     cand = ~exact
     cand[0] = False
@@ -468,8 +472,7 @@ def embed_latency(embedder, texts: list[str], n: int, rng: random.Random) -> dic
         t0 = time.perf_counter()
         embedder.embed_one(t)
         ms.append((time.perf_counter() - t0) * 1000)
-    max_chars = embedder.max_tokens * 12
-    toks = [len(e.ids) for e in embedder._tokenizer.encode_batch([t[:max_chars] for t in sample])]
+    toks = [len(e.ids) for e in embedder._tokenizer.encode_batch([t[:embedder._max_chars] for t in sample])]
     short = [m for m, k in zip(ms, toks) if k < 64]
     full = [m for m, k in zip(ms, toks) if k >= embedder.max_tokens]
     return {"n": len(ms), "p50_ms": round(pct(ms, 50), 2), "p99_ms": round(pct(ms, 99), 2),

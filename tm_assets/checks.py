@@ -52,8 +52,9 @@ def every_request_typed(context: dg.AssetCheckExecutionContext, postgres: Postgr
 
 
 # The count each action's evidence must show, above zero, for the rule to stand on something.
-EVIDENCE_COUNT = {"escalate": "local_samples", "cascade": "local_samples", "lock_local": "local_samples", "finetune_candidate": "samples",
-                  "coach": "low_prompt_days", "throttle": "cost_usd", "swap_model": "margin"}
+EVIDENCE_COUNT = {"escalate": "local_samples", "cascade": "local_samples", "lock_local": "local_samples",
+                  "finetune_candidate": "samples", "coach": "low_prompt_days", "throttle": "cost_usd",
+                  "swap_model": "margin"}
 
 
 @dg.asset_check(asset=routing_rules, partitions_def=hourly,

@@ -1,4 +1,5 @@
-"""The decision engine: seven conditions over patterns, grades and costs, seven routing actions, every threshold from config."""
+"""The decision engine: seven conditions over patterns, grades and costs, seven routing actions,
+every threshold from config."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ STATUS_BY_MODE: dict[str, str] = {"auto": "active", "dry-run": "proposed", "manu
 # escalated type); escalate, cascade and lock_local never coexist on a type (the local average
 # is under escalate_below, between, or over lock_above); swap_model only picks which
 # local model serves; coach and finetune_candidate do not route.
-ACTION_ORDER: tuple[Action, ...] = ("throttle", "escalate", "cascade", "lock_local", "swap_model", "finetune_candidate", "coach")
+ACTION_ORDER: tuple[Action, ...] = ("throttle", "escalate", "cascade", "lock_local", "swap_model",
+                                    "finetune_candidate", "coach")
 
 BASELINE_WINDOW_H = 168        # a user's baseline: their hours in the trailing 7 days ...
 BASELINE_MIN_HOURS = 3         # ... when they had at least this many active hours; else the team's

@@ -184,7 +184,6 @@ class Embedder:
                  cache_dir: str | os.PathLike | None = None, threads: int | None = None,
                  batch_size: int = 32) -> None:
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         if not 2 <= max_tokens <= MODEL_MAX_TOKENS:
             raise ValueError(f"max_tokens must be between 2 and {MODEL_MAX_TOKENS}, not {max_tokens}")
@@ -196,10 +195,7 @@ class Embedder:
         self.batch_size = batch_size
         self.onnx_path = ensure_onnx(precision, cache_dir, src)
 
-        self._tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
-        # tokenizer.json ships with fixed 128 padding; batches are padded here, to their longest text.
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=max_tokens)
+        self._tokenizer = _window_tokenizer(max_tokens)
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or _available_cores()
@@ -253,18 +249,26 @@ _shared_lock = threading.Lock()
 _window_tokenizers: dict[int, object] = {}
 
 
-def fits_window(texts: list[str], max_tokens: int = DEFAULT_MAX_TOKENS) -> list[bool]:
-    """Whether each text's vector covers all of it: under `max_tokens` word pieces ([CLS]/[SEP]
-    included). A longer text is embedded from its opening only, so two texts that differ after it
-    get the same vector; the semantic cache must not take one for the other. Tokenizer only, no model."""
+def _window_tokenizer(max_tokens: int):
+    """The model's tokenizer cutting at `max_tokens`, one per cap for the process (read-only once
+    built, so the embedders and fits_window share it across threads)."""
     tok = _window_tokenizers.get(max_tokens)
     if tok is None:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(model_path() / "tokenizer.json"))
+        # tokenizer.json ships with fixed 128 padding; batches are padded by the embedder, to their longest text.
         tok.no_padding()
         tok.enable_truncation(max_length=max_tokens)
-        _window_tokenizers[max_tokens] = tok
+        tok = _window_tokenizers.setdefault(max_tokens, tok)
+    return tok
+
+
+def fits_window(texts: list[str], max_tokens: int = DEFAULT_MAX_TOKENS) -> list[bool]:
+    """Whether each text's vector covers all of it: under `max_tokens` word pieces ([CLS]/[SEP]
+    included). A longer text is embedded from its opening only, so two texts that differ after it
+    get the same vector; the semantic cache must not take one for the other. Tokenizer only, no model."""
+    tok = _window_tokenizer(max_tokens)
     max_chars = max_tokens * _CHARS_PER_TOKEN_BOUND
     out = [False] * len(texts)
     short = [i for i, t in enumerate(texts) if t and len(t) <= max_chars]

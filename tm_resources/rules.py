@@ -136,7 +136,8 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
                 return Route(target, f"rule:{rule.rule_id}", rule.reason)
         elif rule.action == "cascade":
             first = rule.model if rule.model and known(rule.model) else config.defaults.model
-            top = rule.target_model if rule.target_model and known(rule.target_model) else config.defaults.frontier_model
+            top = rule.target_model if rule.target_model and known(rule.target_model) \
+                else config.defaults.frontier_model
             route = _swapped(Route(first, f"rule:{rule.rule_id}", rule.reason), task_type, book, known)
             if top and known(top) and top != route.model:
                 return dataclasses.replace(route, escalate_to=top)
