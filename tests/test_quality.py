@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -219,8 +221,10 @@ def test_a_specific_prompt_scores_higher_than_a_vague_one(vague, good):
     assert 0 <= prompt_quality(vague) < prompt_quality(good) <= 1
 
 
-def test_prompt_quality_of_nothing_is_zero():
-    assert prompt_quality("") == 0.0 and prompt_quality(None) == 0.0
+def test_prompt_quality_of_an_empty_prompt_is_zero_and_of_no_prompt_missing():
+    assert prompt_quality("") == 0.0
+    # A request rejected before it had a prompt (the log holds NULL, pandas NaN) grades nobody's prompts.
+    assert math.isnan(prompt_quality(None)) and math.isnan(prompt_quality(float("nan")))
 
 
 # --- composite ---------------------------------------------------------------------------------

@@ -69,10 +69,15 @@ def scored_requests(
         requests = compute.read_requests_for_scoring(conn, hour, hour + lookahead)
         scored, stats = compute.score_hour(requests, hour, config, log=context.log)
         n = replace_hour_df(conn, "scored_requests", hour, scored, compute.SCORED_COLUMNS)
+        skipped = compute.count_other_rows(conn, hour)
     w = config.loop.weights
     return dg.MaterializeResult(metadata={
         "dagster/row_count": n,
-        "avg_quality": float(scored["quality"].mean()) if n else None,
+        # Every model call of the hour has a row here; only answered ones get a quality.
+        "quality_scored": stats["quality_scored"],
+        "not_scored": dg.MetadataValue.json(stats["not_scored"]),
+        "not_model_calls": skipped,
+        "avg_quality": float(scored["quality"].mean()) if stats["quality_scored"] else None,
         "judge": stats["judge"],
         "weights": dg.MetadataValue.json(w.model_dump()),
         "timings_s": dg.MetadataValue.json(stats["timings_s"]),
@@ -104,6 +109,7 @@ def task_types(
     counts = typed["task_type"].value_counts().sort_index().to_dict() if n else {}
     return dg.MaterializeResult(metadata={
         "dagster/row_count": n,
+        "not_typed_no_prompt": len(scored) - n,
         "by_type": dg.MetadataValue.json({k: int(v) for k, v in counts.items()}),
         "candidate_new_types": dg.MetadataValue.md(compute.candidates_markdown(candidates)),
         "preview": _preview(typed, ["request_id", "user_id", "model", "task_type", "confidence"]),

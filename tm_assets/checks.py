@@ -40,12 +40,13 @@ def one_score_per_request(context: dg.AssetCheckExecutionContext, postgres: Post
 
 
 @dg.asset_check(asset=task_types, partitions_def=hourly,
-                description="Every scored request of the hour has a task type.")
+                description="Every scored request of the hour that has a prompt has a task type.")
 def every_request_typed(context: dg.AssetCheckExecutionContext, postgres: PostgresResource) -> dg.AssetCheckResult:
     hour = hour_of(context)
     with postgres.get_connection() as conn:
         untyped = conn.execute(
-            "SELECT count(*) FROM scored_requests s WHERE s.hour = %s"
+            "SELECT count(*) FROM scored_requests s JOIN requests r ON r.id = s.request_id AND r.ts = s.ts"
+            " WHERE s.hour = %s AND coalesce(r.prompt, '') ~ '\\S'"
             " AND NOT EXISTS (SELECT 1 FROM task_types t WHERE t.request_id = s.request_id)", (hour,)).fetchone()[0]
     return dg.AssetCheckResult(passed=untyped == 0, severity=dg.AssetCheckSeverity.WARN,
                                metadata={"untyped_requests": int(untyped)})

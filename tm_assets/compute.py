@@ -17,7 +17,7 @@ from tm_resources.config import Config
 from tm_resources.embedder import DIM, get_embedder
 from tm_resources.events import EventSink, event_uuid
 from tm_resources.judge import judge_answers
-from tm_resources.tables import read_df, read_requests, vectors
+from tm_resources.tables import COMPLETION_ENDPOINTS, read_df, read_requests, vectors
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,12 @@ def read_requests_for_scoring(conn: psycopg.Connection, start: datetime, end: da
     return read_requests(conn, start, end, _SCORING_INPUT)
 
 
+def count_other_rows(conn: psycopg.Connection, hour: datetime) -> int:
+    """Rows of the hour that are no model call (a models listing, a token count): logged, never scored."""
+    return conn.execute("SELECT count(*) FROM requests WHERE ts >= %s AND ts < %s AND NOT endpoint = ANY(%s)",
+                        (hour, hour + timedelta(hours=1), list(COMPLETION_ENDPOINTS))).fetchone()[0]
+
+
 def _prompt_vectors(df: pd.DataFrame) -> np.ndarray:
     """The gateway's vector where it computed one (the same model and code), else embed the prompt now."""
     vecs = np.zeros((len(df), DIM), dtype=np.float32)
@@ -65,10 +71,27 @@ def _prompt_vectors(df: pd.DataFrame) -> np.ndarray:
     have = df["prompt_embedding"].notna().to_numpy()
     if have.any():
         vecs[have] = vectors(df.loc[have, "prompt_embedding"], DIM)
-    if (~have).any():
-        texts = df.loc[~have, "prompt"].fillna("").astype(str).tolist()
-        vecs[~have] = embedder().embed(texts)
+    # A request rejected before it had a prompt keeps a zero vector: nothing to embed, type or compare.
+    embed = ~have & df["prompt"].map(has_prompt).to_numpy(dtype=bool)
+    if embed.any():
+        vecs[embed] = embedder().embed(df.loc[embed, "prompt"].tolist())
     return vecs
+
+
+def has_prompt(value: Any) -> bool:
+    return bool(quality.text_or_empty(value).strip())
+
+
+def unscored_kinds(requests: pd.DataFrame) -> dict[str, int]:
+    """How many of these rows get no quality, by why: what an operator reads in the run's metadata."""
+    status = requests["status"].astype("Int64")
+    kinds = {
+        "rejected (4xx)": (status.ge(400) & status.lt(500) & status.ne(499)).fillna(False),
+        "failed upstream (5xx)": status.ge(500).fillna(False),
+        "cut by the client (499)": status.eq(499).fillna(False),
+        "answered empty": ~quality.answered(requests) & status.eq(200).fillna(False),
+    }
+    return {name: int(mask.sum()) for name, mask in kinds.items() if mask.any()}
 
 
 def score_hour(requests: pd.DataFrame, hour: datetime, config: Config,
@@ -78,7 +101,8 @@ def score_hour(requests: pd.DataFrame, hour: datetime, config: Config,
     requests = requests.reset_index(drop=True)
     in_hour = (requests["ts"] >= pd.Timestamp(hour)) & (requests["ts"] < pd.Timestamp(hour + timedelta(hours=1)))
     if not in_hour.any():
-        return pd.DataFrame(columns=SCORED_COLUMNS), {"judge": "no requests", "timings_s": timings}
+        return pd.DataFrame(columns=SCORED_COLUMNS), {"judge": "no requests", "timings_s": timings,
+                                                       "quality_scored": 0, "not_scored": {}}
 
     t0 = time.perf_counter()
     prompt_vecs = _prompt_vectors(requests)
@@ -120,8 +144,11 @@ def score_hour(requests: pd.DataFrame, hour: datetime, config: Config,
     out["model"] = base["model"]
     out["tier"] = [tiers.get(m) if isinstance(m, str) else None for m in base["model"]]
     out["prompt_embedding"] = list(prompt_vecs[mask])
-    log.info(f"scored {len(out)} requests of {hour:%Y-%m-%d %H:00}; judge {judge_state}")
-    return out[SCORED_COLUMNS], {"judge": judge_state, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+    not_scored = unscored_kinds(base)
+    log.info(f"scored {len(out)} requests of {hour:%Y-%m-%d %H:00}, {int(out['quality'].notna().sum())} with a"
+             f" quality; not scored: {not_scored or 'none'}; judge {judge_state}")
+    return out[SCORED_COLUMNS], {"judge": judge_state, "timings_s": {k: round(v, 3) for k, v in timings.items()},
+                                 "quality_scored": int(out["quality"].notna().sum()), "not_scored": not_scored}
 
 
 # -- task_types -------------------------------------------------------------------------------
@@ -139,6 +166,8 @@ def classifier(config: Config):
 
 
 def classify_hour(scored: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, list[dict]]:
+    """Task types of the scored requests that have a prompt (a rejected one has none to type)."""
+    scored = scored[scored["prompt"].map(has_prompt).astype(bool)] if not scored.empty else scored
     if scored.empty:
         return pd.DataFrame(columns=TASK_TYPE_COLUMNS), []
     vecs = vectors(scored["prompt_embedding"], DIM)

@@ -14,6 +14,12 @@ from tm_resources.config import ScoringWeights
 
 SIGNALS = ("coherence", "completion", "brevity", "reprompt", "cost_efficiency")
 
+
+def text_or_empty(value: object) -> str:
+    """The text of a log column, "" when it is missing: a rejected request's prompt is NULL, which
+    pandas hands over as None or NaN."""
+    return value if isinstance(value, str) else ""
+
 # ---------------------------------------------------------------------------------------------
 # Coherence: is the answer about the prompt?
 #
@@ -91,8 +97,8 @@ def _clip_middle(text: str, limit: int = JUDGE_MAX_CHARS) -> str:
 def judge_prompt(prompt: str, answer: str) -> list[dict]:
     """The chat messages sent to the judge model for one request."""
     user = (
-        f"<request>\n{_clip_middle(prompt or '')}\n</request>\n\n"
-        f"<answer>\n{_clip_middle(answer or '')}\n</answer>\n\n"
+        f"<request>\n{_clip_middle(text_or_empty(prompt))}\n</request>\n\n"
+        f"<answer>\n{_clip_middle(text_or_empty(answer))}\n</answer>\n\n"
         "Score 0-10 (a single integer, nothing else):"
     )
     return [{"role": "system", "content": _JUDGE_SYSTEM}, {"role": "user", "content": user}]
@@ -177,7 +183,7 @@ def expected_output_tokens(prompt: str | None) -> float:
     while the 11 models' answers have medians of 112-294 tokens, inside the full-score plateau
     except gpt-4's most verbose quarter.
     """
-    text = prompt or ""
+    text = text_or_empty(prompt)
     if _TERSE_REQUEST.search(text):
         return float(BREVITY_TERSE_TOKENS)
     asks = len(_QUESTION.findall(text)) + len(_BULLET.findall(text)) + len(_IMPERATIVE.findall(text))
@@ -258,7 +264,8 @@ def followup_evidence(prev_prompt: str | None, next_prompt: str | None, similari
 
     similarity is the cosine of the two prompts' embeddings; without it, word overlap stands in.
     """
-    nxt = next_prompt or ""
+    nxt = text_or_empty(next_prompt)
+    prev_prompt = text_or_empty(prev_prompt)
     # Corrections come first ("No, I meant..."); further in, a long paste says "try again" for other reasons.
     head = nxt[:CORRECTION_HEAD_CHARS]
     if _CORRECTION_START.search(head) or _CORRECTION_ANYWHERE.search(head):
@@ -312,7 +319,9 @@ def reprompt_signal(df: pd.DataFrame, prompt_vecs: np.ndarray | None = None, rep
         parents = set(df.loc[df["parent_id"].notna(), "parent_id"].astype(str))
         out[df["id"].astype(str).isin(parents)] = np.nan
     session = df["session_id"] if "session_id" in df else pd.Series(None, index=df.index)
-    rows = df.assign(_ts=ts, _sess=session, _followup=~escalation)
+    # A request rejected before it had a prompt (bad JSON, no messages) says nothing about the answer before it.
+    has_prompt = df["prompt"].map(lambda p: bool(text_or_empty(p).strip())) if "prompt" in df else True
+    rows = df.assign(_ts=ts, _sess=session, _followup=~escalation & has_prompt)
     window = pd.Timedelta(seconds=reprompt_window_s)
     for _, g in rows.sort_values(["_ts", "id"], kind="stable").groupby("user_id", sort=True):
         idx = list(g.index)
@@ -414,9 +423,13 @@ def prompt_quality_parts(prompt: str | None) -> dict[str, float]:
     """The parts of prompt_quality, each 0..1: specificity, context, constraints, length, ask.
 
     NaN parts for a prompt mostly in a script without spaces or Latin letters (Japanese, Thai...):
-    the heuristics cannot read it, and a guess would coach the wrong people.
+    the heuristics cannot read it, and a guess would coach the wrong people. NaN parts too for no
+    prompt at all (None or NaN: a request the gateway rejected before reading one), which is not
+    the user's empty prompt ("", scored 0).
     """
-    text = (prompt or "").strip()
+    if not isinstance(prompt, str):
+        return {k: float("nan") for k in PROMPT_PART_WEIGHTS}
+    text = prompt.strip()
     letters = sum(ch.isalpha() for ch in text)
     if letters >= 4 and len(_LATIN.findall(text)) < 0.5 * letters:
         return {k: float("nan") for k in PROMPT_PART_WEIGHTS}
@@ -506,7 +519,7 @@ def score_requests(df: pd.DataFrame, prompt_vecs: np.ndarray | None, answer_vecs
         comp = np.asarray(judge_scores, dtype=np.float64)
     res["completion"] = np.clip(comp, 0.0, 1.0)
 
-    prompts = df["prompt"].tolist()
+    prompts = [p if isinstance(p, str) else None for p in df["prompt"]]
     answers = df["response_text"].tolist() if "response_text" in df else [None] * n
     # A cache hit bills no output tokens but still hands the user a whole answer: measure that.
     billed = df["output_tokens"].astype("float64").tolist() if "output_tokens" in df else [np.nan] * n
