@@ -33,6 +33,27 @@ def test_the_definitions_load():
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
 
 
+def test_the_hour_in_progress_can_be_scored_but_the_automation_takes_the_hour_just_ended():
+    from datetime import datetime, timezone
+
+    from tm_assets.assets import hourly
+
+    now = datetime.now(timezone.utc)
+    in_progress = now.strftime("%Y-%m-%d-%H:00")
+    assert hourly.has_partition_key(in_progress)  # `tm loop run` may score the traffic just sent
+
+    instance = dg.DagsterInstance.ephemeral()
+    top = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                              evaluation_time=top + timedelta(minutes=4))
+    assert first.total_requested == 0
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor,
+                                             evaluation_time=top + timedelta(minutes=6))
+    requested = {r.key.to_user_string(): r.true_subset.expensively_compute_partition_keys()
+                 for r in tick.results if r.true_subset.size}
+    assert requested == {"scored_requests": {(top - timedelta(hours=1)).strftime("%Y-%m-%d-%H:%M")}}
+
+
 def write_config(tmp_path: Path, **loop) -> Path:
     config = make_config("http://127.0.0.1:9", "http://127.0.0.1:9/v1", loop=loop)
     path = tmp_path / "tm.yaml"

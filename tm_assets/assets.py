@@ -15,18 +15,28 @@ from tm_resources import cache
 from tm_resources.registry import served_config
 from tm_resources.tables import read_df, replace_hour_df
 
-hourly = dg.HourlyPartitionsDefinition(start_date="2026-01-01-00:00", timezone="UTC")
+# end_offset=1: the hour in progress is a partition too, so an operator can score the traffic just sent
+# (`tm loop run`); the automation never picks it, and re-scores that hour whole once it has ended.
+hourly = dg.HourlyPartitionsDefinition(start_date="2026-01-01-00:00", timezone="UTC", end_offset=1)
 
 # The root fires five minutes past each hour for the hour just ended; the rest follow once their
 # parents have updated, and not past a failed blocking check. Older hours are re-run as backfills.
 FIVE_PAST = "5 * * * *"
+hour_just_ended = (
+    dg.AutomationCondition.in_latest_time_window(timedelta(hours=2))
+    & ~dg.AutomationCondition.in_latest_time_window()
+).with_label("the hour just ended")
 root_condition = (
     dg.AutomationCondition.cron_tick_passed(FIVE_PAST)
-    & dg.AutomationCondition.in_latest_time_window()
+    & hour_just_ended
     & ~dg.AutomationCondition.in_progress()
 ).with_label("hourly at five past")
+# on_cron(FIVE_PAST), but for the hour just ended rather than the latest partition (the hour in progress).
 follow_condition = (
-    dg.AutomationCondition.on_cron(FIVE_PAST) & dg.AutomationCondition.all_deps_blocking_checks_passed()
+    hour_just_ended
+    & dg.AutomationCondition.cron_tick_passed(FIVE_PAST).since_last_handled()
+    & dg.AutomationCondition.all_deps_updated_since_cron(FIVE_PAST)
+    & dg.AutomationCondition.all_deps_blocking_checks_passed()
 ).with_label("after its parents, hourly")
 
 requests_source = dg.AssetSpec(
