@@ -8,6 +8,7 @@ import getpass
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import psycopg
@@ -178,14 +179,36 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_loop(args: argparse.Namespace) -> int:
     config = _load(args)
     home = tm_home()
+    try:
+        hour = loopctl.parse_hour(args.hour)
+    except ValueError as err:
+        print(f"tm: {err}", file=sys.stderr)
+        return 2
     url = _database(home)
-    hour = loopctl.parse_hour(args.hour) if args.hour else loopctl.last_complete_hour()
+    key = loopctl.partition_key(hour)
+    with psycopg.connect(url) as conn:
+        n = loopctl.requests_in_hour(conn, hour)
+        if n == 0:
+            latest = loopctl.latest_hour_with_requests(conn)
+            hint = (f"; the latest hour with requests is {loopctl.partition_key(latest)}"
+                    f" (tm loop run --hour {loopctl.partition_key(latest)})" if latest and latest != hour else "")
+            print(f"0 requests in hour {key} UTC: nothing to score{hint}")
+            return 0
+        rules_before = loopctl.rules_in_force(conn)
     cfg_path = config_path(getattr(args, "config", None))
-    print(f"materializing the loop for {loopctl.partition_key(hour)} (mode {config.loop.mode})", flush=True)
-    code = loopctl.materialize(loopctl.dagster_env(home, url, cfg_path), hour)
+    print(f"scoring {n} requests of hour {key} UTC (mode {config.loop.mode})"
+          + (", the hour in progress: it is scored again whole at five past the next hour"
+             if hour == loopctl.current_hour() else ""), flush=True)
+    code, output = loopctl.materialize(loopctl.dagster_env(home, url, cfg_path), hour, quiet=not args.verbose)
     if code != 0:
-        print(f"tm: the loop run failed (exit {code}); its logs are above and in the Dagster UI", file=sys.stderr)
-    return code
+        if output:
+            # The run's own account of what failed is at its end; the whole of it is in the Dagster UI.
+            print("\n".join(output.rstrip().splitlines()[-40:]), file=sys.stderr)
+        print(f"tm: the loop run failed (exit {code}); see above, or the run in the Dagster UI", file=sys.stderr)
+        return code
+    with psycopg.connect(url) as conn:
+        print("\n".join(loopctl.run_summary(conn, hour, rules_before)))
+    return 0
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -329,8 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     lp = sub.add_parser("loop", help="the learning loop")
     lsub = lp.add_subparsers(dest="loop_cmd", required=True)
     lr = lsub.add_parser("run", help="materialize the whole graph for one hour, without the UI")
-    lr.add_argument("--hour", help="the hour, e.g. 2026-11-22-13:00 (default: the last complete hour, UTC)")
+    lr.add_argument("--hour", default="now", help=f"the UTC hour: {loopctl.HOUR_HELP} (default: now; the"
+                    " hourly automation scores each hour whole at five past the next)")
     lr.add_argument("--config", help="configuration file (default: $TM_CONFIG, ./tm.yaml)")
+    lr.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                    help="show Dagster's own output of the run")
     lp.set_defaults(func=cmd_loop)
 
     ru = sub.add_parser("rules", help="the routing rules in force (or proposed, in dry-run)")
@@ -392,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # platformdirs warns on every headless machine (no XDG_RUNTIME_DIR) and then falls back correctly.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

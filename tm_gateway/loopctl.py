@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from tm_resources import db
+from tm_resources.tables import COMPLETION_ENDPOINTS
 
 DEFINITIONS_MODULE = "tm_assets.definitions"
 LOOP_ASSETS = ("scored_requests", "task_types", "patterns", "grades", "routing_rules", "finetune_jobs",
@@ -38,21 +39,48 @@ def dagster_env(home: Path, url: str, config_path: Path | None = None) -> dict[s
     return env
 
 
+# The loop's first hourly partition (tm_assets.assets.hourly); kept here because the gateway side
+# never imports the loop's code.
+FIRST_HOUR = datetime(2026, 1, 1, tzinfo=timezone.utc)
+HOUR_HELP = ("'now' (the hour in progress), 'last' (the last complete hour), a partition key such as"
+             " 2026-11-22-13:00, or an ISO time such as 2026-11-22T13:30+01:00")
+
+
+def current_hour(now: datetime | None = None) -> datetime:
+    return (now or datetime.now(timezone.utc)).replace(minute=0, second=0, microsecond=0)
+
+
 def last_complete_hour(now: datetime | None = None) -> datetime:
-    now = now or datetime.now(timezone.utc)
-    return now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    return current_hour(now) - timedelta(hours=1)
 
 
-def parse_hour(text: str) -> datetime:
-    """'2026-11-22-13:00' (Dagster's partition key), '2026-11-22T13', or any ISO time: its UTC hour."""
+def parse_hour(text: str, now: datetime | None = None) -> datetime:
+    """The UTC hour `text` names (see HOUR_HELP); ValueError with a message an operator can act on."""
+    word = text.strip().lower()
+    if word in ("now", "current"):
+        return current_hour(now)
+    if word in ("last", "previous"):
+        return last_complete_hour(now)
+    hour = None
     for fmt in ("%Y-%m-%d-%H:%M", "%Y-%m-%dT%H", "%Y-%m-%d %H"):
         try:
-            return datetime.strptime(text, fmt).replace(tzinfo=timezone.utc)
+            hour = datetime.strptime(text.strip(), fmt).replace(tzinfo=timezone.utc)
+            break
         except ValueError:
             continue
-    t = datetime.fromisoformat(text)
-    t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-    return t.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    if hour is None:
+        try:
+            t = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise ValueError(f"--hour {text!r} is not an hour: give {HOUR_HELP}") from None
+        t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        hour = t.astimezone(timezone.utc)
+    hour = hour.replace(minute=0, second=0, microsecond=0)
+    if hour > current_hour(now):
+        raise ValueError(f"--hour {partition_key(hour)} has not begun yet (it is {current_hour(now):%H}:xx UTC now)")
+    if hour < FIRST_HOUR:
+        raise ValueError(f"--hour {partition_key(hour)} is before the loop's first hour, {partition_key(FIRST_HOUR)}")
+    return hour
 
 
 def partition_key(hour: datetime) -> str:
@@ -65,12 +93,18 @@ def _default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def materialize(env: dict[str, str], hour: datetime, assets: tuple[str, ...] = LOOP_ASSETS) -> int:
+def materialize(env: dict[str, str], hour: datetime, assets: tuple[str, ...] = LOOP_ASSETS,
+                quiet: bool = False) -> tuple[int, str]:
     """Materialize the graph for one hour through `dagster asset materialize`, logged in the instance
-    (so the run shows in the UI like any other); returns its exit code."""
+    (so the run shows in the UI like any other); returns its exit code and, when `quiet`, its output
+    (otherwise it went to the terminal)."""
     cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", DEFINITIONS_MODULE,
            "--select", ",".join(assets), "--partition", partition_key(hour)]
-    return subprocess.call(cmd, env=env, cwd=PROJECT_ROOT, preexec_fn=_default_signals)
+    if not quiet:
+        return subprocess.call(cmd, env=env, cwd=PROJECT_ROOT, preexec_fn=_default_signals), ""
+    done = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, preexec_fn=_default_signals, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace")
+    return done.returncode, done.stdout
 
 
 def start_ui(env: dict[str, str], host: str, port: int, log_path: Path) -> subprocess.Popen:
@@ -90,3 +124,48 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# -- what a run did, read back from the tables it wrote ---------------------------------------
+
+
+def requests_in_hour(conn, hour: datetime) -> int:
+    """Model calls logged in `hour` (what scored_requests will score)."""
+    return conn.execute("SELECT count(*) FROM requests WHERE ts >= %s AND ts < %s AND endpoint = ANY(%s)",
+                        (hour, hour + timedelta(hours=1), list(COMPLETION_ENDPOINTS))).fetchone()[0]
+
+
+def latest_hour_with_requests(conn) -> datetime | None:
+    ts = conn.execute("SELECT max(ts) FROM requests WHERE endpoint = ANY(%s)",
+                      (list(COMPLETION_ENDPOINTS),)).fetchone()[0]
+    return current_hour(ts) if ts is not None else None
+
+
+def rules_in_force(conn) -> dict[str, str]:
+    """rule_id -> status of the rules the gateway obeys now: the newest hour's, active or proposed."""
+    rows = conn.execute("SELECT rule_id, status FROM routing_rules WHERE hour = (SELECT max(hour) FROM routing_rules)"
+                        " AND status IN ('active', 'proposed')").fetchall()
+    return {rule_id: status for rule_id, status in rows}
+
+
+def run_summary(conn, hour: datetime, rules_before: dict[str, str]) -> list[str]:
+    """A few lines on what the run wrote: rows scored, task types, and how the rules in force moved."""
+    scored, with_quality, avg = conn.execute(
+        "SELECT count(*), count(quality), avg(quality) FROM scored_requests WHERE hour = %s", (hour,)).fetchone()
+    lines = [f"scored {scored} requests of {partition_key(hour)}: {with_quality} answered and given a quality"
+             + (f" (average {avg:.2f})" if avg is not None else "")
+             + (f", {scored - with_quality} not answered (rejected, failed or cut)" if scored > with_quality else "")]
+    types = conn.execute("SELECT task_type, count(*) FROM task_types WHERE hour = %s GROUP BY 1 ORDER BY 2 DESC, 1",
+                         (hour,)).fetchall()
+    lines.append("task types: " + (", ".join(f"{t} {n}" for t, n in types) if types else "none"))
+    after = rules_in_force(conn)
+    added = sorted(set(after) - set(rules_before))
+    dropped = sorted(set(rules_before) - set(after))
+    changed = sorted(r for r in set(after) & set(rules_before) if after[r] != rules_before[r])
+    if not (added or dropped or changed):
+        lines.append(f"rules: {len(after)} in force, unchanged")
+    else:
+        moves = [f"+{r} [{after[r]}]" for r in added] + [f"-{r}" for r in dropped] + \
+                [f"{r} {rules_before[r]} -> {after[r]}" for r in changed]
+        lines.append(f"rules: {len(after)} in force; changed: " + ", ".join(moves))
+    return lines
