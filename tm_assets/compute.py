@@ -16,6 +16,8 @@ from tm_resources import decisions, grading, quality, tasks
 from tm_resources.config import Config
 from tm_resources.embedder import DIM, get_embedder
 from tm_resources.events import EventSink, event_uuid
+# Moving to tm_resources.redact in another branch; the import follows it at merge.
+from tm_resources.finetune import redact
 from tm_resources.judge import judge_answers
 from tm_resources.tables import COMPLETION_ENDPOINTS, read_df, read_requests, vectors
 
@@ -186,7 +188,9 @@ def candidates_markdown(candidates: list[dict]) -> str:
     lines = ["| size | distinctive words | examples |", "|---|---|---|"]
     for c in candidates:
         words = ", ".join(c.get("top_words", [])[:6])
-        examples = " / ".join(e[:80].replace("|", " ").replace("\n", " ") for e in c.get("examples", [])[:3])
+        # Redacted before clipping: the UI shows this to anyone who can open it, and a clipped key
+        # might no longer look like one.
+        examples = " / ".join(redact(e)[:80].replace("|", " ").replace("\n", " ") for e in c.get("examples", [])[:3])
         lines.append(f"| {c.get('size')} | {words} | {examples} |")
     return "\n".join(lines)
 

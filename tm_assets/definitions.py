@@ -17,12 +17,18 @@ from tm_assets.model_versions import (
 from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
 
 
+def _secret(name: str) -> dg.EnvVar | None:
+    # Bound by the variable's name, so the Dagster UI shows the name and never the value (a database
+    # URL holds its password); unset means the default (the embedded database, no PostHog).
+    return dg.EnvVar(name) if os.environ.get(name) else None
+
+
 def resources() -> dict[str, dg.ConfigurableResource]:
-    # Bound from the environment here and nowhere else; unset means the embedded default.
+    # Bound from the environment here and nowhere else.
     return {
-        "postgres": PostgresResource(url=os.environ.get("TM_DATABASE_URL") or None),
+        "postgres": PostgresResource(url=_secret("TM_DATABASE_URL")),
         "tm_config": TokenMachineConfig(path=os.environ.get("TM_CONFIG") or None),
-        "posthog": PostHogResource(),
+        "posthog": PostHogResource(api_key=_secret("POSTHOG_API_KEY"), host=_secret("POSTHOG_HOST")),
     }
 
 
