@@ -53,14 +53,20 @@ def test_fine_tune_register_deploy_swap_and_roll_back(db_url, tmp_path, tiny_mod
         [job] = query(db_url, "SELECT * FROM finetune_jobs")
         assert job["job_id"] == "ft:coding:local-test" and job["samples"] >= 50
 
-        # The default is a dry run: data exported and checked, nothing trained.
-        dry = run_model_versions(db_url, config_path, approver="ops", base_model_path=str(tiny_model))
+        # The default is a dry run: data exported and checked, nothing trained, so no weights needed.
+        dry = run_model_versions(db_url, config_path, approver="ops")
         assert dry.success
         [v] = query(db_url, "SELECT * FROM model_versions")
         assert v["status"] == "dry_run" and v["adapter_path"] is None and v["approver"] == "ops"
+        assert v["base_path"] is None
         assert v["train_examples"] > 0 and v["test_examples"] > 0
         assert {e.check_name: e.passed for e in dry.get_asset_check_evaluations()}["finetune_data_valid"]
         assert run_model_versions(db_url, config_path, approver="  ").success is False
+        # Training does need them, and says where to set them.
+        no_weights = run_model_versions(db_url, config_path, approver="ops", dry_run=False)
+        assert no_weights.success is False
+        [failure] = [e for e in no_weights.all_events if e.is_step_failure]
+        assert "no local weights to fine-tune" in str(failure.step_failure_data.error)
 
         # A run that cannot learn anything loses: kept, marked lost, routing untouched.
         lost = run_model_versions(db_url, config_path, approver="ops", dry_run=False, deploy=False,

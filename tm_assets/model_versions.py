@@ -101,7 +101,7 @@ def model_versions(context: dg.AssetExecutionContext, config: FineTuneRun, postg
             workdir = tm_home() / "finetune" / version
             base = settings.models.get(job["base_model"])
             base_path = config.base_model_path or (base.mlx_path if base else None)
-            if not base_path:
+            if not base_path and not config.dry_run:  # a dry run only exports and checks the data
                 raise dg.Failure(f"{job['job_id']}: no local weights to fine-tune: set models."
                                  f"{job['base_model']}.mlx_path in tm.yaml or base_model_path in the run config")
             # 1. export
@@ -111,7 +111,7 @@ def model_versions(context: dg.AssetExecutionContext, config: FineTuneRun, postg
             if problems:
                 raise dg.Failure(f"{version}: the training data is not usable: {'; '.join(problems)}")
             row = {"version": version, "job_id": job["job_id"], "task_type": job["task_type"],
-                   "base_model": job["base_model"], "base_path": str(base_path), "data_dir": str(workdir / "data"),
+                   "base_model": job["base_model"], "base_path": str(base_path) if base_path else None, "data_dir": str(workdir / "data"),
                    "train_examples": info.counts["train"], "valid_examples": info.counts["valid"],
                    "test_examples": info.counts["test"], "approver": config.approver, "device": device,
                    "settings": config.model_dump(exclude={"approver", "job_ids"}), "status": "dry_run"}
