@@ -114,6 +114,7 @@ def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_p
     assert "for user 'founder'" in out
     assert "no API key: export ANTHROPIC_API_KEY" in out
     assert "No provider is reachable yet" in out
+    assert "XDG_RUNTIME_DIR" not in out  # platformdirs' warning on a headless machine is not the operator's
     assert proc.returncode in (0, -signal.SIGINT)
     # The key it printed is the one stored, hashed, in the embedded database it started.
     url = db.start_embedded(tmp_path / "home")
@@ -121,3 +122,112 @@ def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_p
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT user_id FROM api_keys WHERE key_hash = %s", (hash_key(key),)).fetchone() == (
             "founder",)
+
+
+def test_a_port_in_use_is_reported_before_the_banner_and_before_any_key_is_made(tmp_path, monkeypatch, capsys):
+    import socket
+
+    monkeypatch.setenv("TM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TM_DATABASE_URL", raising=False)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["up", "--no-loop", "--host", "127.0.0.1", "--port", str(port)]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and f"port {port} on 127.0.0.1 is in use" in err
+        assert main(["gateway", "--host", "127.0.0.1", "--port", str(port)]) == 1
+        assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+        free = free_port()
+        assert main(["up", "--host", "127.0.0.1", "--port", str(free), "--ui-port", str(port)]) == 1
+        assert "loop UI" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()  # no database started, so no key shown once and lost
+
+
+def test_gateway_with_an_invalid_config_exits_non_zero(tmp_path, capsys):
+    bad = tmp_path / "tm.yaml"
+    bad.write_text("gateway:\n  port: eighty\n")
+    assert main(["gateway", "--config", str(bad)]) == 2
+    assert "gateway.port" in capsys.readouterr().err
+
+
+def test_bench_router_on_a_missing_folder_exits_non_zero(tmp_path, capsys):
+    assert main(["bench", "router", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_tm_requests_shows_recent_rows_with_filters_and_json(db_url, tmp_path, monkeypatch, capsys):
+    import json
+    from datetime import datetime, timedelta, timezone
+
+    from tests.test_loop import log_traffic
+    from tests.traffic import log_row
+
+    monkeypatch.setenv("TM_DATABASE_URL", db_url)
+    assert main(["requests"]) == 0
+    assert "no requests logged yet" in capsys.readouterr().out
+    t = datetime.now(timezone.utc) - timedelta(minutes=5)
+    rows = [log_row(user="ann", prompt="What is 2+2?", answer="4", model="local-test", provider="local", ts=t),
+            log_row(user="bob", prompt="Write a haiku\nabout rain", answer="Rain...", model="claude-test",
+                    provider="anthropic", ts=t + timedelta(seconds=1)),
+            log_row(user="bob", prompt="", answer="", model="local-test", provider="local",
+                    ts=t + timedelta(seconds=2), status=404)]
+    log_traffic(db_url, tmp_path, rows)
+
+    assert main(["requests"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("What is 2+2?") < out.index("Write a haiku about rain")  # oldest first, one line each
+    assert main(["requests", "--user", "bob", "--status", "4xx"]) == 0
+    out = capsys.readouterr().out
+    assert "404" in out and "haiku" not in out and "ann" not in out
+    assert main(["requests", "--model", "claude-test", "--json"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    got = json.loads(line)
+    assert got["user_id"] == "bob" and got["prompt"] == "Write a haiku\nabout rain" and got["status"] == 200
+    assert main(["requests", "-n", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == 404
+    assert main(["requests", "--status", "four"]) == 2
+    assert "give a code (404)" in capsys.readouterr().err
+
+
+def test_tm_grades_shows_the_counts_behind_the_wrong_model_rate(db_url, monkeypatch, capsys):
+    monkeypatch.setenv("TM_DATABASE_URL", db_url)
+    with psycopg.connect(db_url) as conn:
+        conn.execute("INSERT INTO grades (hour, user_id, grade, avg_quality_score, samples, requests_today,"
+                     " tokens_today, cost_today, escalations, wrong_model_rate) VALUES"
+                     " (date_trunc('hour', now()), 'ann', 'B', 0.8, 12, 20, 900, 0.01, 5, 1.0),"
+                     " (date_trunc('hour', now()), 'bob', 'C', 0.6, 8, 8, 300, 0.0, 0, NULL)")
+    assert main(["grades"]) == 0
+    out = capsys.readouterr().out
+    assert "5 of 5 (100%)" in out
+    assert "local answer had scored above 0.8" in out
+
+
+def _line(proc: subprocess.Popen, timeout: float = 30) -> str:
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "no line in time"
+    return proc.stdout.readline()
+
+
+def test_tm_requests_follow_prints_new_rows_as_they_are_logged(db_url, tmp_path):
+    from datetime import datetime, timezone
+
+    from tests.test_loop import log_traffic
+    from tests.traffic import log_row
+
+    env = {**os.environ, "TM_DATABASE_URL": db_url, "TM_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "tm_gateway.cli", "requests", "--follow", "--json",
+                             "--interval", "0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        log_traffic(db_url, tmp_path, [log_row(user="cy", prompt="first one", answer="ok", model="local-test",
+                                               provider="local", ts=datetime.now(timezone.utc))])
+        assert '"prompt": "first one"' in _line(proc)
+        log_traffic(db_url, tmp_path, [log_row(user="cy", prompt="second one", answer="ok", model="local-test",
+                                               provider="local", ts=datetime.now(timezone.utc))])
+        assert '"prompt": "second one"' in _line(proc)
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -188,7 +188,8 @@ def grades(
     automation_condition=follow_condition,
     group_name=LOOP,
     kinds={"postgres"},
-    description="The decision engine: six conditions, six actions, each rule with its reason and evidence. "
+    description="The decision engine: seven decisions (throttle, escalate, cascade, lock_local, swap_model, "
+    "finetune_candidate, coach), each rule with its reason and evidence. "
     "The gateway obeys the active rules of the newest hour.",
 )
 def routing_rules(

@@ -4,6 +4,7 @@ the router."""
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import logging
 import os
@@ -41,6 +42,34 @@ def _database(home: Path) -> str:
 
 def _load(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None))
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why `port` on `host` cannot be served, or None: checked before anything is printed or created."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        return f"cannot resolve host {host}: {err.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as err:
+            return f"port {port} on {host} is in use (stop what holds it, or pass --port)" \
+                if err.errno == errno.EADDRINUSE else f"cannot listen on {host}:{port}: {err.strerror}"
+    return None
+
+
+def _ports_free(*ports: tuple[str, int, str]) -> bool:
+    for host, port, what in ports:
+        problem = _port_taken(host, port)
+        if problem:
+            print(f"tm: {what}: {problem}", file=sys.stderr)
+            return False
+    return True
 
 
 # -- provider reachability --------------------------------------------------------------------
@@ -91,14 +120,17 @@ No provider is reachable yet. Requests will get a 502 until one is:
 
 def cmd_up(args: argparse.Namespace) -> int:
     config = _load(args)
+    host = args.host or config.gateway.host
+    port = args.port or config.gateway.port
+    # Before the banner and the first key: a key shown once must not scroll past a failed start.
+    if not _ports_free((host, port, "gateway"), *([] if args.no_loop else [(host, args.ui_port, "loop UI")])):
+        return 1
     home = tm_home()
     url = _database(home)
     with psycopg.connect(url) as conn:
         first_key = None
         if not keys.list_keys(conn):
             first_key, info = keys.create_key(conn, os.environ.get("TM_USER") or getpass.getuser() or "admin")
-    host = args.host or config.gateway.host
-    port = args.port or config.gateway.port
     cfg_path = config_path(getattr(args, "config", None))
     print(f"Token Machine is starting (home {home}, config {cfg_path})")
     print(f"  database  {db.redact_url(url)}")
@@ -145,10 +177,12 @@ def _serve(config: Config, url: str, home: Path, host: str, port: int, workers: 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     config = _load(args)
-    home = tm_home()
-    url = _database(home)
     host = args.host or config.gateway.host
     port = args.port or config.gateway.port
+    if not _ports_free((host, port, "gateway")):
+        return 1
+    home = tm_home()
+    url = _database(home)
     print(f"Token Machine gateway on http://{host}:{port} ({args.workers} worker process(es))", flush=True)
     return _serve(config, url, home, host, port, args.workers, config_path(args.config))
 
@@ -241,6 +275,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_grades(args: argparse.Namespace) -> int:
+    from tm_resources.grading import WRONG_MODEL_ABOVE
+
     url = _database(tm_home())
     with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
         hour = conn.execute("SELECT max(hour) AS h FROM grades").fetchone()["h"]
@@ -249,12 +285,104 @@ def cmd_grades(args: argparse.Namespace) -> int:
             return 0
         rows = conn.execute(
             "SELECT user_id, grade, avg_quality_score, samples, requests_today, tokens_today, cost_today,"
-            " wrong_model_rate, prompt_quality_avg FROM grades WHERE hour = %s"
+            " escalations, wrong_model_rate, prompt_quality_avg FROM grades WHERE hour = %s"
             " ORDER BY avg_quality_score DESC NULLS LAST, user_id", (hour,)).fetchall()
+    for r in rows:
+        # A rate alone reads as alarming on a handful of escalations: show the counts behind it.
+        rate, n = r["wrong_model_rate"], r["escalations"] or 0
+        r["wrong_model"] = f"{round(rate * n)} of {n} ({rate:.0%})" if n and rate is not None else None
     print(f"leaderboard at {hour:%Y-%m-%d %H:00} UTC (trailing 24 h):")
     print(_table(rows, ["user_id", "grade", "avg_quality_score", "samples", "requests_today", "tokens_today",
-                        "cost_today", "wrong_model_rate", "prompt_quality_avg"]))
+                        "cost_today", "wrong_model", "prompt_quality_avg"]))
+    print(f"wrong_model: of the user's escalations to a bigger model, those whose local answer had scored above"
+          f" {WRONG_MODEL_ABOVE} (the local model would have done)")
     return 0
+
+
+REQUEST_COLUMNS = ["ts", "user_id", "requested_model", "model", "status", "input_tokens", "output_tokens", "cost_usd",
+                   "latency_ms", "route", "cache_hit", "error_class", "prompt"]
+
+
+def _requests_query(args: argparse.Namespace, after: tuple | None) -> tuple[str, list]:
+    where, params = ["true"], []
+    if args.user:
+        where.append("user_id = %s")
+        params.append(args.user)
+    if args.model:
+        where.append("(model = %s OR requested_model = %s)")
+        params += [args.model, args.model]
+    if args.status:
+        low, high = _status_range(args.status)
+        where.append("status BETWEEN %s AND %s")
+        params += [low, high]
+    if after is not None:
+        where.append("(ts, id) > (%s, %s)")
+        params += list(after)
+    # The newest rows, shown oldest first as a log reads.
+    sql = (f"SELECT * FROM (SELECT id, {', '.join(REQUEST_COLUMNS)} FROM requests WHERE {' AND '.join(where)}"
+           " ORDER BY ts DESC, id DESC LIMIT %s) recent ORDER BY ts, id")
+    return sql, [*params, args.limit]
+
+
+def _status_range(text: str) -> tuple[int, int]:
+    t = text.strip().lower()
+    if t in ("ok", "error"):
+        return (200, 299) if t == "ok" else (300, 599)
+    if len(t) == 3 and t[0].isdigit() and t[1:] == "xx":
+        return int(t[0]) * 100, int(t[0]) * 100 + 99
+    if t.isdigit():
+        return int(t), int(t)
+    raise argparse.ArgumentTypeError(f"--status {text!r}: give a code (404), a class (4xx), 'ok' or 'error'")
+
+
+def _request_line(r: dict) -> dict:
+    prompt = " ".join((r["prompt"] or "").split())
+    return {**r, "ts": r["ts"].strftime("%Y-%m-%d %H:%M:%S"),
+            "prompt": prompt[:48] + ("…" if len(prompt) > 48 else ""),
+            "latency_ms": round(r["latency_ms"]) if r["latency_ms"] is not None else None}
+
+
+def _json_line(r: dict) -> str:
+    import json
+
+    return json.dumps({k: (str(v) if k in ("id", "ts") else v) for k, v in r.items()}, ensure_ascii=False)
+
+
+def cmd_requests(args: argparse.Namespace) -> int:
+    import time
+
+    from tabulate import tabulate
+
+    try:
+        _status_range(args.status) if args.status else None
+    except argparse.ArgumentTypeError as err:
+        print(f"tm: {err}", file=sys.stderr)
+        return 2
+    url = _database(tm_home())
+    last, headers_shown = None, False
+    with psycopg.connect(url, row_factory=psycopg.rows.dict_row, autocommit=True) as conn:
+        while True:
+            sql, params = _requests_query(args, last)
+            rows = conn.execute(sql, params).fetchall()
+            if rows:
+                last = (rows[-1]["ts"], rows[-1]["id"])
+                if args.json:
+                    print("\n".join(_json_line(r) for r in rows), flush=True)
+                else:
+                    shown = [[_request_line(r)[c] for c in REQUEST_COLUMNS] for r in rows]
+                    table = tabulate(shown, headers=() if headers_shown else REQUEST_COLUMNS, floatfmt=".4f",
+                                     missingval="-")
+                    print(table, flush=True)
+                    headers_shown = True
+            elif last is None and not args.follow:
+                print("no requests logged yet" + (" matching these filters" if args.user or args.model
+                                                  or args.status else ""))
+            if not args.follow:
+                return 0
+            try:
+                time.sleep(args.interval)
+            except KeyboardInterrupt:
+                return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -363,6 +491,16 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--all", action="store_true", help="also the inactive rules of manual mode")
     ru.add_argument("--evidence", action="store_true", help="show each rule's evidence")
     ru.set_defaults(func=cmd_rules)
+
+    rq = sub.add_parser("requests", help="the request log's recent rows")
+    rq.add_argument("--user", help="only this user's requests")
+    rq.add_argument("--model", help="only requests that asked for or were answered by this model")
+    rq.add_argument("--status", help="a code (404), a class (4xx), 'ok' or 'error'")
+    rq.add_argument("-n", "--limit", type=int, default=20, help="how many of the newest rows (default 20)")
+    rq.add_argument("-f", "--follow", action="store_true", help="keep printing new rows as they are logged")
+    rq.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    rq.add_argument("--json", action="store_true", help="one JSON object per row (the whole prompt), for scripts")
+    rq.set_defaults(func=cmd_requests)
 
     gr = sub.add_parser("grades", help="the team's leaderboard")
     gr.set_defaults(func=cmd_grades)
