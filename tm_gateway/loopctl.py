@@ -33,6 +33,9 @@ def dagster_env(home: Path, url: str, config_path: Path | None = None) -> dict[s
         "TM_DAGSTER_PG_URL": db.psycopg2_url(storage),
         "TM_DATABASE_URL": url,
         "TM_HOME": str(home),
+        # platformdirs warns on every headless machine (no XDG_RUNTIME_DIR), then falls back correctly.
+        "PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"),
+                                                 "ignore:XDG_RUNTIME_DIR is not set"])),
     }
     if config_path is not None:
         env["TM_CONFIG"] = str(config_path.resolve())
