@@ -111,7 +111,8 @@ def model_versions(context: dg.AssetExecutionContext, config: FineTuneRun, postg
             if problems:
                 raise dg.Failure(f"{version}: the training data is not usable: {'; '.join(problems)}")
             row = {"version": version, "job_id": job["job_id"], "task_type": job["task_type"],
-                   "base_model": job["base_model"], "base_path": str(base_path) if base_path else None, "data_dir": str(workdir / "data"),
+                   "base_model": job["base_model"], "base_path": str(base_path) if base_path else None,
+                   "data_dir": str(workdir / "data"),
                    "train_examples": info.counts["train"], "valid_examples": info.counts["valid"],
                    "test_examples": info.counts["test"], "approver": config.approver, "device": device,
                    "settings": config.model_dump(exclude={"approver", "job_ids"}), "status": "dry_run"}
