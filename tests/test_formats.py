@@ -682,7 +682,8 @@ def test_openai_request_errors(body, message):
     "body, message",
     [
         ({"messages": {}}, "messages must be a list"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role must be 'user' or 'assistant' (got 'system')"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role must be 'user', 'assistant' or 'system' (got 'tool')"),
+        ({"messages": [{"role": "system", "content": 3}]}, "messages[0].content must be a string or a list of text blocks"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string or a list of content blocks"),
         ({"messages": [{"role": "user", "content": [{"type": "tool_use"}]}]}, "messages[0].content[0]: content blocks of type 'tool_use' are not supported in user messages"),
         (
