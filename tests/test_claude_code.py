@@ -203,6 +203,8 @@ def test_routing_and_the_prompt_column_see_what_the_person_wrote(cc):
 # -- the real Claude Code -------------------------------------------------------------------------
 
 CLAUDE_CODE_DIR = Path(__file__).resolve().parent.parent / ".tm" / "claude-code"
+# The version these tests were written against (what it sends was recorded from it); raise it on purpose.
+CLAUDE_CODE_VERSION = "2.1.197"
 
 
 @pytest.fixture(scope="session")
@@ -216,7 +218,7 @@ def claude_code() -> Path:
         CLAUDE_CODE_DIR.mkdir(parents=True, exist_ok=True)
         try:
             done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error",
-                                   "--prefix", str(CLAUDE_CODE_DIR), "@anthropic-ai/claude-code"],
+                                   "--prefix", str(CLAUDE_CODE_DIR), f"@anthropic-ai/claude-code@{CLAUDE_CODE_VERSION}"],
                                   capture_output=True, text=True, timeout=240)
         except subprocess.TimeoutExpired:
             pytest.skip("npm install @anthropic-ai/claude-code took over 4 minutes")
@@ -271,3 +273,15 @@ def test_claude_code_answers_through_the_gateway(cc, claude_code, tmp_path):
     sent = [r.body for r in anth.requests if r.path == "/v1/messages"]
     assert sent and all(b["stream"] and all(m["role"] != "system" for m in b["messages"]) for b in sent)
     assert any(m["role"] == "system" for r in local.requests for m in r.body["messages"][1:])
+
+
+@pytest.mark.parametrize("text, person", [
+    (REMINDER + "say hi", "say hi"),
+    ("fix the bug\n<system-reminder>file a.py changed</system-reminder>", "fix the bug"),
+    ("<local-command-stdout>ok</local-command-stdout>\n<system-reminder>x</system-reminder>\nthanks", "thanks"),
+    ("compare <b>bold</b> and <i>italic</i>", "compare <b>bold</b> and <i>italic</i>"),  # the person's own tags stay
+])
+def test_the_person_text_leaves_out_what_the_client_added(text, person):
+    from tm_resources.prompts import person_text
+
+    assert person_text(text) == person
