@@ -73,12 +73,14 @@ def test_count_tokens_asks_anthropic_and_counts_locally_for_local_models(cc):
     raw = client(url, key).messages.with_raw_response.count_tokens(model="local-test", messages=msgs)
     assert raw.headers["x-tm-token-counter"] == "local" and 8 <= raw.parse().input_tokens <= 12
     assert not local.requests  # the local server has no count endpoint: nothing is sent to it
+    long = [{"role": "user", "content": "count every word of this prompt " * 100}]
+    assert 550 <= client(url, key).messages.count_tokens(model="local-test", messages=long).input_tokens <= 700
     # A preset counts for its first model; an alias resolves first.
     raw = client(url, key).messages.with_raw_response.count_tokens(model="claude-opus-4-8", messages=msgs)
     assert raw.headers["x-tm-model"] == "local-test" and raw.headers["x-tm-token-counter"] == "local"
 
     logged = rows(app, db_url, "endpoint = '/v1/messages/count_tokens'")
-    assert [r["route"] for r in logged] == ["count_tokens"] * 3 and {r["status"] for r in logged} == {200}
+    assert [r["route"] for r in logged] == ["count_tokens"] * 4 and {r["status"] for r in logged} == {200}
     # Counted, never spent: no tokens, no cost; the loop reads only the completion endpoints.
     assert all(r["input_tokens"] == 0 and r["cost_usd"] == 0 for r in logged)
     assert logged[0]["route_reason"] == "10 input tokens, counted by anthropic"

@@ -259,8 +259,10 @@ def _window_tokenizer(max_tokens: int):
         tok = Tokenizer.from_file(str(model_path() / "tokenizer.json"))
         # tokenizer.json ships with fixed 128 padding; batches are padded by the embedder, to their longest text.
         tok.no_padding()
-        if max_tokens:  # 0: the whole text (word_pieces)
+        if max_tokens:
             tok.enable_truncation(max_length=max_tokens)
+        else:  # the whole text (word_pieces); tokenizer.json itself cuts at 128
+            tok.no_truncation()
         tok = _window_tokenizers.setdefault(max_tokens, tok)
     return tok
 
