@@ -65,8 +65,8 @@ def client(url, key) -> anthropic.Anthropic:
 def test_count_tokens_asks_anthropic_and_counts_locally_for_local_models(cc):
     url, key, app, db_url, anth, local = cc
     msgs = [{"role": "user", "content": "how many tokens are in this short prompt"}]
-    raw = client(url, key).messages.with_raw_response.count_tokens(model="claude-test", messages=msgs,
-                                                                    system="be brief")
+    raw = client(url, key).messages.with_raw_response.count_tokens(
+        model="claude-test", messages=msgs, system="be brief", extra_headers={"x-claude-code-session-id": "s-1"})
     assert raw.parse().input_tokens == 10  # the fake Anthropic's own count (words), upstream name sent
     assert raw.headers["x-tm-token-counter"] == "anthropic"
     assert [r.body["model"] for r in anth.requests if r.path == "/v1/messages/count_tokens"] == ["claude-upstream"]
@@ -83,7 +83,7 @@ def test_count_tokens_asks_anthropic_and_counts_locally_for_local_models(cc):
     assert [r["route"] for r in logged] == ["count_tokens"] * 4 and {r["status"] for r in logged} == {200}
     # Counted, never spent: no tokens, no cost; the loop reads only the completion endpoints.
     assert all(r["input_tokens"] == 0 and r["cost_usd"] == 0 for r in logged)
-    assert logged[0]["route_reason"] == "10 input tokens, counted by anthropic"
+    assert logged[0]["route_reason"] == "10 input tokens, counted by anthropic" and logged[0]["session_id"] == "s-1"
 
 
 def test_count_tokens_errors_come_back_in_anthropic_shape(cc):

@@ -527,6 +527,8 @@ class Proxy:
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             raise BadRequest(400, "invalid_request", "'messages' is required and must be a non-empty array")
         body, alias = self._alias(body, row, headers)
+        if row.data["session_id"] is None:
+            row.data["session_id"] = claude_code_session(body.get("metadata"), h)
         requested = body["model"]
         if machine_chooses(requested, self.config):
             # Which model answers depends on the prompt; counting need not classify it: the model
