@@ -200,6 +200,16 @@ def test_routing_and_the_prompt_column_see_what_the_person_wrote(cc):
     (row,) = rows(app, db_url)
     assert row["prompt"] == "say hi"
     assert row["messages"] == msgs  # the row keeps everything that was sent
+    # A turn of tool results keeps the tier of the task the person gave (no model switch mid-task).
+    task = "refactor the request log writer so that batches are retried with backoff, and add tests"
+    loop = [{"role": "user", "content": [{"type": "text", "text": REMINDER}, {"type": "text", "text": task}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read",
+                                               "input": {"file_path": "tm_gateway/requestlog.py"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "import os"}]}]
+    heads = [client(url, key).messages.with_raw_response.create(model="auto", max_tokens=50, messages=m).headers
+             for m in (loop[:1], loop)]
+    assert [(h["x-tm-route"], h["x-tm-model"]) for h in heads] == [("tier:MEDIUM", "claude-test")] * 2
+    assert [r["prompt"] for r in rows(app, db_url)[1:]] == [task, ""]
 
 
 # -- the real Claude Code -------------------------------------------------------------------------

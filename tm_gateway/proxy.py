@@ -142,6 +142,14 @@ def _system_and_prompt(fmt: str, body: dict) -> tuple[str | None, str]:
     return system_text, prompt
 
 
+def _task_text(body: dict) -> str:
+    """The person's last words in the conversation (a turn of tool results has none of its own)."""
+    for m in reversed(body["messages"]):
+        if m.get("role") == "user" and (words := person_text(text_of(m.get("content")))):
+            return words
+    return ""
+
+
 def _counted_texts(body: dict) -> list[str]:
     """What a prompt's tokens are made of, as text: system, every message's content, the tools."""
     texts = [text_of(body.get("system"))]
@@ -326,8 +334,10 @@ class Proxy:
         return body, classified
 
     async def choose_model(self, requested: str, prompt: str, row: _Row,
-                           classified: tuple[Any, str, float] | None = None) -> Route:
-        """Classify the task when the machine chooses, then let the rules in force decide."""
+                           classified: tuple[Any, str, float] | None = None, task_text: str = "") -> Route:
+        """Classify the task when the machine chooses, then let the rules in force decide. `task_text`:
+        the person's last words when this turn has none of its own (a tool result): it picks the tier,
+        so an agent's tool loop stays on the tier of the task it was given."""
         chooses = machine_chooses(requested, self.config)
         if not chooses and requested not in self.config.models:
             raise _unknown_model(requested)
@@ -339,10 +349,10 @@ class Proxy:
         route = route_request(requested, task_type, user, self.shared.rules, config, agent=row.data["agent"])
         if route.route == "default" and requested == "auto":
             learned = self._learned(vec, user)
-            tier = tier_of(prompt, task_type, confidence, config)
+            tier = tier_of(prompt or task_text, task_type, confidence, config)
             if tier is not None and learned is None and tier[1] < config.routing.tiers.min_confidence \
                     and config.routing.tiers.llm_classifier:
-                tier = await self._llm_tier(prompt, tier)
+                tier = await self._llm_tier(prompt or task_text, tier)
             route = auto_route(route, tier=tier, task_type=task_type, learned=learned, config=config)
             route = self._without_premium(route, user)
         row.data["route"] = route.route
@@ -482,7 +492,9 @@ class Proxy:
         stream = body.get("stream", False)
         body, dispatched = await self._agent(fmt, body, h, row, headers)
         system, prompt = _system_and_prompt(fmt, body)
-        route = await self.choose_model(body["model"], prompt, row, dispatched)
+        # The row's prompt stays this turn's own: the loop would read a task repeated on each tool
+        # turn as the person asking again.
+        route = await self.choose_model(body["model"], prompt, row, dispatched, "" if prompt else _task_text(body))
         if alias:
             row.data["route_reason"] = f"{alias}; {row.data['route_reason']}"
         r = row.data
