@@ -1413,6 +1413,8 @@ def test_system_messages_join_the_top_level_system_for_anthropic():
     assert [m["role"] for m in merged["messages"]] == ["user", "assistant"]
     plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert f.merge_system_messages(plain) is plain
+    with pytest.raises(FormatError, match="system must be a string or a list of text blocks"):
+        f.merge_system_messages({**body, "system": 5})
     with pytest.raises(FormatError, match="at least one 'user' or 'assistant'"):
         f.merge_system_messages({"messages": [{"role": "system", "content": "x"}]})
     with pytest.raises(FormatError, match=r"messages\[1\].content\[0\] must be a text block"):

@@ -514,9 +514,9 @@ def merge_system_messages(body: dict) -> dict:
                                                  for m in messages):
         return body
     system = body.get("system")
-    blocks: list = [{"type": "text", "text": system}] if isinstance(system, str) and system else list(system or [])
     if not isinstance(system, (str, list, type(None))):
         raise FormatError("system must be a string or a list of text blocks")
+    blocks: list = [{"type": "text", "text": system}] if isinstance(system, str) and system else list(system or [])
     kept = []
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and m.get("role") == "system"):
