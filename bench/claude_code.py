@@ -16,6 +16,7 @@ message) sent to the real gateway (uvicorn, embedded Postgres, fake upstreams on
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -81,19 +83,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=200)
     n = ap.parse_args().requests
-    import os
-
     os.environ["TM_BENCH_KEY"] = KEY
     body = claude_code_body("claude-test")
-    size = len(fm._dumps(body))
-    print(f"body: {size / 1024:.0f} KB, {word_pieces(fm._dumps(body))} word pieces as JSON")
+    text = orjson.dumps(body).decode()
+    print(f"body: {len(text) / 1024:.0f} KB, {word_pieces(text)} word pieces as JSON")
 
     user_turn = "\n".join(b["text"] for b in body["messages"][0]["content"])
     print("steps (alone, in this process)")
     print(line("person_text (the person's words)", timed(lambda: person_text(user_turn), n)))
     print(line("merge_system_messages (Anthropic)", timed(lambda: fm.merge_system_messages(body), n)))
     print(line("anthropic_request_to_openai (local)", timed(lambda: fm.anthropic_request_to_openai(body, model="m"), n)))
-    text = fm._dumps(body)
     print(line("word_pieces (local count, whole body)", timed(lambda: word_pieces(text), n)))
 
     with tempfile.TemporaryDirectory() as home, \
