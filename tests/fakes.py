@@ -520,6 +520,9 @@ class FakeUpstream(_ThreadedServer):
             return err
         if body is None or not isinstance(body.get("messages"), list) or not isinstance(body.get("model"), str):
             return _anthropic_error(400, "messages: Field required")
+        rule = await self._inject(body["model"])
+        if rule is not None and rule.kind == "fail":
+            return _anthropic_error(rule.status, rule.message, retry_after=rule.retry_after)
         total, _, _ = _anthropic_input_tokens(body)
         return _json_response({"input_tokens": total})
 

@@ -238,9 +238,9 @@ def _route(decided, task_type, user):
 
 
 def test_a_throttled_user_goes_local_even_on_an_escalated_type():
-    got = run(**everything(), frontier_model="claude-sonnet-4-5")
+    got = run(**everything(), frontier_model="claude-sonnet-5-5")
     assert _route(got, "coding", "bob") == ("llama3.2", "rule:throttle:bob")
-    assert _route(got, "coding", "ann") == ("claude-sonnet-4-5", "rule:escalate:coding")
+    assert _route(got, "coding", "ann") == ("claude-sonnet-5-5", "rule:escalate:coding")
     # the locked type's local model is replaced by the fine-tune that beat it, throttled or not
     assert _route(got, "chat", "ann")[0] == "llama3.2-ft"
     assert _route(got, "chat", "bob")[0] == "llama3.2-ft"

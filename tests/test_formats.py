@@ -682,7 +682,8 @@ def test_openai_request_errors(body, message):
     "body, message",
     [
         ({"messages": {}}, "messages must be a list"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role must be 'user' or 'assistant' (got 'system')"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role must be 'user', 'assistant' or 'system' (got 'tool')"),
+        ({"messages": [{"role": "system", "content": 3}]}, "messages[0].content must be a string or a list of text blocks"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string or a list of content blocks"),
         ({"messages": [{"role": "user", "content": [{"type": "tool_use"}]}]}, "messages[0].content[0]: content blocks of type 'tool_use' are not supported in user messages"),
         (
@@ -1400,3 +1401,22 @@ def test_error_message_from_body(body, expected):
 def test_error_message_from_body_truncates():
     msg = f.error_message_from_body({"error": {"message": "x" * 2000}})
     assert len(msg) == 500 and msg.endswith("...")
+
+
+def test_system_messages_join_the_top_level_system_for_anthropic():
+    cached = {"type": "text", "text": "tools list", "cache_control": {"type": "ephemeral", "ttl": "1h", "scope": "global"}}
+    body = {"model": "m", "system": "be brief", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "system", "content": [cached]},
+        {"role": "assistant", "content": "hello"}, {"role": "system", "content": "and polite"}]}
+    merged = f.merge_system_messages(body)
+    assert merged["system"] == [{"type": "text", "text": "be brief"}, cached, {"type": "text", "text": "and polite"}]
+    assert [m["role"] for m in merged["messages"]] == ["user", "assistant"]
+    plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert f.merge_system_messages(plain) is plain
+    with pytest.raises(FormatError, match="system must be a string or a list of text blocks"):
+        f.merge_system_messages({**body, "system": 5})
+    with pytest.raises(FormatError, match="at least one 'user' or 'assistant'"):
+        f.merge_system_messages({"messages": [{"role": "system", "content": "x"}]})
+    with pytest.raises(FormatError, match=r"messages\[1\].content\[0\] must be a text block"):
+        f.merge_system_messages({"messages": [{"role": "user", "content": "x"},
+                                              {"role": "system", "content": [{"type": "image"}]}]})

@@ -144,6 +144,10 @@ def create_app(settings: GatewaySettings) -> Starlette:
     async def messages(request: Request) -> Response:
         return await request.state.proxy.handle(request, "anthropic")
 
+    async def count_tokens(request: Request) -> Response:
+        proxy: Proxy = request.state.proxy
+        return await proxy.handle(request, "anthropic", proxy.count_tokens)
+
     async def models(request: Request) -> Response:
         proxy: Proxy = request.state.proxy
         fmt = "anthropic" if "anthropic-version" in request.headers else "openai"
@@ -198,6 +202,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]

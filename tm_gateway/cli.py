@@ -135,6 +135,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"Token Machine is starting (home {home}, config {cfg_path})")
     print(f"  database  {db.redact_url(url)}")
     print(f"  gateway   http://{host}:{port}  (OpenAI: /v1/chat/completions, Anthropic: /v1/messages)")
+    print(f"  Claude Code: ANTHROPIC_BASE_URL=http://{host}:{port} ANTHROPIC_AUTH_TOKEN=<key> claude --model auto"
+          "  (README: Claude Code)")
     ui = None
     if not args.no_loop:
         ui = loopctl.start_ui(loopctl.dagster_env(home, url, cfg_path), host, args.ui_port, home / "dagster.log")

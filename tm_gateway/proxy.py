@@ -30,10 +30,11 @@ from tm_resources.providers import endpoints as provider_endpoints
 from tm_resources.registry import with_registry
 from tm_resources.config import Config, Tier
 from tm_resources.dispatch import AGENT_HEADER, Dispatcher, apply_agent, resolve_agent
-from tm_resources.embedder import fits_window
+from tm_resources.embedder import fits_window, word_pieces
 from tm_resources.gate import quick_gate
+from tm_resources.prompts import person_text
 from tm_resources.tiers import llm_tier_messages, parse_llm_tier
-from tm_resources.rules import Route, auto_route, machine_chooses, route_request, tier_of
+from tm_resources.rules import Route, auto_route, default_for, machine_chooses, route_request, tier_of
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,21 @@ def text_of(content: Any) -> str:
     return ""
 
 
+def claude_code_session(metadata: Any, headers: dict[str, str]) -> str | None:
+    """Claude Code's session id: metadata.user_id is a JSON string holding `session_id` in current
+    versions, "user_<hash>_account_<uuid>_session_<uuid>" in older ones; some also send a header."""
+    uid = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if isinstance(uid, str):
+        if uid.startswith("{"):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                held = orjson.loads(uid)
+                if isinstance(held, dict) and isinstance(held.get("session_id"), str) and held["session_id"]:
+                    return held["session_id"]
+        elif "_session_" in uid:
+            return uid.rsplit("_session_", 1)[1] or None
+    return headers.get("x-claude-code-session-id") or None
+
+
 def _validate(fmt: str, body: Any) -> None:
     if not isinstance(body, dict):
         raise BadRequest(400, "invalid_request", "the request body must be a JSON object")
@@ -111,19 +127,40 @@ def _validate(fmt: str, body: Any) -> None:
 
 
 def _system_and_prompt(fmt: str, body: dict) -> tuple[str | None, str]:
+    """The system text, and the last user turn as the person wrote it: what routing, task typing and
+    the semantic cache judge (the blocks their client adds are left out; the row keeps the messages)."""
     msgs = body["messages"]
-    if fmt == "anthropic":
-        system = body.get("system")
-        system_text = text_of(system) if system is not None else None
-    else:
-        parts = [text_of(m.get("content")) for m in msgs if m.get("role") in ("system", "developer")]
-        system_text = "\n".join(parts) if parts else None
+    parts = [text_of(m.get("content")) for m in msgs if m.get("role") in ("system", "developer")]
+    if fmt == "anthropic" and body.get("system") is not None:
+        parts.insert(0, text_of(body["system"]))
+    system_text = "\n".join(parts) if parts else None
     prompt = ""
     for m in reversed(msgs):
         if m.get("role") == "user":
-            prompt = text_of(m.get("content"))
+            prompt = person_text(text_of(m.get("content")))
             break
     return system_text, prompt
+
+
+def _task_text(body: dict) -> str:
+    """The person's last words in the conversation (a turn of tool results has none of its own)."""
+    for m in reversed(body["messages"]):
+        if m.get("role") == "user" and (words := person_text(text_of(m.get("content")))):
+            return words
+    return ""
+
+
+def _counted_texts(body: dict) -> list[str]:
+    """What a prompt's tokens are made of, as text: system, every message's content, the tools."""
+    texts = [text_of(body.get("system"))]
+    for m in body["messages"]:
+        content = m.get("content") if isinstance(m, dict) else None
+        blocks = content if isinstance(content, list) else [content]
+        texts.extend(b if isinstance(b, str) else b["text"] if isinstance(b, dict) and isinstance(b.get("text"), str)
+                     else orjson.dumps(b).decode() for b in blocks if b is not None)
+    if body.get("tools"):
+        texts.append(orjson.dumps(body["tools"]).decode())
+    return texts
 
 
 _NOT_PARAMS = frozenset(("model", "messages", "system"))
@@ -171,6 +208,14 @@ class _Row:
             self.data["attempts"] = orjson.dumps(self.data["attempts"]).decode()
         self.data["latency_ms"] = (time.perf_counter() - self.started) * 1000
         self.log.write(self.data)
+
+
+def _unknown_model(name: str) -> BadRequest:
+    return BadRequest(
+        404, "model_not_found",
+        f"model '{name}' is not configured here: name one that GET /v1/models lists (Claude Code: "
+        "--model NAME or ANTHROPIC_MODEL=NAME; `auto` lets the gateway choose), or map this name to one "
+        "in tm.yaml under `aliases` (e.g. 'claude-opus-*': tm:complex)")
 
 
 def _too_large(limit: int) -> BadRequest:
@@ -289,13 +334,13 @@ class Proxy:
         return body, classified
 
     async def choose_model(self, requested: str, prompt: str, row: _Row,
-                           classified: tuple[Any, str, float] | None = None) -> Route:
-        """Classify the task when the machine chooses, then let the rules in force decide."""
+                           classified: tuple[Any, str, float] | None = None, task_text: str = "") -> Route:
+        """Classify the task when the machine chooses, then let the rules in force decide. `task_text`:
+        the person's last words when this turn has none of its own (a tool result): it picks the tier,
+        so an agent's tool loop stays on the tier of the task it was given."""
         chooses = machine_chooses(requested, self.config)
         if not chooses and requested not in self.config.models:
-            raise BadRequest(
-                404, "model_not_found", f"model '{requested}' is not configured here; GET /v1/models lists the models"
-            )
+            raise _unknown_model(requested)
         task_type, confidence, vec = None, 0.0, None
         if chooses and self.classify is not None and prompt:
             vec, task_type, confidence = classified or await self._classified(prompt, row)
@@ -304,10 +349,10 @@ class Proxy:
         route = route_request(requested, task_type, user, self.shared.rules, config, agent=row.data["agent"])
         if route.route == "default" and requested == "auto":
             learned = self._learned(vec, user)
-            tier = tier_of(prompt, task_type, confidence, config)
+            tier = tier_of(prompt or task_text, task_type, confidence, config)
             if tier is not None and learned is None and tier[1] < config.routing.tiers.min_confidence \
                     and config.routing.tiers.llm_classifier:
-                tier = await self._llm_tier(prompt, tier)
+                tier = await self._llm_tier(prompt or task_text, tier)
             route = auto_route(route, tier=tier, task_type=task_type, learned=learned, config=config)
             route = self._without_premium(route, user)
         row.data["route"] = route.route
@@ -318,6 +363,17 @@ class Proxy:
                              f"'{route.model}' is a premium model and user '{user}' is not allowed premium "
                              "models; ask an admin to set users.<you>.premium in tm.yaml, or use another model")
         return route
+
+    def _alias(self, body: dict, row: _Row, headers: dict[str, str]) -> tuple[dict, str | None]:
+        """The body with its model name resolved through `aliases` (routing, the cache and the row see
+        the model, preset or `auto` it stands for), and what the row's route_reason should say of it."""
+        asked = body["model"]
+        target, pattern = self.config.resolve_alias(asked)
+        if pattern is None:
+            return body, None
+        row.data["requested_model"] = target
+        headers["x-tm-alias"] = f"{asked} -> {target}"
+        return {**body, "model": target}, f"'{asked}' is an alias ({pattern}) of {target}"
 
     async def _llm_tier(self, prompt: str, unsure: tuple[str, float, str]) -> tuple[str, float, str]:
         """routing.tiers.llm_classifier's tier for a prompt the signals and the task type are both
@@ -370,8 +426,8 @@ class Proxy:
     def _upstream_body(self, fmt: str, ep: Endpoint, body: dict, upstream_model: str, stream: bool) -> bytes:
         try:
             if ep.kind == fmt:
-                out = dict(body)
-                out["model"] = upstream_model
+                out = fm.merge_system_messages(body) if fmt == "anthropic" else dict(body)
+                out = {**out, "model": upstream_model}
                 if fmt == "openai" and stream:
                     # Ask for usage so the row has tokens and cost; the client only sees it if it asked.
                     out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -387,7 +443,9 @@ class Proxy:
 
     # -- the request ------------------------------------------------------------------------
 
-    async def handle(self, request: Request, fmt: str) -> Response:
+    async def handle(self, request: Request, fmt: str, answer: Callable | None = None) -> Response:
+        """One request, whoever answers it (`answer`, by default a model call): authenticated, and
+        logged in exactly one row however it ends."""
         started = time.perf_counter()
         self._sync_registry()
         h = _headers(request)
@@ -414,7 +472,7 @@ class Proxy:
         )
         headers = {"x-tm-request-id": str(rid)}
         try:
-            return await self._handle(request, h, fmt, row, headers)
+            return await (answer or self._handle)(request, h, fmt, row, headers)
         except BadRequest as err:
             row.done(status=err.status, error_class=err.error_class, error_message=err.message)
             return error_response(fmt, err.status, err.message, headers)
@@ -428,18 +486,17 @@ class Proxy:
 
     async def _handle(self, request: Request, h: dict[str, str], fmt: str, row: _Row,
                       headers: dict[str, str]) -> Response:
-        raw = await self._read_body(request, h)
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as err:
-            raise BadRequest(400, "invalid_json", f"the request body is not valid JSON: {err}") from None
-        if isinstance(body, dict) and isinstance(body.get("model"), str):
-            row.data["requested_model"] = body["model"]
+        body = await self._json_body(request, h, row)
         _validate(fmt, body)
+        body, alias = self._alias(body, row, headers)
         stream = body.get("stream", False)
         body, dispatched = await self._agent(fmt, body, h, row, headers)
         system, prompt = _system_and_prompt(fmt, body)
-        route = await self.choose_model(body["model"], prompt, row, dispatched)
+        # The row's prompt stays this turn's own: the loop would read a task repeated on each tool
+        # turn as the person asking again.
+        route = await self.choose_model(body["model"], prompt, row, dispatched, "" if prompt else _task_text(body))
+        if alias:
+            row.data["route_reason"] = f"{alias}; {row.data['route_reason']}"
         r = row.data
         r.update(
             stream=stream,
@@ -449,10 +506,7 @@ class Proxy:
             params=orjson.dumps({k: v for k, v in body.items() if k not in _NOT_PARAMS}).decode(),
         )
         if fmt == "anthropic" and r["session_id"] is None:
-            # Claude Code puts its session in metadata.user_id ("..._session_<uuid>").
-            uid = (body.get("metadata") or {}).get("user_id")
-            if isinstance(uid, str) and "_session_" in uid:
-                r["session_id"] = uid.rsplit("_session_", 1)[1]
+            r["session_id"] = claude_code_session(body.get("metadata"), h)
         headers["x-tm-route"] = route.route
         if self.cache_pool is not None:
             hit = await self._cache_lookup(body, h, row, headers)
@@ -462,6 +516,77 @@ class Proxy:
         if route.escalate_to and _cascadable(body):
             return await self._cascade(fmt, body, route, prompt, stream, h, row, headers)
         return await self._answer(fmt, body, route.model, list(route.chain), stream, h, row, headers)
+
+    async def _json_body(self, request: Request, h: dict[str, str], row: _Row) -> Any:
+        raw = await self._read_body(request, h)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            raise BadRequest(400, "invalid_json", f"the request body is not valid JSON: {err}") from None
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            row.data["requested_model"] = body["model"]
+        return body
+
+    async def count_tokens(self, request: Request, h: dict[str, str], fmt: str, row: _Row,
+                           headers: dict[str, str]) -> Response:
+        """POST /v1/messages/count_tokens: the request's input tokens for the model it names, counted by
+        the provider when it has an endpoint for it (Anthropic's), else by a local tokenizer (header
+        x-tm-token-counter). Its row has route 'count_tokens' and no tokens or cost, so spend and the
+        loop (which reads only completion endpoints) leave it out."""
+        body = await self._json_body(request, h, row)
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
+            raise BadRequest(400, "invalid_request", "'model' is required and must be a non-empty string")
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            raise BadRequest(400, "invalid_request", "'messages' is required and must be a non-empty array")
+        body, alias = self._alias(body, row, headers)
+        if row.data["session_id"] is None:
+            row.data["session_id"] = claude_code_session(body.get("metadata"), h)
+        requested = body["model"]
+        if machine_chooses(requested, self.config):
+            # Which model answers depends on the prompt; counting need not classify it: the model
+            # the request would get with no rule, tier or cascade (a preset's first, the default).
+            model = default_for(requested, row.data["user_id"], row.data["agent"], self.config).model
+        elif requested in self.config.models:
+            model = requested
+        else:
+            raise _unknown_model(requested)
+        mcfg = self.config.models[model]
+        ep = self.endpoints[mcfg.provider]
+        self._use(row, headers, model, ep)
+        n, counter = None, "local"
+        if ep.kind == "anthropic":
+            n, counter = await self._provider_count(body, mcfg.upstream or model, ep, h)
+        if n is None:
+            text = "\n".join(_counted_texts(body))
+            n = await asyncio.get_running_loop().run_in_executor(None, word_pieces, text)
+        headers["x-tm-token-counter"] = counter
+        row.done(status=200, route="count_tokens", attempts=[],
+                 route_reason="; ".join(filter(None, (alias, f"{n} input tokens, counted by {counter}"))))
+        return Response(orjson.dumps({"input_tokens": n}), status_code=200, media_type=JSON, headers=headers)
+
+    async def _provider_count(self, body: dict, upstream: str, ep: Endpoint,
+                              h: dict[str, str]) -> tuple[int | None, str]:
+        """Anthropic's own count_tokens; (None, why not) when it cannot answer, and the local count
+        stands in. A request it refuses as malformed is the caller's to fix: answered as it said."""
+        url = ep.url.removesuffix("/messages") + "/messages/count_tokens"
+        try:
+            payload = orjson.dumps({**fm.merge_system_messages(body), "model": upstream})
+        except fm.FormatError as err:
+            raise BadRequest(400, "invalid_request", str(err)) from None
+        try:
+            async with self.session.post(url, data=payload, headers=ep.headers(0, h),
+                                         timeout=self._timeouts[ep.name]) as resp:
+                data = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            return None, f"local ({ep.name} unreachable: {type(err).__name__})"
+        if status == 400:
+            raise BadRequest(400, "upstream_bad_request", self.scrub(fm.error_message_from_body(data)))
+        with contextlib.suppress(ValueError, AttributeError):
+            n = orjson.loads(data).get("input_tokens") if status == 200 else None
+            if isinstance(n, int) and not isinstance(n, bool):
+                return n, ep.name
+        return None, f"local ({ep.name} answered {status})"
 
     async def _answer(self, fmt: str, body: dict, model: str, chain: list[str], stream: bool, h: dict[str, str],
                       row: _Row, headers: dict[str, str]) -> Response:
@@ -675,7 +800,14 @@ class Proxy:
             self._use(row, headers, name, ep)
             key = (ep.kind, upstream)
             if key not in payloads:
-                payloads[key] = self._upstream_body(fmt, ep, body, upstream, stream)
+                try:
+                    payloads[key] = self._upstream_body(fmt, ep, body, upstream, stream)
+                except BadRequest as err:
+                    # This provider's format cannot carry the request; the next one in the chain may.
+                    attempts.append({"model": name, "provider": ep.name, "failure": fallback.CLIENT_ERROR,
+                                     "outcome": f"not translatable: {err.message}"})
+                    last = (err.status, err.error_class, err.message)
+                    continue
             n_keys = max(1, len(ep.keys))
             key_index, retried, waited = 0, False, False
             while True:
@@ -711,7 +843,9 @@ class Proxy:
                 attempt.update(status=status, failure=kind, ms=round((time.perf_counter() - started) * 1000, 1))
                 last = (status, error_class, message)
                 if kind == fallback.CLIENT_ERROR:
-                    return self._upstream_failed(fmt, row, headers, status, error_class, message)
+                    if ep.kind == fmt:
+                        return self._upstream_failed(fmt, row, headers, status, error_class, message)
+                    break  # it may be our translation it refused: the next model may take the request
                 if kind in (fallback.RATE_LIMITED, fallback.AUTH) and key_index + 1 < n_keys:
                     key_index += 1
                     continue

@@ -27,6 +27,7 @@ import psycopg
 
 from tm_resources.config import Config
 from tm_resources.embedder import fits_window
+from tm_resources.prompts import split_person_text
 
 # Finish reasons of a whole answer (OpenAI, Anthropic): nothing cut off, no tool call pending.
 SERVABLE_FINISH = ("stop", "end_turn", "stop_sequence")
@@ -159,7 +160,18 @@ def keys(body: dict, agent: str | None = None) -> CacheKeys:
         return CacheKeys(request_hash, None)
     context = {"agent": agent, "model": body["model"], "system": body.get("system"), "history": msgs[:-1],
                **{k: body[k] for k in _CONTEXT_PARAMS if k in body}}
+    # The prompt is matched on the person's words only (tm_resources/prompts.py): what their client
+    # added to the turn (file contents, a date) is context, and must be the same for a hit.
+    added = split_person_text(_text(last["content"]))[1]
+    if added:
+        context["client_added"] = added
     return CacheKeys(request_hash, _digest(context))
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(p["text"] for p in content if isinstance(p.get("text"), str))
 
 
 def scope_users(user_id: str, config: Config) -> list[str] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from enum import Enum
 from pathlib import Path
@@ -342,6 +343,9 @@ class Config(_Strict):
     loop: LoopConfig = LoopConfig()
     # Named chains a request may ask for as its model, tried in order (e.g. "tm:balanced").
     presets: dict[str, list[str]] = Field(default_factory=dict)
+    # Model names clients send that are not configured here (Claude Code's defaults, say), as
+    # fnmatch patterns (`claude-opus-*`), each to a model, a preset or `auto`; the first that matches wins.
+    aliases: dict[str, str] = Field(default_factory=dict)
     users: dict[str, UserConfig] = Field(default_factory=dict)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     dispatch: DispatchConfig = DispatchConfig()
@@ -369,6 +373,9 @@ class Config(_Strict):
             if not chain:
                 raise ValueError(f"presets.{name}: a preset needs at least one model")
             models_exist(f"presets.{name}", chain)
+        for pattern, target in self.aliases.items():
+            if target != "auto" and target not in self.models and target not in self.presets:
+                raise ValueError(f"aliases.{pattern}: '{target}' is not one of the models or presets, nor 'auto'")
         for section in ("users", "agents"):
             for who, entry in getattr(self, section).items():
                 if entry.model is not None and entry.model not in self.models:
@@ -390,6 +397,16 @@ class Config(_Strict):
             if value is not None and value not in self.models:
                 raise ValueError(f"defaults.{key}: '{value}' is not one of the models")
         return self
+
+    def resolve_alias(self, requested: str) -> tuple[str, str | None]:
+        """(what `requested` means here, the alias pattern that said so). A configured model, a preset
+        and `auto` are never aliased; a name no pattern matches comes back as it is."""
+        if requested == "auto" or requested in self.models or requested in self.presets:
+            return requested, None
+        for pattern, target in self.aliases.items():
+            if fnmatch.fnmatchcase(requested, pattern):
+                return target, pattern
+        return requested, None
 
     def upstream_name(self, model: str) -> str:
         return self.models[model].upstream or model

@@ -259,7 +259,10 @@ def _window_tokenizer(max_tokens: int):
         tok = Tokenizer.from_file(str(model_path() / "tokenizer.json"))
         # tokenizer.json ships with fixed 128 padding; batches are padded by the embedder, to their longest text.
         tok.no_padding()
-        tok.enable_truncation(max_length=max_tokens)
+        if max_tokens:
+            tok.enable_truncation(max_length=max_tokens)
+        else:  # the whole text (word_pieces); tokenizer.json itself cuts at 128
+            tok.no_truncation()
         tok = _window_tokenizers.setdefault(max_tokens, tok)
     return tok
 
@@ -278,6 +281,13 @@ def fits_window(texts: list[str], max_tokens: int = DEFAULT_MAX_TOKENS) -> list[
         for i, enc in zip(short, tok.encode_batch([texts[i] for i in short])):
             out[i] = len(enc.ids) < max_tokens
     return out
+
+
+def word_pieces(text: str) -> int:
+    """How many tokens `text` is for the embedding model's tokenizer: the gateway's estimate of a prompt's
+    size when its provider has no way to count (a WordPiece vocabulary; LLM tokenizers land near it on
+    English prose and code)."""
+    return len(_window_tokenizer(0).encode(text, add_special_tokens=False).ids)
 
 
 def get_embedder(*, precision: Precision = DEFAULT_PRECISION, max_tokens: int = DEFAULT_MAX_TOKENS,

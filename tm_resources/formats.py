@@ -16,6 +16,7 @@ __all__ = [
     "usage_to_openai",
     "openai_request_to_anthropic",
     "anthropic_request_to_openai",
+    "merge_system_messages",
     "anthropic_response_to_openai",
     "openai_response_to_anthropic",
     "response_text_openai",
@@ -491,6 +492,44 @@ def _tool_result_text(content, path: str, images: list) -> str:
 _DROPPED_BLOCKS = ("thinking", "redacted_thinking")
 
 
+def _system_text(system, path: str) -> str:
+    if isinstance(system, str):
+        return system
+    if isinstance(system, list):
+        parts = []
+        for j, b in enumerate(system):
+            if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
+                raise FormatError(f"{path}[{j}] must be a text block")
+            parts.append(b["text"])
+        return "\n\n".join(parts)
+    raise FormatError(f"{path} must be a string or a list of text blocks")
+
+
+def merge_system_messages(body: dict) -> dict:
+    """An Anthropic request with its `role: "system"` messages (which Claude Code puts in `messages`)
+    moved to the end of the top-level system, in order, as the Messages API expects; their blocks
+    keep every field (cache_control with its ttl and scope). A request without any is returned as is."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "system"
+                                                 for m in messages):
+        return body
+    system = body.get("system")
+    if not isinstance(system, (str, list, type(None))):
+        raise FormatError("system must be a string or a list of text blocks")
+    blocks: list = [{"type": "text", "text": system}] if isinstance(system, str) and system else list(system or [])
+    kept = []
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") == "system"):
+            kept.append(m)
+            continue
+        content = m.get("content")
+        _system_text(content, f"messages[{i}].content")  # the same check the other direction makes
+        blocks.extend([{"type": "text", "text": content}] if isinstance(content, str) else content)
+    if not kept:
+        raise FormatError("messages must hold at least one 'user' or 'assistant' message")
+    return {**body, "system": blocks, "messages": kept}
+
+
 def anthropic_request_to_openai(body: dict, *, model: str) -> dict:
     if not isinstance(body, dict):
         raise FormatError("request body must be a JSON object")
@@ -501,26 +540,19 @@ def anthropic_request_to_openai(body: dict, *, model: str) -> dict:
     out: list[dict] = []
     system = body.get("system")
     if system:
-        if isinstance(system, str):
-            text = system
-        elif isinstance(system, list):
-            parts = []
-            for j, b in enumerate(system):
-                if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
-                    raise FormatError(f"system[{j}] must be a text block")
-                parts.append(b["text"])
-            text = "\n\n".join(parts)
-        else:
-            raise FormatError("system must be a string or a list of text blocks")
-        out.append({"role": "system", "content": text})
+        out.append({"role": "system", "content": _system_text(system, "system")})
 
     for i, m in enumerate(messages):
         path = f"messages[{i}]"
         if not isinstance(m, dict):
             raise FormatError(f"{path} must be an object")
         role = m.get("role")
+        if role == "system":
+            # Claude Code sends these for models it does not know; OpenAI-kind servers take them in place.
+            out.append({"role": "system", "content": _system_text(m.get("content"), f"{path}.content")})
+            continue
         if role not in ("user", "assistant"):
-            raise FormatError(f"{path}.role must be 'user' or 'assistant' (got {role!r})")
+            raise FormatError(f"{path}.role must be 'user', 'assistant' or 'system' (got {role!r})")
         content = m.get("content")
         if isinstance(content, str):
             out.append({"role": role, "content": content})
