@@ -18,11 +18,13 @@ import aiohttp
 import numpy as np
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tm_gateway.state import SharedState
+from tm_gateway.openapi import openapi_description
 from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
 from tm_resources import cache
@@ -147,9 +149,9 @@ def create_app(settings: GatewaySettings) -> Starlette:
     async def models(request: Request) -> Response:
         proxy: Proxy = request.state.proxy
         fmt = "anthropic" if "anthropic-version" in request.headers else "openai"
-        ident = proxy.authenticate(request)
-        if ident is None:
-            return error_response(fmt, 401, "invalid or missing API key")
+        ident = proxy.login(request, fmt)
+        if isinstance(ident, Response):
+            return ident
         started = time.perf_counter()
         created = int(time.time())
         proxy._sync_registry()
@@ -194,14 +196,40 @@ def create_app(settings: GatewaySettings) -> Starlette:
             "rows_spooled": proxy.request_log.rows_spooled,
         })
 
+    description = openapi_description()
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(description)
+
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+
+def caller_format(request: Request) -> str:
+    """Which API a caller speaks when the route does not say: Anthropic's SDKs send these headers."""
+    h = request.headers
+    anthropic = request.url.path.startswith("/v1/messages") or "anthropic-version" in h or "x-api-key" in h
+    return "anthropic" if anthropic else "openai"
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods, answered in the caller's own error format rather than as plain text."""
+    assert isinstance(exc, HTTPException)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        message = f"no such endpoint: {where} (GET /openapi.json lists them)"
+    elif exc.status_code == 405:
+        message = f"method not allowed: {where}; allowed: {(exc.headers or {}).get('Allow', 'none')}"
+    else:
+        message = exc.detail
+    return error_response(caller_format(request), exc.status_code, message, dict(exc.headers or {}))
 
 
 def app_from_env() -> Starlette:
