@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import CLAUDE_PRICE, LOCAL_PRICE, Gateway, make_config, start_gateway
 from tm_resources import keys
+from tm_resources.schemas import MAX_DEPTH, too_deep
 
 MSG = [{"role": "user", "content": "hello there"}]
 
@@ -36,6 +37,14 @@ def nested(depth: int) -> list:
 
 
 # ---------------------------------------------------------------- the client's bad input
+
+
+def test_the_depth_limit_is_exact_whatever_the_containers():
+    # too_deep leans on orjson's own recursion limit: this fails if a new orjson moves it.
+    assert not too_deep(nested(MAX_DEPTH)) and too_deep(nested(MAX_DEPTH + 1))
+    assert not too_deep({"a": [{"b": nested(MAX_DEPTH - 3)}]}) and too_deep({"a": [{"b": nested(MAX_DEPTH - 2)}]})
+    assert not too_deep({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+
 
 
 @pytest.mark.parametrize("stream", [False, True])

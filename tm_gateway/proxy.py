@@ -468,9 +468,10 @@ class Proxy:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as err:
             raise BadRequest(400, "invalid_json", f"the request body is not valid JSON: {err}") from None
-        # Only a body with that many brackets can nest that deep: most never pay for the walk.
-        if raw.count(b"[") + raw.count(b"{") > schemas.MAX_DEPTH and schemas.too_deep(body):
-            raise BadRequest(400, "invalid_json", f"the request body nests deeper than {schemas.MAX_DEPTH} levels")
+        try:
+            schemas.check_depth(raw, body)
+        except schemas.InvalidShape as err:
+            raise BadRequest(400, "invalid_json", str(err)) from None
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             row.data["requested_model"] = body["model"]
         _validate(fmt, body)
