@@ -220,6 +220,11 @@ def test_unknown_paths_and_methods_answer_in_the_callers_format(gateway: Gateway
     assert r.status_code == 405 and r.json()["type"] == "error"
     r = httpx.get(gateway.url + "/nowhere", headers={"anthropic-version": "2023-06-01"})
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error" and r.json()["type"] == "error"
+    # The requests that carried a valid key (the SDKs') left their rows; the bare ones had no key.
+    rows = gateway.rows()
+    assert [(r["endpoint"], r["status"], r["error_class"], r["api_format"]) for r in rows] == [
+        ("/v1/embeddings", 404, "unknown_endpoint", "openai"),
+        ("/v1/messages/batches", 404, "unknown_endpoint", "anthropic")]
 
 
 # ---------------------------------------------------------------- failed logins

@@ -30,7 +30,6 @@ from tm_gateway.requestlog import RequestLog
 from tm_resources import cache
 from tm_resources.config import Config
 from tm_resources.learned import RouterSettings
-from tm_resources.ids import uuid7
 from tm_resources.providers import SecretScrubber
 
 log = logging.getLogger(__name__)
@@ -179,13 +178,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
                     for n in names
                 ],
             }
-        rid = uuid7()
-        proxy.request_log.write({
-            "id": rid, "ts": datetime.now(timezone.utc), "user_id": ident[1], "api_key_id": ident[0],
-            "api_format": fmt, "endpoint": request.scope["path"], "status": 200,
-            "latency_ms": (time.perf_counter() - started) * 1000,
-            "agent": request.headers.get("x-tm-agent"),
-        })
+        rid = proxy.log_bodiless(request, fmt, ident, 200, started=started)
         return JSONResponse(body, headers={"x-tm-request-id": str(rid)})
 
     async def healthz(request: Request) -> Response:
@@ -229,7 +222,13 @@ async def http_error(request: Request, exc: Exception) -> Response:
         message = f"method not allowed: {where}; allowed: {(exc.headers or {}).get('Allow', 'none')}"
     else:
         message = exc.detail
-    return error_response(caller_format(request), exc.status_code, message, dict(exc.headers or {}))
+    fmt = caller_format(request)
+    proxy: Proxy | None = getattr(request.state, "proxy", None)
+    ident = proxy.authenticate(request) if proxy is not None else None
+    if ident is not None:  # a request with a valid key leaves its row, wherever it went
+        proxy.log_bodiless(request, fmt, ident, exc.status_code, error_message=message,
+                           error_class="unknown_endpoint" if exc.status_code == 404 else "method_not_allowed")
+    return error_response(fmt, exc.status_code, message, dict(exc.headers or {}))
 
 
 def app_from_env() -> Starlette:

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -259,10 +260,8 @@ class Proxy:
         if wait > 0:
             refused = _backing_off(fmt, wait)
             if ident is not None:
-                self.request_log.write({
-                    "id": uuid7(), "ts": datetime.now(timezone.utc), "user_id": ident[1], "api_key_id": ident[0],
-                    "api_format": fmt, "endpoint": request.scope["path"], "status": 429,
-                    "error_class": "login_backoff", "error_message": "too many failed logins from this address", "latency_ms": 0.0})
+                self.log_bodiless(request, fmt, ident, 429, error_class="login_backoff",
+                                  error_message="too many failed logins from this address")
             return refused
         if ident is not None:
             return ident
@@ -271,6 +270,18 @@ class Proxy:
             return _backing_off(fmt, backoff)
         return error_response(
             fmt, 401, "invalid or missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+
+    def log_bodiless(self, request: Request, fmt: str, ident: tuple[str, str], status: int, *,
+                     started: float | None = None, **fields: Any) -> uuid.UUID:
+        """The row of a request that carries no prompt (a model listing, a refusal before the body is
+        read, an unknown endpoint); returns its id."""
+        rid = uuid7()
+        self.request_log.write({
+            "id": rid, "ts": datetime.now(timezone.utc), "user_id": ident[1], "api_key_id": ident[0],
+            "api_format": fmt, "endpoint": request.scope["path"], "status": status,
+            "latency_ms": (time.perf_counter() - started) * 1000 if started is not None else 0.0,
+            "agent": request.headers.get("x-tm-agent"), **fields})
+        return rid
 
     async def _read_body(self, request: Request, headers: dict[str, str]) -> bytes:
         limit = self.config.gateway.max_body_bytes
