@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from tests.conftest import CLAUDE_PRICE, LOCAL_PRICE, Gateway, make_config, start_gateway
+from tm_gateway.logins import LoginGuard
 from tm_resources import keys
 from tm_resources.schemas import MAX_DEPTH, too_deep
 
@@ -267,3 +268,14 @@ def test_failed_logins_are_logged_without_the_key_and_a_source_that_keeps_failin
     logged = [r.getMessage() for r in caplog.records if r.name == "tm_gateway.logins"]
     assert len(logged) == 4 and all("failed login from 127.0.0.1" in m for m in logged)
     assert not any(wrong in m or wrong[3:15] in m for m in logged)
+
+
+def test_the_failed_login_table_stays_bounded_and_forgets_quiet_addresses():
+    guard = LoginGuard(free=1, max_backoff_s=8, forget_after_s=0.05, max_sources=100)
+    for i in range(1000):  # a flood from many addresses keeps only the most recent ones
+        guard.failed(f"10.0.{i // 256}.{i % 256}", "tm-x", "/v1/messages")
+    assert len(guard._sources) == 100
+    assert guard.failed("10.9.9.9", None, "/") == 0 and guard.failed("10.9.9.9", None, "/") == 1
+    assert [guard.failed("10.9.9.9", None, "/") for _ in range(4)] == [2, 4, 8, 8]
+    time.sleep(0.1)
+    assert guard.failed("10.9.9.9", None, "/") == 0  # quiet long enough: it starts again

@@ -855,7 +855,7 @@ class _StreamRelay:
             if fmt == "anthropic" and upstream_kind == "openai" else None
         )
         self.upstream_error: str | None = None
-        self.error_class = "upstream_stream_error"
+        self.error_class, self.error_status = "upstream_stream_error", 502
 
     def _data(self, data: str) -> Any:
         """One event's data, parsed and checked: what the rest of the relay reads is then of the right type."""
@@ -935,6 +935,12 @@ class _StreamRelay:
             self.upstream_error = f"the provider's stream broke off ({type(err).__name__})"
             self._end()
             yield self._error_event(self.upstream_error)
+        except Exception:  # a gateway bug: the client still gets an error event, and the row the truth
+            log.exception("gateway error in the stream of request %s", self.row.data["id"])
+            self.upstream_error = f"internal gateway error (request {self.row.data['id']})"
+            self.error_class, self.error_status = "gateway_error", 500
+            self._end()
+            yield self._error_event(self.upstream_error)
         finally:
             if self.completed and self.upstream_error is None:
                 resp.release()
@@ -966,7 +972,7 @@ class _StreamRelay:
             fields.update(status=499, error_class="client_disconnected",
                           error_message="the client closed the stream before it ended")
         elif self.upstream_error is not None:
-            fields.update(status=502, error_class=self.error_class, error_message=self.upstream_error)
+            fields.update(status=self.error_status, error_class=self.error_class, error_message=self.upstream_error)
         else:
             fields["status"] = 200
         self.row.done(**fields)
