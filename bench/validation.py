@@ -44,7 +44,8 @@ def bodies() -> dict[str, tuple[str, dict]]:
             {"type": "text", "text": "Let me look."},
             {"type": "tool_use", "id": f"toolu_{i}", "name": "tool_1", "input": {"path": f"src/f{i}.py"}}]})
         agent_msgs.append({"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": f"toolu_{i}", "content": [{"type": "text", "text": "x = 1\n" * 80}]}]})
+            {"type": "tool_result", "tool_use_id": f"toolu_{i}",
+             "content": [{"type": "text", "text": "x = 1\n" * 80}]}]})
     agent = {"model": "claude-sonnet", "max_tokens": 8192, "stream": True,
              "system": [{"type": "text", "text": "You are a coding agent. " * 200,
                          "cache_control": {"type": "ephemeral"}}],

@@ -1,5 +1,4 @@
-"""Failed logins: each one logged (never the key: a short hash of it at most), and a source that keeps
-failing slowed with a back-off that doubles, in a table of bounded size."""
+"""Failed logins: logged (a short hash of the key at most), and an address that keeps failing backed off."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The gateway's OpenAPI description (GET /openapi.json): its endpoints, the request bodies they check
-(tm_resources.schemas, the same types that check them) and the error shape of each API."""
+"""The gateway's OpenAPI description (GET /openapi.json), its request bodies from the types that check them."""
 
 from __future__ import annotations
 

@@ -251,8 +251,8 @@ class Proxy:
 
     def login(self, request: Request, fmt: str, headers: dict[str, str] | None = None) -> tuple[str, str] | Response:
         """The (key id, user) of the request's key, or the 401 to answer; a 429 while its address is
-        backing off after too many failures. A backing-off address's keys are not even looked at, so
-        guessing gets no faster by ignoring the 429; a valid key refused that way still leaves its row."""
+        backing off after too many failures, whatever key it sends, so that ignoring the 429 makes
+        guessing no faster (a valid key refused that way still leaves its row)."""
         h = headers if headers is not None else request.headers
         source = request.client.host if request.client else "unknown"
         wait = self.logins.retry_after(source)
@@ -772,7 +772,8 @@ class Proxy:
                         finally:
                             resp.release()
                         status = resp.status
-                        message = self.scrub(fm.error_message_from_body(data)) or f"provider '{ep.name}' answered {status}"
+                        message = (self.scrub(fm.error_message_from_body(data))
+                                   or f"provider '{ep.name}' answered {status}")
                         retry_after = _seconds(resp.headers.get("retry-after"))
                         kind, error_class = fallback.classify_failure(status, message), upstream_error_class(status)
                 attempt.update(status=status, failure=kind, ms=round((time.perf_counter() - started) * 1000, 1))
@@ -972,7 +973,8 @@ class _StreamRelay:
             fields.update(status=499, error_class="client_disconnected",
                           error_message="the client closed the stream before it ended")
         elif self.upstream_error is not None:
-            fields.update(status=self.error_status, error_class=self.error_class, error_message=self.upstream_error)
+            fields.update(status=self.error_status, error_class=self.error_class,
+                          error_message=self.upstream_error)
         else:
             fields["status"] = 200
         self.row.done(**fields)

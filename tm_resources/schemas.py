@@ -1,6 +1,7 @@
-"""The wire shapes of both APIs as pydantic types: what a client may send (checked whole before any upstream
-is called, and published as the gateway's OpenAPI description), and what an upstream must answer for the
-gateway to read it."""
+"""Both APIs' wire shapes as pydantic types: what clients may send, and what upstreams must answer to be read."""
+
+# The request types check every body whole before any provider is called, and are what /openapi.json
+# publishes; the answer and event types keep an unreadable upstream answer from reaching the code that reads it.
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import orjson
 from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, with_config
 from typing_extensions import NotRequired, Required, TypedDict
 
-__all__ = ["MAX_DEPTH", "InvalidShape", "check_depth", "check_request", "check_answer", "check_stream_event", "too_deep",
-           "request_schema", "error_schema"]
+__all__ = ["MAX_DEPTH", "InvalidShape", "check_depth", "check_request", "check_answer", "check_stream_event",
+           "too_deep", "request_schema", "error_schema"]
 
 # orjson writes no JSON nested deeper than 254 levels, and the gateway writes each body again (its row,
 # the upstream payload, a translation adds a level or two): a body must leave that room.
@@ -359,12 +360,16 @@ def _message(body: Any, err: ValidationError) -> str:
     return f"{_path(body, best['loc'])}: {best['msg']}"
 
 
+def _check(adapter: TypeAdapter, value: Any) -> None:
+    try:
+        adapter.validate_python(value)
+    except ValidationError as err:
+        raise InvalidShape(_message(value, err)) from None
+
+
 def check_request(fmt: str, body: Any) -> None:
     """Raise InvalidShape naming the first bad field of an OpenAI ("openai") or Anthropic request body."""
-    try:
-        _REQUESTS[fmt].validate_python(body)
-    except ValidationError as err:
-        raise InvalidShape(_message(body, err)) from None
+    _check(_REQUESTS[fmt], body)
 
 
 # ---------------------------------------------------------------- what upstreams answer
@@ -472,18 +477,12 @@ _EVENTS = {"openai": TypeAdapter(_OpenAIChunk), "anthropic": TypeAdapter(_Anthro
 
 def check_answer(kind: str, answer: Any) -> None:
     """Raise InvalidShape when a provider's whole answer (parsed JSON) is not one the gateway can read."""
-    try:
-        _ANSWERS[kind].validate_python(answer)
-    except ValidationError as err:
-        raise InvalidShape(_message(answer, err)) from None
+    _check(_ANSWERS[kind], answer)
 
 
 def check_stream_event(kind: str, data: Any) -> None:
     """Raise InvalidShape when one streamed event's data is not one the gateway can read."""
-    try:
-        _EVENTS[kind].validate_python(data)
-    except ValidationError as err:
-        raise InvalidShape(_message(data, err)) from None
+    _check(_EVENTS[kind], data)
 
 
 def _any_of(schema: Any) -> Any:
