@@ -1400,3 +1400,12 @@ def test_error_message_from_body(body, expected):
 def test_error_message_from_body_truncates():
     msg = f.error_message_from_body({"error": {"message": "x" * 2000}})
     assert len(msg) == 500 and msg.endswith("...")
+
+
+def test_a_streamed_tool_call_whose_arguments_come_as_an_object_is_logged():
+    # Ollama can send a tool call's arguments parsed, in one chunk; the row keeps them as JSON.
+    acc = f.OpenAIStreamAccumulator()
+    acc.feed({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_1", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}}]})
+    acc.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    assert acc.log_text() == '[tool_call get_weather {"city":"Paris"}]'
