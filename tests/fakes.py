@@ -334,7 +334,7 @@ class _ThreadedServer:
 
 @dataclass
 class _Rule:
-    kind: str  # "fail" | "stall" | "drop"
+    kind: str  # "fail" | "stall" | "drop" | "garble" | "bad_event"
     times: int
     model: str | None
     status: int = 0
@@ -342,6 +342,8 @@ class _Rule:
     message: str | None = None
     seconds: float = 0.0
     after_chunks: int = 1
+    raw: bytes = b""
+    content_type: str = "application/json"
 
 
 # ---------------------------------------------------------------- FakeUpstream
@@ -389,6 +391,19 @@ class FakeUpstream(_ThreadedServer):
         with self._lock:
             self._rules.append(_Rule("drop", times, model, after_chunks=after_chunks))
 
+    def garble(self, raw: bytes, *, content_type: str = "application/json", times: int = 1,
+               model: str | None = None) -> None:
+        """Answer 200 with `raw` as the whole body (JSON of the wrong shape, an HTML page, broken JSON),
+        streaming requests included."""
+        with self._lock:
+            self._rules.append(_Rule("garble", times, model, raw=raw, content_type=content_type))
+
+    def bad_event(self, line: bytes, *, times: int = 1, model: str | None = None, after_chunks: int = 1) -> None:
+        """In a streamed answer, send `line` (say b"data: {this is not json") after `after_chunks` deltas,
+        then carry on as if nothing happened."""
+        with self._lock:
+            self._rules.append(_Rule("bad_event", times, model, raw=line, after_chunks=after_chunks))
+
     def reset(self) -> None:
         """Clear injected failures, recorded requests, the prompt cache and the models seen."""
         with self._lock:
@@ -413,7 +428,7 @@ class FakeUpstream(_ThreadedServer):
         stall = self._take(("stall",), model)
         if stall is not None:
             await asyncio.sleep(stall.seconds)
-        return self._take(("fail", "drop"), model)
+        return self._take(("fail", "drop", "garble", "bad_event"), model)
 
     # -- plumbing
 
@@ -541,6 +556,10 @@ class FakeUpstream(_ThreadedServer):
         rule = await self._inject(model)
         if rule is not None and rule.kind == "fail":
             return _anthropic_error(rule.status, rule.message, retry_after=rule.retry_after)
+        if rule is not None and rule.kind == "garble":
+            return web.Response(body=rule.raw, status=200, content_type=rule.content_type)
+        if rule is not None and rule.kind == "bad_event" and not stream:
+            rule = None
         if rule is not None and not stream:
             self._abort(request)
             return web.Response()
@@ -630,6 +649,10 @@ class FakeUpstream(_ThreadedServer):
         resp.charset = "utf-8"
         await resp.prepare(request)
         delay = self.chunk_delay
+        if drop is not None and drop.kind == "bad_event":
+            at = min(drop.after_chunks, len(deltas))
+            deltas = [*deltas[:at], drop.raw.rstrip(b"\n") + b"\n\n", *deltas[at:]]
+            drop = None
         if drop is None and not delay:
             # One write: nothing to pace, and it keeps the "direct" baseline cheap.
             await resp.write(preamble + b"".join(deltas) + epilogue)
@@ -685,6 +708,10 @@ class FakeUpstream(_ThreadedServer):
         rule = await self._inject(model)
         if rule is not None and rule.kind == "fail":
             return _openai_error(rule.status, rule.message, retry_after=rule.retry_after)
+        if rule is not None and rule.kind == "garble":
+            return web.Response(body=rule.raw, status=200, content_type=rule.content_type)
+        if rule is not None and rule.kind == "bad_event" and not stream:
+            rule = None
         if rule is not None and not stream:
             self._abort(request)
             return web.Response()

@@ -1420,3 +1420,12 @@ def test_system_messages_join_the_top_level_system_for_anthropic():
     with pytest.raises(FormatError, match=r"messages\[1\].content\[0\] must be a text block"):
         f.merge_system_messages({"messages": [{"role": "user", "content": "x"},
                                               {"role": "system", "content": [{"type": "image"}]}]})
+
+
+def test_a_streamed_tool_call_whose_arguments_come_as_an_object_is_logged():
+    # Ollama can send a tool call's arguments parsed, in one chunk; the row keeps them as JSON.
+    acc = f.OpenAIStreamAccumulator()
+    acc.feed({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_1", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}}]})
+    acc.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    assert acc.log_text() == '[tool_call get_weather {"city":"Paris"}]'

@@ -18,17 +18,18 @@ import aiohttp
 import numpy as np
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tm_gateway.state import SharedState
+from tm_gateway.openapi import openapi_description
 from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
 from tm_resources import cache
 from tm_resources.config import Config
 from tm_resources.learned import RouterSettings
-from tm_resources.ids import uuid7
 from tm_resources.providers import SecretScrubber
 
 log = logging.getLogger(__name__)
@@ -151,9 +152,9 @@ def create_app(settings: GatewaySettings) -> Starlette:
     async def models(request: Request) -> Response:
         proxy: Proxy = request.state.proxy
         fmt = "anthropic" if "anthropic-version" in request.headers else "openai"
-        ident = proxy.authenticate(request)
-        if ident is None:
-            return error_response(fmt, 401, "invalid or missing API key")
+        ident = proxy.login(request, fmt)
+        if isinstance(ident, Response):
+            return ident
         started = time.perf_counter()
         created = int(time.time())
         proxy._sync_registry()
@@ -181,13 +182,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
                     for n in names
                 ],
             }
-        rid = uuid7()
-        proxy.request_log.write({
-            "id": rid, "ts": datetime.now(timezone.utc), "user_id": ident[1], "api_key_id": ident[0],
-            "api_format": fmt, "endpoint": request.scope["path"], "status": 200,
-            "latency_ms": (time.perf_counter() - started) * 1000,
-            "agent": request.headers.get("x-tm-agent"),
-        })
+        rid = proxy.log_bodiless(request, fmt, ident, 200, started=started)
         return JSONResponse(body, headers={"x-tm-request-id": str(rid)})
 
     async def healthz(request: Request) -> Response:
@@ -198,6 +193,11 @@ def create_app(settings: GatewaySettings) -> Starlette:
             "rows_spooled": proxy.request_log.rows_spooled,
         })
 
+    description = openapi_description()
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(description)
+
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/chat/completions", chat_completions, methods=["POST"]),
@@ -205,8 +205,35 @@ def create_app(settings: GatewaySettings) -> Starlette:
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+
+def caller_format(request: Request) -> str:
+    """Which API a caller speaks when the route does not say: Anthropic's SDKs send these headers."""
+    h = request.headers
+    anthropic = request.url.path.startswith("/v1/messages") or "anthropic-version" in h or "x-api-key" in h
+    return "anthropic" if anthropic else "openai"
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods, answered in the caller's own error format rather than as plain text."""
+    assert isinstance(exc, HTTPException)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        message = f"no such endpoint: {where} (GET /openapi.json lists them)"
+    elif exc.status_code == 405:
+        message = f"method not allowed: {where}; allowed: {(exc.headers or {}).get('Allow', 'none')}"
+    else:
+        message = exc.detail
+    fmt = caller_format(request)
+    proxy: Proxy | None = getattr(request.state, "proxy", None)
+    ident = proxy.authenticate(request) if proxy is not None else None
+    if ident is not None:  # a request with a valid key leaves its row, wherever it went
+        proxy.log_bodiless(request, fmt, ident, exc.status_code, error_message=message,
+                           error_class="unknown_endpoint" if exc.status_code == 404 else "method_not_allowed")
+    return error_response(fmt, exc.status_code, message, dict(exc.headers or {}))
 
 
 def app_from_env() -> Starlette:

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -21,9 +23,11 @@ from starlette.types import Receive, Scope, Send
 
 from tm_gateway.state import SharedState
 from tm_gateway import fallback
+from tm_gateway.logins import LoginGuard
 from tm_gateway.requestlog import RequestLog
 from tm_resources import cache
 from tm_resources import formats as fm
+from tm_resources import schemas
 from tm_resources.ids import uuid7
 from tm_resources.providers import Endpoint, complete_text
 from tm_resources.providers import endpoints as provider_endpoints
@@ -222,6 +226,17 @@ def _too_large(limit: int) -> BadRequest:
     return BadRequest(413, "request_too_large", f"the request body is larger than {limit} bytes")
 
 
+def _backing_off(fmt: str, seconds: float) -> Response:
+    wait = math.ceil(seconds)
+    return error_response(fmt, 429, f"too many failed logins from this address: retry in {wait} s",
+                          {"retry-after": str(wait)})
+
+
+def _key_of(h: Any) -> str | None:
+    auth = h.get("authorization")
+    return auth[7:].strip() if auth and auth[:7].lower() == "bearer " else h.get("x-api-key")
+
+
 def _headers(request: Request) -> dict[str, str]:
     # One pass over the raw headers: each lookup on Starlette's Headers scans the whole list.
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]}
@@ -259,6 +274,8 @@ class Proxy:
         self.embed = embed
         # Chooses an agent for requests addressed to the dispatcher (None: no agent has intents).
         self.dispatcher = dispatcher
+        self.logins = LoginGuard(free=config.gateway.login_free_failures,
+                                 max_backoff_s=config.gateway.login_backoff_max_s)
 
     # -- the parts --------------------------------------------------------------------------
 
@@ -275,10 +292,41 @@ class Proxy:
         }
 
     def authenticate(self, request: Request, headers: dict[str, str] | None = None) -> tuple[str, str] | None:
+        return self.shared.lookup(_key_of(headers if headers is not None else request.headers))
+
+    def login(self, request: Request, fmt: str, headers: dict[str, str] | None = None) -> tuple[str, str] | Response:
+        """The (key id, user) of the request's key, or the 401 to answer; a 429 while its address is
+        backing off after too many failures, whatever key it sends, so that ignoring the 429 makes
+        guessing no faster (a valid key refused that way still leaves its row)."""
         h = headers if headers is not None else request.headers
-        auth = h.get("authorization")
-        key = auth[7:].strip() if auth and auth[:7].lower() == "bearer " else h.get("x-api-key")
-        return self.shared.lookup(key)
+        source = request.client.host if request.client else "unknown"
+        wait = self.logins.retry_after(source)
+        ident = self.authenticate(request, h)
+        if wait > 0:
+            refused = _backing_off(fmt, wait)
+            if ident is not None:
+                self.log_bodiless(request, fmt, ident, 429, error_class="login_backoff",
+                                  error_message="too many failed logins from this address")
+            return refused
+        if ident is not None:
+            return ident
+        backoff = self.logins.failed(source, _key_of(h), request.scope["path"])
+        if backoff > 0:
+            return _backing_off(fmt, backoff)
+        return error_response(
+            fmt, 401, "invalid or missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+
+    def log_bodiless(self, request: Request, fmt: str, ident: tuple[str, str], status: int, *,
+                     started: float | None = None, **fields: Any) -> uuid.UUID:
+        """The row of a request that carries no prompt (a model listing, a refusal before the body is
+        read, an unknown endpoint); returns its id."""
+        rid = uuid7()
+        self.request_log.write({
+            "id": rid, "ts": datetime.now(timezone.utc), "user_id": ident[1], "api_key_id": ident[0],
+            "api_format": fmt, "endpoint": request.scope["path"], "status": status,
+            "latency_ms": (time.perf_counter() - started) * 1000 if started is not None else 0.0,
+            "agent": request.headers.get("x-tm-agent"), **fields})
+        return rid
 
     async def _read_body(self, request: Request, headers: dict[str, str]) -> bytes:
         limit = self.config.gateway.max_body_bytes
@@ -449,11 +497,9 @@ class Proxy:
         started = time.perf_counter()
         self._sync_registry()
         h = _headers(request)
-        ident = self.authenticate(request, h)
-        if ident is None:
-            return error_response(
-                fmt, 401, "invalid or missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
-            )
+        ident = self.login(request, fmt, h)
+        if isinstance(ident, Response):
+            return ident
         rid = uuid7()
         row = _Row(
             {
@@ -488,6 +534,10 @@ class Proxy:
                       headers: dict[str, str]) -> Response:
         body = await self._json_body(request, h, row)
         _validate(fmt, body)
+        try:
+            schemas.check_request(fmt, body)
+        except schemas.InvalidShape as err:
+            raise BadRequest(400, "invalid_request", str(err)) from None
         body, alias = self._alias(body, row, headers)
         stream = body.get("stream", False)
         body, dispatched = await self._agent(fmt, body, h, row, headers)
@@ -523,6 +573,10 @@ class Proxy:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as err:
             raise BadRequest(400, "invalid_json", f"the request body is not valid JSON: {err}") from None
+        try:
+            schemas.check_depth(raw, body)
+        except schemas.InvalidShape as err:
+            raise BadRequest(400, "invalid_json", str(err)) from None
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             row.data["requested_model"] = body["model"]
         return body
@@ -594,15 +648,24 @@ class Proxy:
         outcome = await self._call(fmt, body, model, stream, h, row, headers, chain)
         if isinstance(outcome, Response):
             return outcome
-        resp, name, ep = outcome
-        if stream:
-            relay = _StreamRelay(self, fmt, ep.kind, name, body, row)
-            return _LoggedStream(relay.run(resp), relay, status_code=200, media_type=SSE,
-                                 headers={**headers, "cache-control": "no-cache"})
-        got = await self._read_whole(fmt, resp, name, ep)
-        if not isinstance(got, _Whole):
-            return self._upstream_failed(fmt, row, headers, *got)
-        return self._send_whole(got, name, row, headers)
+        got, name, ep = outcome
+        if isinstance(got, _Whole):
+            return self._send_whole(got, name, row, headers)
+        relay = _StreamRelay(self, fmt, ep.kind, name, body, row)
+        return _LoggedStream(relay.run(got), relay, status_code=200, media_type=SSE,
+                             headers={**headers, "cache-control": "no-cache"})
+
+    async def _accept(self, fmt: str, resp: aiohttp.ClientResponse, name: str, ep: Endpoint,
+                      stream: bool) -> aiohttp.ClientResponse | _Whole | tuple[int, str, str]:
+        """A successful status's answer: read whole and checked, or, for a stream, the response once it
+        is one (an HTML page or a JSON body instead of events is the provider's failure)."""
+        if not stream:
+            return await self._read_whole(fmt, resp, name, ep)
+        if resp.content_type == SSE:
+            return resp
+        resp.close()
+        return 502, "upstream_bad_response", (f"provider '{ep.name}' answered a streaming request with "
+                                              f"'{resp.content_type}', not an event stream")
 
     async def _read_whole(self, fmt: str, resp: aiohttp.ClientResponse, name: str,
                           ep: Endpoint) -> _Whole | tuple[int, str, str]:
@@ -615,10 +678,13 @@ class Proxy:
             resp.release()
         try:
             answer = orjson.loads(data)
-            if not isinstance(answer, dict):
-                raise ValueError
         except ValueError:
             return 502, "upstream_bad_response", f"provider '{ep.name}' answered with something that is not JSON"
+        try:
+            schemas.check_answer(ep.kind, answer)
+        except schemas.InvalidShape as err:
+            return 502, "upstream_bad_response", self.scrub(
+                f"provider '{ep.name}' answered JSON of the wrong shape ({err})")
         if ep.kind == "anthropic":
             usage = fm.usage_from_anthropic(answer.get("usage"))
             text, finish = fm.response_text_anthropic(answer), fm.stop_reason_anthropic(answer)
@@ -653,29 +719,24 @@ class Proxy:
         if isinstance(outcome, Response):
             reasons = [f"no answer ({first.data.get('error_class')})"]  # its row is written, as failed
         else:
-            resp, name, ep = outcome
-            got = await self._read_whole(fmt, resp, name, ep)
-            if not isinstance(got, _Whole):
-                self._upstream_failed(fmt, first, scratch, *got)
-                reasons = [f"no answer ({got[1]})"]
-            else:
-                verdict = quick_gate(prompt, got.text, finish_reason=got.finish, expect_json=_json_asked(body))
-                if verdict.passed:
-                    row.data.update({k: first.data[k] for k in ("model", "provider", "upstream_model", "attempts")})
-                    row.data["route_reason"] = f"{route.reason}; {name} passed the gate"
-                    headers.update(scratch)
-                    headers["x-tm-cascade"] = "passed"
-                    if not stream:
-                        return self._send_whole(got, name, row, headers)
-                    cost, baseline = self._costs(name, got.usage)
-                    row.done(status=200, response_text=got.text, finish_reason=got.finish, cost_usd=cost,
-                             baseline_cost_usd=baseline, **_usage_fields(got.usage))
-                    return self._text_stream(fmt, got.text, name, body, row, headers, got.usage)
-                reasons = verdict.reasons
+            got, name, ep = outcome  # whole: it was not asked to stream
+            verdict = quick_gate(prompt, got.text, finish_reason=got.finish, expect_json=_json_asked(body))
+            if verdict.passed:
+                row.data.update({k: first.data[k] for k in ("model", "provider", "upstream_model", "attempts")})
+                row.data["route_reason"] = f"{route.reason}; {name} passed the gate"
+                headers.update(scratch)
+                headers["x-tm-cascade"] = "passed"
+                if not stream:
+                    return self._send_whole(got, name, row, headers)
                 cost, baseline = self._costs(name, got.usage)
-                first.done(status=200, response_text=got.text, finish_reason=got.finish, cost_usd=cost,
-                           baseline_cost_usd=baseline, route_reason=f"{route.reason}; failed the gate: "
-                           + "; ".join(reasons), **_usage_fields(got.usage))
+                row.done(status=200, response_text=got.text, finish_reason=got.finish, cost_usd=cost,
+                         baseline_cost_usd=baseline, **_usage_fields(got.usage))
+                return self._text_stream(fmt, got.text, name, body, row, headers, got.usage)
+            reasons = verdict.reasons
+            cost, baseline = self._costs(name, got.usage)
+            first.done(status=200, response_text=got.text, finish_reason=got.finish, cost_usd=cost,
+                       baseline_cost_usd=baseline, route_reason=f"{route.reason}; failed the gate: "
+                       + "; ".join(reasons), **_usage_fields(got.usage))
         why = "; ".join(reasons)
         row.data.update(parent_id=first.data["id"], route_reason=f"{route.reason}; escalated: {why}")
         headers["x-tm-cascade"] = f"escalated: {why}"
@@ -775,9 +836,10 @@ class Proxy:
 
     async def _call(self, fmt: str, body: dict, model: str, stream: bool, h: dict[str, str], row: _Row,
                     headers: dict[str, str], preset: list[str] | None = None,
-                    ) -> tuple[aiohttp.ClientResponse, str, Endpoint] | Response:
+                    ) -> tuple[aiohttp.ClientResponse | _Whole, str, Endpoint] | Response:
         """Call `model`, falling back along its chain by failure class; every attempt goes into the row.
-        Returns the open upstream response of the attempt that succeeded, or the error response to send."""
+        Returns the answer of the attempt that succeeded (read whole, or the open response of a stream),
+        or the error response to send. An answer the gateway cannot read is that provider's failure."""
         config = self.config
         origin = config.models[model].tier
         candidates = fallback.chain(model, config)
@@ -824,22 +886,28 @@ class Proxy:
                     status, message, retry_after = 502, f"provider '{ep.name}' is unreachable ({type(err).__name__})", None
                     kind, error_class = fallback.UNAVAILABLE, "upstream_unreachable"
                 else:
-                    if resp.status < 400:
+                    got = await self._accept(fmt, resp, name, ep, stream) if resp.status < 400 else None
+                    if isinstance(got, (aiohttp.ClientResponse, _Whole)):
                         attempt.update(status=resp.status, ms=round((time.perf_counter() - started) * 1000, 1))
                         self.cooldowns.clear(name)
                         if len(attempts) > 1:
                             headers["x-tm-attempts"] = str(len(attempts))
-                        return resp, name, ep
-                    try:
-                        data = await resp.read()
-                    except (aiohttp.ClientError, asyncio.TimeoutError):
-                        data = b""
-                    finally:
-                        resp.release()
-                    status = resp.status
-                    message = self.scrub(fm.error_message_from_body(data)) or f"provider '{ep.name}' answered {status}"
-                    retry_after = _seconds(resp.headers.get("retry-after"))
-                    kind, error_class = fallback.classify_failure(status, message), upstream_error_class(status)
+                        return got, name, ep
+                    if got is not None:  # a success status, but nothing the gateway can read: the next model
+                        status, error_class, message = got
+                        kind, retry_after = fallback.UNAVAILABLE, None
+                    else:
+                        try:
+                            data = await resp.read()
+                        except (aiohttp.ClientError, asyncio.TimeoutError):
+                            data = b""
+                        finally:
+                            resp.release()
+                        status = resp.status
+                        message = (self.scrub(fm.error_message_from_body(data))
+                                   or f"provider '{ep.name}' answered {status}")
+                        retry_after = _seconds(resp.headers.get("retry-after"))
+                        kind, error_class = fallback.classify_failure(status, message), upstream_error_class(status)
                 attempt.update(status=status, failure=kind, ms=round((time.perf_counter() - started) * 1000, 1))
                 last = (status, error_class, message)
                 if kind == fallback.CLIENT_ERROR:
@@ -922,12 +990,19 @@ class _StreamRelay:
             if fmt == "anthropic" and upstream_kind == "openai" else None
         )
         self.upstream_error: str | None = None
+        self.error_class, self.error_status = "upstream_stream_error", 502
+
+    def _data(self, data: str) -> Any:
+        """One event's data, parsed and checked: what the rest of the relay reads is then of the right type."""
+        parsed = orjson.loads(data)
+        schemas.check_stream_event(self.kind, parsed)
+        return parsed
 
     def _event(self, ev: fm.SSEEvent) -> bytes:
         if self.kind == "openai":
             if ev.data == "[DONE]":
                 return b""
-            chunk = orjson.loads(ev.data)
+            chunk = self._data(ev.data)
             if "error" in chunk and "choices" not in chunk:
                 self.upstream_error = self.proxy.scrub(fm.error_message_from_body(chunk))
                 return b""
@@ -938,7 +1013,7 @@ class _StreamRelay:
             if not chunk.get("choices") and not self.wants_usage:
                 return b""  # the usage chunk we asked for on the client's behalf
             return b"data: " + ev.data.encode() + b"\n\n"
-        data = orjson.loads(ev.data)
+        data = self._data(ev.data)
         etype = ev.event or data.get("type", "")
         if etype == "error":
             self.upstream_error = self.proxy.scrub(fm.error_message_from_body(data))
@@ -969,7 +1044,15 @@ class _StreamRelay:
         parser = fm.SSEParser()
         try:
             async for chunk in resp.content.iter_any():
-                out = b"".join([self._event(ev) for ev in parser.feed(chunk)])
+                parts = []
+                try:
+                    for ev in parser.feed(chunk):
+                        parts.append(self._event(ev))
+                except ValueError as err:  # not JSON, or not the shape of that API's events
+                    self.upstream_error = self.proxy.scrub(
+                        f"provider '{self.row.data['provider']}' sent a malformed event ({err})")
+                    self.error_class = "upstream_bad_response"
+                out = b"".join(parts)
                 if self.upstream_error is not None:
                     self._end()
                     yield out + self._error_event(self.upstream_error)
@@ -985,6 +1068,12 @@ class _StreamRelay:
                 yield self._tail()
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             self.upstream_error = f"the provider's stream broke off ({type(err).__name__})"
+            self._end()
+            yield self._error_event(self.upstream_error)
+        except Exception:  # a gateway bug: the client still gets an error event, and the row the truth
+            log.exception("gateway error in the stream of request %s", self.row.data["id"])
+            self.upstream_error = f"internal gateway error (request {self.row.data['id']})"
+            self.error_class, self.error_status = "gateway_error", 500
             self._end()
             yield self._error_event(self.upstream_error)
         finally:
@@ -1018,7 +1107,8 @@ class _StreamRelay:
             fields.update(status=499, error_class="client_disconnected",
                           error_message="the client closed the stream before it ended")
         elif self.upstream_error is not None:
-            fields.update(status=502, error_class="upstream_stream_error", error_message=self.upstream_error)
+            fields.update(status=self.error_status, error_class=self.error_class,
+                          error_message=self.upstream_error)
         else:
             fields["status"] = 200
         self.row.done(**fields)

@@ -90,6 +90,9 @@ class GatewayConfig(_Strict):
     max_retry_wait_s: float = Field(2.0, ge=0)
     # Classify the task of `model: "auto"` requests (embedding + nearest examples) so rules can apply.
     classify_auto: bool = True
+    # Failed logins from one client address: this many are free, then each blocks it for 1, 2, 4 ... s.
+    login_free_failures: int = Field(5, ge=0)
+    login_backoff_max_s: float = Field(60.0, gt=0)
 
 
 class LogConfig(_Strict):

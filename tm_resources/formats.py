@@ -967,8 +967,9 @@ class OpenAIStreamAccumulator(_Accumulator):
                     if fn:
                         if fn.get("name"):
                             call["name"] += fn["name"]
-                        if fn.get("arguments"):
-                            call["arguments"] += fn["arguments"]
+                        args = fn.get("arguments")
+                        if args:  # Ollama can send the parsed object whole
+                            call["arguments"] += args if isinstance(args, str) else _dumps(args)
             fr = choice.get("finish_reason")
             if fr:
                 self.finish_reason = fr
