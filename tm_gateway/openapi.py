@@ -51,6 +51,10 @@ def openapi_description() -> dict[str, Any]:
         schema = schemas.request_schema(fmt)
         components.update(schema.pop("$defs", {}))
         bodies[name] = schema
+    # count_tokens takes a Messages request without max_tokens (nothing is generated).
+    counting = {**bodies["AnthropicMessagesRequest"]}
+    counting["required"] = [k for k in counting.get("required", []) if k != "max_tokens"]
+    bodies["AnthropicCountTokensRequest"] = counting
     components.update(bodies)
     components["OpenAIError"] = schemas.error_schema("openai")
     components["AnthropicError"] = schemas.error_schema("anthropic")
@@ -73,6 +77,19 @@ def openapi_description() -> dict[str, Any]:
                                                 "OpenAIChatRequest", "OpenAIError", "a chat.completion"),
             "/v1/messages": _completion("Anthropic Messages, streamed (SSE) or whole",
                                         "AnthropicMessagesRequest", "AnthropicError", "a message"),
+            "/v1/messages/count_tokens": {"post": {
+                "summary": "Anthropic's token count for a Messages request (the provider's own count when it has "
+                           "one, else a local tokenizer: header x-tm-token-counter); no spend",
+                "security": _SECURITY,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "$ref": "#/components/schemas/AnthropicCountTokensRequest"}}}},
+                "responses": {
+                    "200": {"description": "the count", "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["input_tokens"],
+                        "properties": {"input_tokens": {"type": "integer"}}}}}},
+                    **_errors("AnthropicError", ["400", "401", "404", "413", "429"]),
+                },
+            }},
             "/v1/models": listing,
             "/healthz": {"get": {"summary": "liveness", "responses": {"200": {"description": "alive"}}}},
         },
