@@ -277,7 +277,8 @@ def poor_prompt(prompt: str) -> str:
     lines = [ln for ln in para.splitlines() if not re.match(r"\s*(print only|answer\s*:|your code should)", ln, re.I)]
     text = " ".join(lines).lower()
     text = re.sub(r"^\s*write a (python )?", "", text)
-    return re.sub(r"[.?!:\s]+$", "", text)
+    text = re.sub(r"[.?!:]+", "", text)
+    return " ".join(text.split()[-14:])
 
 
 def make_team(n: int, evals: list[str], rng: random.Random) -> list[User]:
@@ -506,7 +507,7 @@ def _rel(x: float, ref: float) -> float | None:
 
 def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, requests_per_hour: int = 150,
              judge_noise: float = 0.1, followup: float = 0.5, seed: int = 0, local: list[str] | None = None,
-             frontier: str = DEFAULT_FRONTIER, default_local: str | None = None, spike_hour: int | None = 4,
+             frontier: str = DEFAULT_FRONTIER, default_local: str | None = None, spike_hour: int | None = 2,
              thresholds: dict | None = None, start: str = "tiers", router_reference: bool = True,
              home: Path | None = None, keep: bool = False, database_url: str | None = None,
              progress=print) -> dict:
@@ -751,11 +752,11 @@ def plot(report: dict, path: str | os.PathLike) -> None:
     ax1.set_ylabel("cost, % of all-frontier")
     ax2.set_ylabel("accuracy, % of all-frontier")
     ax1.set_ylim(bottom=0)
-    ax2.legend(fontsize=7, loc="lower right")
+    fig.legend(*ax2.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     s = report["settings"]
     fig.suptitle(f"Simulated agency on RouterBench answers: {s['users']} users, ~{s['requests_per_hour']} requests/h, "
-                 f"judge noise {s['judge_noise']:g}", fontsize=10)
-    fig.tight_layout()
+                 f"judge noise {s['judge_noise']:g}, start '{s['start']}'", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -768,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-hour", type=int, default=150)
     ap.add_argument("--judge-noise", type=float, default=0.1, help="share of the judge's verdicts flipped")
     ap.add_argument("--followup", type=float, default=0.5, help="chance a wrong answer draws a correction")
-    ap.add_argument("--spike-hour", type=int, default=4, help="the hour the cost spiker sends five times more")
+    ap.add_argument("--spike-hour", type=int, default=2, help="the hour the cost spiker sends five times more")
     ap.add_argument("--local", default=",".join(DEFAULT_LOCAL), help="RouterBench models served locally (price 0)")
     ap.add_argument("--frontier", default=DEFAULT_FRONTIER)
     ap.add_argument("--default-local", default=None, help="what `auto` means before any rule (default: first local)")
