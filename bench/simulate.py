@@ -36,6 +36,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -236,7 +237,7 @@ STARTS = ("tiers", "local")
 
 
 def sim_config(providers_url: str, local: list[str], frontier: str, default_local: str,
-               thresholds: dict | None = None, start: str = "tiers") -> dict:
+               thresholds: dict | None = None, start: str = "tiers", learned: bool = False) -> dict:
     models = {model_name(m): {"provider": "local", "upstream": m, "tier": "local", "context_window": 32768}
               for m in local}
     models[model_name(frontier)] = {"provider": "frontier", "upstream": frontier, "tier": "included",
@@ -245,6 +246,8 @@ def sim_config(providers_url: str, local: list[str], frontier: str, default_loca
     first, top = model_name(default_local), model_name(frontier)
     routing = {"tiers": {"chains": {"SIMPLE": [first], "MEDIUM": [first, top], "COMPLEX": [top], "REASONING": [top]}},
                "cascade": {"tiers": ["MEDIUM"]}} if start == "tiers" else {}
+    if learned:
+        routing["learned"] = {"enabled": True}
     return {
         "routing": routing,
         "gateway": {"refresh_interval_s": 0.2},
@@ -335,9 +338,6 @@ class Traffic:
                     events.append(Event(t, u, row, self.data.prompts[row], "repeat"))
                     continue
                 evals = self.rng.choices(list(u.mix), weights=list(u.mix.values()))[0]
-                if spiking and u.role == "spiker":
-                    # The spike is in the costliest task on the frontier.
-                    evals = max(self.by_eval, key=lambda e: float(np.mean(self.data.cost[self.by_eval[e]].max(axis=1))))
                 row = self.draw(evals)
                 text = self.data.prompts[row]
                 if u.role == "poor":
@@ -373,7 +373,7 @@ class Harness:
 
     def __init__(self, home: Path, recorded: RecordedAnswers, local: list[str], frontier: str, default_local: str,
                  judge_noise: float, seed: int, thresholds: dict | None = None, start: str = "tiers",
-                 database_url: str | None = None) -> None:
+                 database_url: str | None = None, learned: bool = False) -> None:
         from tm_resources import db
 
         self.home = home
@@ -385,7 +385,7 @@ class Harness:
                                        self.frontier_key).start()
         self.config_path = home / "tm.yaml"
         self.config_path.write_text(yaml.safe_dump(sim_config(self.providers.url, local, frontier, default_local,
-                                                              thresholds, start)))
+                                                              thresholds, start, learned)))
         self.port = _free_port()
         self.gw: subprocess.Popen | None = None
         self.loop_seconds: list[float] = []
@@ -509,8 +509,8 @@ def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, re
              judge_noise: float = 0.1, followup: float = 0.5, seed: int = 0, local: list[str] | None = None,
              frontier: str = DEFAULT_FRONTIER, default_local: str | None = None, spike_hour: int | None = 2,
              thresholds: dict | None = None, start: str = "tiers", router_reference: bool = True,
-             home: Path | None = None, keep: bool = False, database_url: str | None = None,
-             progress=print) -> dict:
+             learned: bool = False, home: Path | None = None, keep: bool = False,
+             database_url: str | None = None, progress=print) -> dict:
     """Run the simulation and return its figures (JSON-able); see the module's docstring."""
     t_start = time.perf_counter()
     data = load_routerbench(data_dir)
@@ -532,11 +532,12 @@ def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, re
     first_hour = now - timedelta(hours=hours)
     home = Path(home or tempfile.mkdtemp(prefix="tm-sim-"))
     harness = Harness(home, recorded, local, frontier, default_local, judge_noise, seed, thresholds, start,
-                      database_url)
+                      database_url, learned)
     report: dict = {"data": str(data_dir), "rows": len(data), "settings": {
         "hours": hours, "users": users, "requests_per_hour": requests_per_hour, "judge_noise": judge_noise,
         "followup": followup, "seed": seed, "local": local, "frontier": frontier, "default_local": default_local,
-        "spike_hour": spike_hour, "thresholds": thresholds or {}, "start": start}, "hours": []}
+        "spike_hour": spike_hour, "thresholds": thresholds or {}, "start": start,
+        "learned": learned}, "hours": []}
     all_served: list[Served] = []
     try:
         harness.start_gateway()
@@ -775,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-local", default=None, help="what `auto` means before any rule (default: first local)")
     ap.add_argument("--thresholds", default=None, help="JSON of loop.thresholds to override, e.g. '{\"escalate_below\": 0.6}'")
     ap.add_argument("--start", choices=STARTS, default="tiers", help="what `auto` means before the first rule")
+    ap.add_argument("--learned", action="store_true", help="turn the gateway's learned router on (routing.learned)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the run's TM_HOME (database, logs) and print where")
     ap.add_argument("--no-router-reference", action="store_true", help="skip the offline learned router's line")
@@ -786,6 +788,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--judge-noise and --followup are probabilities between 0 and 1")
     if args.hours < 1 or args.users < 1 or args.requests_per_hour < 1:
         ap.error("--hours, --users and --requests-per-hour must be at least 1")
+    # A stopped run still stops its gateway and its database (the `finally` in simulate).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
     try:
         report = simulate(args.data, hours=args.hours, users=args.users, requests_per_hour=args.requests_per_hour,
@@ -793,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
                           local=[m for m in args.local.split(",") if m], frontier=args.frontier,
                           default_local=args.default_local, spike_hour=args.spike_hour,
                           thresholds=json.loads(args.thresholds) if args.thresholds else None, start=args.start,
-                          keep=args.keep,
+                          learned=args.learned, keep=args.keep,
                           router_reference=not args.no_router_reference, progress=say)
     except (FileNotFoundError, ValueError) as err:
         print(f"simulate: {err}", file=sys.stderr)
