@@ -82,9 +82,8 @@ def _key(text: str) -> str:
 class RecordedAnswers:
     """Which data row a prompt is, and what each model answered there; shared by providers and judge."""
 
-    def __init__(self, data: RouterBenchData, frontier: str) -> None:
+    def __init__(self, data: RouterBenchData) -> None:
         self.data = data
-        self.frontier = frontier
         self.rows: dict[str, int] = {}
         for i, p in enumerate(data.prompts):
             self.register(p, i)
@@ -139,7 +138,6 @@ class FakeProviders:
         self.judge_noise = judge_noise
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
-        self.calls: Counter = Counter()
         self.judged: Counter = Counter()   # verdicts given: right / wrong / flipped / unknown
         self.port = 0
         self._loop = None
@@ -152,8 +150,6 @@ class FakeProviders:
             return self._verdict(_text(messages[-1].get("content"))), 50, 1
         prompt = _text(next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), ""))
         row = self.recorded.row_of(prompt)
-        with self.lock:
-            self.calls[upstream] += 1
         if row is None:
             return "I cannot help with that.", max(1, len(prompt) // 4), 6
         answer = self.recorded.answer(row, upstream)
@@ -289,9 +285,9 @@ def make_team(n: int, evals: list[str], rng: random.Random) -> list[User]:
     roles = {0: "poor", 1: "spiker", 2: "repeater"}
     team = []
     for i, name in enumerate(names):
-        weights = rng.gammavariate(1.0, 1.0)
+        activity = rng.gammavariate(1.0, 1.0)  # some people send far more than others
         mix = dict(zip(evals, np.random.default_rng(rng.randrange(2**31)).dirichlet([1.0] * len(evals))))
-        team.append(User(name, sdk="openai" if i % 2 == 0 else "anthropic", mix=mix, rate=0.5 + weights,
+        team.append(User(name, sdk="openai" if i % 2 == 0 else "anthropic", mix=mix, rate=0.5 + activity,
                          role=roles.get(i, "member") if n >= 4 else "member"))
     return team
 
@@ -509,7 +505,7 @@ def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, re
              judge_noise: float = 0.1, followup: float = 0.5, seed: int = 0, local: list[str] | None = None,
              frontier: str = DEFAULT_FRONTIER, default_local: str | None = None, spike_hour: int | None = 2,
              thresholds: dict | None = None, start: str = "tiers", router_reference: bool = True,
-             learned: bool = False, home: Path | None = None, keep: bool = False,
+             learned: bool = False, final_loop: bool = True, home: Path | None = None, keep: bool = False,
              database_url: str | None = None, progress=print) -> dict:
     """Run the simulation and return its figures (JSON-able); see the module's docstring."""
     t_start = time.perf_counter()
@@ -523,7 +519,7 @@ def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, re
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(STARTS)}, not {start!r}")
     rng = random.Random(seed)
-    recorded = RecordedAnswers(data, frontier)
+    recorded = RecordedAnswers(data)
     f = data.models.index(frontier)
     evals = sorted(set(data.eval_names))
     team = make_team(users, evals, rng)
@@ -540,8 +536,8 @@ def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, re
         "learned": learned}, "hours": []}
     all_served: list[Served] = []
     try:
+        harness.create_keys(team)  # before the gateway starts: it reads them at start-up
         harness.start_gateway()
-        harness.create_keys(team)
         clients = Clients(harness.gateway_url, team)
         for h in range(hours):
             hour = first_hour + timedelta(hours=h)
@@ -575,7 +571,9 @@ def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, re
             types = harness.query("""SELECT task_type, count(*) AS n FROM requests WHERE ts >= %s AND ts < %s
                                      AND served GROUP BY 1 ORDER BY 2 DESC""", (hour, hour + timedelta(hours=1)))
             rows = [s.event.row for s in served]
-            harness.loop_run(hour)
+            looped = final_loop or h + 1 < hours  # final_loop False: no rules for hours nobody will see
+            if looped:
+                harness.loop_run(hour)
             written = harness.query("SELECT action, rule_id, reason FROM routing_rules WHERE status = 'active' "
                                     "AND hour = %s ORDER BY rule_id", (hour,))
             signals = _signals_by_correctness(harness, served)
@@ -599,7 +597,7 @@ def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, re
                 "task_types": {r["task_type"] or "none": int(r["n"]) for r in types},
                 "rules_written": {r["rule_id"]: r["reason"] for r in written},
                 "loop_scores": signals,
-                "traffic_s": round(traffic_s, 1), "loop_s": round(harness.loop_seconds[-1], 1),
+                "traffic_s": round(traffic_s, 1), "loop_s": round(harness.loop_seconds[-1], 1) if looped else None,
             }
             report["hours"].append(entry)
             progress(f"hour {h + 1}: {entry['requests']} requests, cost {entry['cost_vs_frontier']} of all-frontier, "

@@ -59,7 +59,7 @@ def test_a_small_simulation_cuts_spend_escalates_the_bad_type_and_keeps_accuracy
     data = tmp_path / "routerbench"
     write_routerbench(data)
     report = simulate(data, hours=2, users=4, requests_per_hour=110, judge_noise=0.0, followup=1.0, seed=3,
-                      local=[LOCAL], frontier=FRONTIER, spike_hour=None, router_reference=False,
+                      local=[LOCAL], frontier=FRONTIER, spike_hour=None, router_reference=False, final_loop=False,
                       home=tmp_path / "home", database_url=db_url, progress=lambda *a: None)
     first, second = report["hours"]
     assert first["requests"] >= 80 and second["requests"] >= 80
