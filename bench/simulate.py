@@ -374,6 +374,7 @@ class Harness:
 
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
+        self.own_pg = database_url is None
         self.url = database_url or db.ensure_database(db.start_embedded(home / "pg"), "tm")
         db.migrate(self.url)
         self.frontier_key = "sk-sim-" + os.urandom(12).hex()
@@ -442,6 +443,11 @@ class Harness:
             except subprocess.TimeoutExpired:
                 self.gw.kill()
         self.providers.stop()
+        if self.own_pg:
+            import pgserver
+
+            # Stopped now, not at exit: the run's folder is removed next.
+            pgserver.get_server((self.home / "pg" / "pgdata").resolve()).cleanup()
 
     def query(self, sql: str, params: tuple = ()) -> list[dict]:
         import psycopg
