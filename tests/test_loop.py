@@ -18,7 +18,7 @@ from tests.traffic import an_hour_of_traffic, past_hour
 from tm_assets.assets import loop_assets, requests_source
 from tm_assets.checks import loop_checks
 from tm_assets.definitions import defs
-from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
+from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
 from tm_gateway.requestlog import RequestLog
 
 DERIVED = ("scored_requests", "task_types", "patterns", "grades", "routing_rules", "finetune_jobs", "cache_entries")
@@ -74,7 +74,7 @@ def materialize(db_url: str, config_path: Path, hour, posthog: PostHogResource |
     return dg.materialize(
         [requests_source, *loop_assets, *loop_checks],
         resources={"postgres": PostgresResource(url=db_url), "tm_config": TokenMachineConfig(path=str(config_path)),
-                   "posthog": posthog or PostHogResource(api_key=None)},
+                   "posthog": posthog or PostHogResource(api_key=None), **model_resources()},
         partition_key=hour.strftime("%Y-%m-%d-%H:%M"),
         raise_on_error=raise_on_error,
     )
