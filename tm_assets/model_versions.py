@@ -175,7 +175,8 @@ def _newest(postgres: PostgresResource) -> list[dict]:
         return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
-@dg.asset_check(asset=model_versions, description="The newest run's training data: chat JSONL, every split "
+@dg.asset_check(asset=model_versions, metadata={"severity": dg.AssetCheckSeverity.ERROR.value},
+                description="The newest run's training data: chat JSONL, every split "
                 "present, no example in two splits, nothing left to redact.")
 def finetune_data_valid(postgres: PostgresResource) -> dg.AssetCheckResult:
     rows = _newest(postgres)
@@ -188,7 +189,8 @@ def finetune_data_valid(postgres: PostgresResource) -> dg.AssetCheckResult:
                                                                         for r in rows})})
 
 
-@dg.asset_check(asset=model_versions, description="The newest fine-tune beats its base on the held-out set.")
+@dg.asset_check(asset=model_versions, description="The newest fine-tune beats its base on the held-out set.",
+                metadata={"severity": dg.AssetCheckSeverity.WARN.value})
 def fine_tuned_model_beats_base(postgres: PostgresResource) -> dg.AssetCheckResult:
     rows = [r for r in _newest(postgres) if r["status"] in ("won", "lost")]
     return dg.AssetCheckResult(
