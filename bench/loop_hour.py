@@ -110,7 +110,7 @@ def main() -> int:
 
     from tm_assets.assets import loop_assets, requests_source
     from tm_assets.checks import loop_checks
-    from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
+    from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
     from tm_gateway.requestlog import RequestLog
     from tm_resources import cache, db
     from tm_resources.embedder import get_embedder
@@ -155,7 +155,7 @@ def main() -> int:
         [requests_source, *loop_assets, *loop_checks],
         resources={"postgres": PostgresResource(url=url),
                    "tm_config": TokenMachineConfig(path=str(home / "tm.yaml")),
-                   "posthog": PostHogResource(api_key=None)},
+                   "posthog": PostHogResource(api_key=None), **model_resources()},
         partition_key=hour.strftime("%Y-%m-%d-%H:%M"),
     )
     total = time.perf_counter() - t0

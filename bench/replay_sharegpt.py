@@ -183,7 +183,7 @@ def main() -> int:
     from tests.fakes import FakeUpstream, _last_user_text, free_port
     from tm_assets.assets import loop_assets, requests_source
     from tm_assets.checks import loop_checks
-    from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
+    from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
     from tm_gateway.app import GatewaySettings, create_app
     from tm_resources import db, keys
 
@@ -266,7 +266,7 @@ def main() -> int:
             [requests_source, *loop_assets, *loop_checks],
             resources={"postgres": PostgresResource(url=url),
                        "tm_config": TokenMachineConfig(path=str(home / "tm.yaml")),
-                       "posthog": PostHogResource(api_key=None)},
+                       "posthog": PostHogResource(api_key=None), **model_resources()},
             partition_key=hour.strftime("%Y-%m-%d-%H:%M"), raise_on_error=False)
         took = time.perf_counter() - t0
         checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}

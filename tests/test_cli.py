@@ -73,6 +73,9 @@ def test_a_database_of_an_older_version_is_brought_up_to_date_with_its_rows(pg_s
         assert conn.execute("SELECT to_regclass('routing_rules') IS NOT NULL").fetchone()[0]
 
 
+DAEMONS = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy } } } }"
+
+
 def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_path: Path):
     port, ui_port = free_port(), free_port()
     env = {**os.environ, "TM_HOME": str(tmp_path / "home"), "TM_USER": "founder"}
@@ -103,8 +106,17 @@ def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_p
             except httpx.HTTPError:
                 time.sleep(0.5)
         assert ui_ready, "the Dagster UI did not come up"
+        # dagster-daemon runs beside the webserver: the UI reports the daemons that run the hourly
+        # automation and backfills as healthy (their heartbeats come from that process alone).
+        daemons: dict = {}
+        while time.monotonic() < deadline + 180 and not (daemons.get("SENSOR") and daemons.get("BACKFILL")):
+            time.sleep(2)
+            got = httpx.post(f"http://127.0.0.1:{ui_port}/graphql", timeout=5, json={"query": DAEMONS}).json()
+            daemons = {d["daemonType"]: d["healthy"]
+                       for d in got["data"]["instance"]["daemonHealth"]["allDaemonStatuses"]}
+        assert daemons.get("SENSOR") and daemons.get("BACKFILL"), daemons
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -116,6 +128,8 @@ def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_p
     assert "No provider is reachable yet" in out
     assert "XDG_RUNTIME_DIR" not in out  # platformdirs' warning on a headless machine is not the operator's
     assert proc.returncode in (0, -signal.SIGINT)
+    with pytest.raises(httpx.HTTPError):  # the webserver stopped with it
+        httpx.get(f"http://127.0.0.1:{ui_port}/server_info", timeout=1)
     # The key it printed is the one stored, hashed, in the embedded database it started.
     url = db.start_embedded(tmp_path / "home")
     from tm_resources.keys import hash_key

@@ -18,7 +18,7 @@ from tests.traffic import an_hour_of_traffic, past_hour
 from tm_assets.assets import loop_assets, requests_source
 from tm_assets.checks import loop_checks
 from tm_assets.definitions import defs
-from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
+from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
 from tm_gateway.requestlog import RequestLog
 
 DERIVED = ("scored_requests", "task_types", "patterns", "grades", "routing_rules", "finetune_jobs", "cache_entries")
@@ -74,7 +74,7 @@ def materialize(db_url: str, config_path: Path, hour, posthog: PostHogResource |
     return dg.materialize(
         [requests_source, *loop_assets, *loop_checks],
         resources={"postgres": PostgresResource(url=db_url), "tm_config": TokenMachineConfig(path=str(config_path)),
-                   "posthog": posthog or PostHogResource(api_key=None)},
+                   "posthog": posthog or PostHogResource(api_key=None), **model_resources()},
         partition_key=hour.strftime("%Y-%m-%d-%H:%M"),
         raise_on_error=raise_on_error,
     )
@@ -208,3 +208,35 @@ def test_decisions_are_sent_to_posthog(db_url, tmp_path, hour_of_traffic):
     escalate = next(e for e in events if e["properties"]["rule_id"] == "escalate:math")
     assert escalate["properties"]["evidence"]["local_samples"] >= 10
     assert all(e["api_key"] == "phc_test" for e in events)
+
+
+def test_a_backfill_is_one_run_that_rebuilds_each_hour_as_hour_by_hour_runs_do(db_url, tmp_path):
+    hours = [past_hour(5), past_hour(4), past_hour(3)]
+    # Math complaints only in the middle hour, so the hours differ and a range that blurred them would show.
+    log_traffic(db_url, tmp_path, an_hour_of_traffic(hours[0]) + an_hour_of_traffic(hours[1], coding=10, math=30)
+                + an_hour_of_traffic(hours[2], coding=40, math=5))
+    config = write_config(tmp_path)
+    for hour in hours:
+        materialize(db_url, config, hour)
+    hour_by_hour = snapshot(db_url)
+    assert {r["hour"] for r in hour_by_hour["scored_requests"]} == set(hours)
+
+    with psycopg.connect(db_url) as conn:
+        conn.execute(f"TRUNCATE {', '.join(DERIVED)}")
+        conn.commit()
+    first, last = (h.strftime("%Y-%m-%d-%H:%M") for h in (hours[0], hours[-1]))
+    result = dg.materialize(
+        [requests_source, *loop_assets, *loop_checks],
+        resources={"postgres": PostgresResource(url=db_url), "tm_config": TokenMachineConfig(path=str(config)),
+                   "posthog": PostHogResource(api_key=None), **model_resources()},
+        tags={"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last},
+    )
+    assert snapshot(db_url) == hour_by_hour
+    # Each hour of the range shows as materialized in the UI, with its own row count in the metadata.
+    scored = result.asset_materializations_for_node("scored_requests")
+    assert sorted(m.partition for m in scored) == [h.strftime("%Y-%m-%d-%H:%M") for h in hours]
+    rows_by_hour = scored[0].metadata["rows_by_hour"].value
+    assert rows_by_hour == {h.strftime("%Y-%m-%d-%H:%M"): sum(r["hour"] == h for r in hour_by_hour["scored_requests"])
+                            for h in hours}
+    checks = result.get_asset_check_evaluations()
+    assert checks and all(c.passed for c in checks)

@@ -22,7 +22,7 @@ from tests.test_loop import log_traffic, materialize
 from tests.traffic import an_hour_of_traffic, coding_prompt, good_answer, past_hour
 from tm_assets.assets import routing_rules
 from tm_assets.model_versions import fine_tuned_model_beats_base, finetune_data_valid, model_versions
-from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
+from tm_assets.resources import EmbedderResource, PostgresResource, PostHogResource, TokenMachineConfig
 from tm_resources import finetune, keys
 from tm_resources.registry import rollback_version
 
@@ -35,7 +35,8 @@ def tiny_model(tmp_path_factory) -> Path:
 def run_model_versions(db_url: str, config_path: Path, **run) -> dg.ExecuteInProcessResult:
     return dg.materialize(
         [model_versions, finetune_data_valid, fine_tuned_model_beats_base],
-        resources={"postgres": PostgresResource(url=db_url), "tm_config": TokenMachineConfig(path=str(config_path))},
+        resources={"postgres": PostgresResource(url=db_url), "tm_config": TokenMachineConfig(path=str(config_path)),
+                   "embedder": EmbedderResource()},
         run_config={"ops": {"model_versions": {"config": run}}},
         raise_on_error=False,
     )

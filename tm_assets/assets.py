@@ -4,20 +4,38 @@ and scored_requests -> cache_entries (what the gateway's semantic cache may serv
 Each asset reads Postgres, calls the plain functions in `tm_assets.compute`, and replaces its hour."""
 
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import dagster as dg
 import pandas as pd
+import psycopg
 
 from tm_assets import compute
-from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
-from tm_resources import cache
+from tm_assets.resources import TokenMachineConfig
+from tm_resources import cache, quality
+from tm_resources.config import Config, ConfigError
+from tm_resources.loop_start import first_hour
 from tm_resources.registry import served_config
 from tm_resources.tables import read_df, replace_hour_df
 
+
+def _installation_start() -> datetime:
+    # Read once, when the definitions load: loop.start, else the first logged request's hour.
+    try:
+        config = TokenMachineConfig(path=os.environ.get("TM_CONFIG") or None).load()
+    except (ConfigError, OSError):
+        config = None  # a broken tm.yaml is reported by the first run, not by a code location that fails to load
+    return first_hour(config, os.environ.get("TM_DATABASE_URL"))
+
+
 # end_offset=1: the hour in progress is a partition too, so an operator can score the traffic just sent
 # (`tm loop run`); the automation never picks it, and re-scores that hour whole once it has ended.
-hourly = dg.HourlyPartitionsDefinition(start_date="2026-01-01-00:00", timezone="UTC", end_offset=1)
+hourly = dg.HourlyPartitionsDefinition(start_date=_installation_start().strftime("%Y-%m-%d-%H:%M"), timezone="UTC",
+                                       end_offset=1)
 
 # The root fires five minutes past each hour for the hour just ended; the rest follow once their
 # parents have updated, and not past a failed blocking check. Older hours are re-run as backfills.
@@ -49,8 +67,10 @@ requests_source = dg.AssetSpec(
 LOOP = "loop"
 
 
-def hour_of(context: dg.AssetExecutionContext) -> datetime:
-    return context.partition_time_window.start
+def hours_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> list[datetime]:
+    """The hours a run covers: one, or a backfill's whole range (backfills run as one run)."""
+    window = context.partition_time_window
+    return [window.start + timedelta(hours=i) for i in range(int((window.end - window.start) / timedelta(hours=1)))]
 
 
 def _preview(df: pd.DataFrame, columns: list[str], n: int = 10) -> dg.MetadataValue:
@@ -59,211 +79,204 @@ def _preview(df: pd.DataFrame, columns: list[str], n: int = 10) -> dg.MetadataVa
     return dg.MetadataValue.md(df[columns].head(n).to_markdown(index=False, floatfmt=".3f"))
 
 
-@dg.asset(
-    partitions_def=hourly,
+@dataclass
+class Hour:
+    """What an hourly table's computation gets: the hour, an open connection, the configuration and the run."""
+
+    start: datetime
+    conn: psycopg.Connection
+    config: Config
+    context: dg.AssetExecutionContext
+
+    @property
+    def resources(self) -> Any:
+        return self.context.resources
+
+
+# The computation returns the hour's frame (written by the factory) or, for a table it writes itself, its
+# row count; and the metadata an operator reads for the hour.
+HourResult = tuple[pd.DataFrame | int, dict[str, Any]]
+
+
+def hourly_table(*, deps: list, description: str, columns: list[str] | None,
+                 automation_condition: dg.AutomationCondition = follow_condition,
+                 resources: tuple[str, ...] = ()) -> Callable[[Callable[[Hour], HourResult]], dg.AssetsDefinition]:
+    """The shell every loop table shares: hourly partitions (a backfill is one run over its range, models
+    loaded once), and each hour of the run replaced whole (delete its rows, insert again) in one
+    transaction, so re-running any hour or range is safe. `columns`: the frame's columns to write;
+    None when the computation writes its table itself."""
+
+    def build(compute_hour: Callable[[Hour], HourResult]) -> dg.AssetsDefinition:
+        table = compute_hour.__name__
+
+        @dg.asset(
+            name=table,
+            partitions_def=hourly,
+            backfill_policy=dg.BackfillPolicy.single_run(),
+            deps=deps,
+            automation_condition=automation_condition,
+            group_name=LOOP,
+            kinds={"postgres"},
+            description=description,
+            required_resource_keys={"postgres", "tm_config", *resources},
+        )
+        def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+            config = context.resources.tm_config.load()
+            rows: dict[str, int] = {}
+            metadata: dict[str, Any] = {}
+            with context.resources.postgres.get_connection() as conn:
+                for start in hours_of(context):
+                    result, metadata = compute_hour(Hour(start, conn, config, context))
+                    rows[f"{start:%Y-%m-%d-%H:%M}"] = (
+                        result if columns is None else replace_hour_df(conn, table, start, result, columns))
+            # A range run records one materialization per hour, all with this metadata: the last hour's
+            # details, and every hour's row count.
+            if len(rows) > 1:
+                metadata = {**metadata, "rows_by_hour": dg.MetadataValue.json(rows)}
+            return dg.MaterializeResult(metadata={"dagster/row_count": sum(rows.values()), **metadata})
+
+        return _asset
+
+    return build
+
+
+@hourly_table(
     deps=[requests_source],
+    columns=compute.SCORED_COLUMNS,
     automation_condition=root_condition,
-    group_name=LOOP,
-    kinds={"postgres"},
+    resources=("embedder", "judge"),
     description="A composite quality score 0..1 per request from five signals, each kept in its own column.",
 )
-def scored_requests(
-    context: dg.AssetExecutionContext, postgres: PostgresResource, tm_config: TokenMachineConfig
-) -> dg.MaterializeResult:
-    config = tm_config.load()
-    hour = hour_of(context)
-    with postgres.get_connection() as conn:
-        config = served_config(conn, config)
-        # Follow-ups after the hour's end still tell whether an answer in it was corrected.
-        lookahead = timedelta(hours=1, seconds=config.loop.reprompt_window_s)
-        requests = compute.read_requests_for_scoring(conn, hour, hour + lookahead)
-        scored, stats = compute.score_hour(requests, hour, config, log=context.log)
-        n = replace_hour_df(conn, "scored_requests", hour, scored, compute.SCORED_COLUMNS)
-        skipped = compute.count_other_rows(conn, hour)
-    w = config.loop.weights
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": n,
+def scored_requests(h: Hour) -> HourResult:
+    config = served_config(h.conn, h.config)
+    # Follow-ups after the hour's end still tell whether an answer in it was corrected.
+    lookahead = timedelta(hours=1, seconds=config.loop.reprompt_window_s)
+    requests = compute.read_requests_for_scoring(h.conn, h.start, h.start + lookahead)
+    embedder, judge = h.resources.embedder, h.resources.judge
+    scored, stats = compute.score_hour(
+        requests, h.start, config, prompt_embedder=embedder.get(),
+        answer_embedder=lambda: embedder.get(config.loop.answer_embedding_precision,
+                                             config.loop.answer_embedding_tokens),
+        judge_completion=lambda conversations: judge.judge(config, conversations, quality.parse_judge),
+        log=h.context.log)
+    return scored, {
         # Every model call of the hour has a row here; only answered ones get a quality.
         "quality_scored": stats["quality_scored"],
         "not_scored": dg.MetadataValue.json(stats["not_scored"]),
-        "not_model_calls": skipped,
+        "not_model_calls": compute.count_other_rows(h.conn, h.start),
         "avg_quality": float(scored["quality"].mean()) if stats["quality_scored"] else None,
         "judge": stats["judge"],
-        "weights": dg.MetadataValue.json(w.model_dump()),
+        "weights": dg.MetadataValue.json(config.loop.weights.model_dump()),
         "timings_s": dg.MetadataValue.json(stats["timings_s"]),
         "preview": _preview(scored, ["request_id", "user_id", "model", "coherence", "completion", "brevity",
                                      "reprompt", "cost_efficiency", "quality"]),
-    })
+    }
 
 
-@dg.asset(
-    partitions_def=hourly,
+@hourly_table(
     deps=[scored_requests],
-    automation_condition=follow_condition,
-    group_name=LOOP,
-    kinds={"postgres"},
+    columns=compute.TASK_TYPE_COLUMNS,
+    resources=("embedder", "task_classifier"),
     description="A task type per request from its prompt's embedding (nearest labelled examples), "
     "and clusters of unclear prompts reported as candidate new types.",
 )
-def task_types(
-    context: dg.AssetExecutionContext, postgres: PostgresResource, tm_config: TokenMachineConfig
-) -> dg.MaterializeResult:
-    config = tm_config.load()
-    hour = hour_of(context)
-    with postgres.get_connection() as conn:
-        scored = read_df(conn, "SELECT s.request_id, s.ts, s.user_id, s.model, s.prompt_embedding, r.prompt"
-                               " FROM scored_requests s JOIN requests r ON r.id = s.request_id AND r.ts = s.ts"
-                               " WHERE s.hour = %s ORDER BY s.ts, s.request_id", (hour,))
-        typed, candidates = compute.classify_hour(scored, config)
-        n = replace_hour_df(conn, "task_types", hour, typed, compute.TASK_TYPE_COLUMNS)
-    counts = typed["task_type"].value_counts().sort_index().to_dict() if n else {}
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": n,
-        "not_typed_no_prompt": len(scored) - n,
+def task_types(h: Hour) -> HourResult:
+    scored = read_df(h.conn, "SELECT s.request_id, s.ts, s.user_id, s.model, s.prompt_embedding, r.prompt"
+                             " FROM scored_requests s JOIN requests r ON r.id = s.request_id AND r.ts = s.ts"
+                             " WHERE s.hour = %s ORDER BY s.ts, s.request_id", (h.start,))
+    classifier = h.resources.task_classifier.get(h.config, h.resources.embedder.get())
+    typed, candidates = compute.classify_hour(scored, classifier)
+    counts = typed["task_type"].value_counts().sort_index().to_dict() if len(typed) else {}
+    return typed, {
+        "not_typed_no_prompt": len(scored) - len(typed),
         "by_type": dg.MetadataValue.json({k: int(v) for k, v in counts.items()}),
         "candidate_new_types": dg.MetadataValue.md(compute.candidates_markdown(candidates)),
         "preview": _preview(typed, ["request_id", "user_id", "model", "task_type", "confidence"]),
-    })
+    }
 
 
-@dg.asset(
-    partitions_def=hourly,
+@hourly_table(
     deps=[task_types],
-    automation_condition=follow_condition,
-    group_name=LOOP,
-    kinds={"postgres"},
+    columns=compute.PATTERN_COLUMNS,
     description="Per (task type, model, user) and per (task type, model): samples, average quality, cost, "
     "tokens, escalations, over the trailing pattern window.",
 )
-def patterns(
-    context: dg.AssetExecutionContext, postgres: PostgresResource, tm_config: TokenMachineConfig
-) -> dg.MaterializeResult:
-    config = tm_config.load()
-    hour = hour_of(context)
-    with postgres.get_connection() as conn:
-        config = served_config(conn, config)
-        window = compute.read_window(conn, hour, hours=config.loop.pattern_window_h)
-        table = compute.patterns_table(window, config)
-        n = replace_hour_df(conn, "patterns", hour, table, compute.PATTERN_COLUMNS)
-    by_type_model = table[table["scope"] == "type_model"] if n else table
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": n,
+def patterns(h: Hour) -> HourResult:
+    config = served_config(h.conn, h.config)
+    window = compute.read_window(h.conn, h.start, hours=config.loop.pattern_window_h)
+    table = compute.patterns_table(window, config)
+    by_type_model = table[table["scope"] == "type_model"] if len(table) else table
+    return table, {
         "window_hours": config.loop.pattern_window_h,
         "requests_in_window": len(window),
         "preview": _preview(by_type_model, ["task_type", "model", "tier", "samples", "avg_quality",
                                             "avg_cost_usd", "escalations"], n=20),
-    })
+    }
 
 
-@dg.asset(
-    partitions_def=hourly,
+@hourly_table(
     deps=[patterns],
-    automation_condition=follow_condition,
-    group_name=LOOP,
-    kinds={"postgres"},
+    columns=compute.GRADE_COLUMNS,
     description="Per user: a rolling A-F grade from the trailing 24 hours, today's requests, tokens and cost, "
     "wrong-model rate, and prompt quality over 72 hours.",
 )
-def grades(
-    context: dg.AssetExecutionContext, postgres: PostgresResource, tm_config: TokenMachineConfig
-) -> dg.MaterializeResult:
-    config = tm_config.load()
-    hour = hour_of(context)
-    with postgres.get_connection() as conn:
-        window = compute.read_window(conn, hour, hours=max(72, 24 * config.loop.thresholds.coaching_days + 24))
-        table = compute.grades_table(window, hour, config)
-        n = replace_hour_df(conn, "grades", hour, table, compute.GRADE_COLUMNS)
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": n,
-        "timezone": config.loop.timezone,
-        "leaderboard": _preview(table.sort_values(["avg_quality_score"], ascending=False) if n else table,
+def grades(h: Hour) -> HourResult:
+    window = compute.read_window(h.conn, h.start, hours=max(72, 24 * h.config.loop.thresholds.coaching_days + 24))
+    table = compute.grades_table(window, h.start, h.config)
+    return table, {
+        "timezone": h.config.loop.timezone,
+        "leaderboard": _preview(table.sort_values(["avg_quality_score"], ascending=False) if len(table) else table,
                                 ["user_id", "grade", "avg_quality_score", "requests_today", "cost_today",
                                  "prompt_quality_avg", "wrong_model_rate"], n=25),
-    })
+    }
 
 
-@dg.asset(
-    partitions_def=hourly,
+@hourly_table(
     deps=[grades],
-    automation_condition=follow_condition,
-    group_name=LOOP,
-    kinds={"postgres"},
+    columns=compute.RULE_COLUMNS,
+    resources=("posthog",),
     description="The decision engine: seven decisions (throttle, escalate, cascade, lock_local, swap_model, "
     "finetune_candidate, coach), each rule with its reason and evidence. "
     "The gateway obeys the active rules of the newest hour.",
 )
-def routing_rules(
-    context: dg.AssetExecutionContext, postgres: PostgresResource, tm_config: TokenMachineConfig,
-    posthog: PostHogResource,
-) -> dg.MaterializeResult:
-    config = tm_config.load()
-    hour = hour_of(context)
-    with postgres.get_connection() as conn:
-        config = served_config(conn, config)
-        inputs = compute.read_decision_inputs(conn, hour, config)
-        rules = compute.decide_hour(inputs, config)
-        n = replace_hour_df(conn, "routing_rules", hour, rules, compute.RULE_COLUMNS)
-    sink = posthog.sink()
-    try:
-        sent = compute.send_decision_events(sink, rules, hour)
-    finally:
-        sink.close()
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": n,
+def routing_rules(h: Hour) -> HourResult:
+    config = served_config(h.conn, h.config)
+    inputs = compute.read_decision_inputs(h.conn, h.start, config)
+    rules = compute.decide_hour(inputs, config)
+    sent = compute.send_decision_events(h.resources.posthog.sink(), rules, h.start)
+    return rules, {
         "mode": config.loop.mode,
         "thresholds": dg.MetadataValue.json(config.loop.thresholds.model_dump()),
         "decisions": dg.MetadataValue.md(
-            rules[["rule_id", "action", "status", "reason"]].to_markdown(index=False) if n else "_no decisions_"),
+            rules[["rule_id", "action", "status", "reason"]].to_markdown(index=False) if len(rules)
+            else "_no decisions_"),
         "posthog_events": sent,
-    })
+    }
 
 
-@dg.asset(
-    partitions_def=hourly,
+@hourly_table(
     deps=[routing_rules],
-    automation_condition=follow_condition,
-    group_name=LOOP,
-    kinds={"postgres"},
+    columns=compute.FINETUNE_COLUMNS,
     description="Fine-tune candidates (common, well-served patterns) with the logged answers they would train on.",
 )
-def finetune_jobs(
-    context: dg.AssetExecutionContext, postgres: PostgresResource, tm_config: TokenMachineConfig
-) -> dg.MaterializeResult:
-    config = tm_config.load()
-    hour = hour_of(context)
-    with postgres.get_connection() as conn:
-        jobs = compute.finetune_jobs_for_hour(conn, hour, config)
-        n = replace_hour_df(conn, "finetune_jobs", hour, jobs, compute.FINETUNE_COLUMNS)
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": n,
-        "preview": _preview(jobs, ["job_id", "task_type", "base_model", "samples", "avg_quality"]),
-    })
+def finetune_jobs(h: Hour) -> HourResult:
+    jobs = compute.finetune_jobs_for_hour(h.conn, h.start, h.config)
+    return jobs, {"preview": _preview(jobs, ["job_id", "task_type", "base_model", "samples", "avg_quality"])}
 
 
-@dg.asset(
-    partitions_def=hourly,
+@hourly_table(
     deps=[scored_requests],
-    automation_condition=follow_condition,
-    group_name=LOOP,
-    kinds={"postgres"},
+    # Written by cache.replace_entries: it also drops week-old entries, and the gateway reads it the same way.
+    columns=None,
     description="The answers the gateway's semantic cache may serve: the hour's requests whose answer "
     "scored at least loop.thresholds.cache_min_quality and ended normally, and whose prompt fits the "
     "embedder's 128-token window (a longer one is embedded from its opening only), with their prompt "
     "vectors (HNSW-indexed). Entries older than a week are dropped.",
 )
-def cache_entries(
-    context: dg.AssetExecutionContext, postgres: PostgresResource, tm_config: TokenMachineConfig
-) -> dg.MaterializeResult:
-    config = tm_config.load()
-    hour = hour_of(context)
-    with postgres.get_connection() as conn:
-        n = cache.replace_entries(conn, hour, config)
-        total = conn.execute("SELECT count(*) FROM cache_entries").fetchone()[0]
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": n,
-        "entries_in_table": int(total),
-        "min_quality": config.loop.thresholds.cache_min_quality,
-    })
+def cache_entries(h: Hour) -> HourResult:
+    n = cache.replace_entries(h.conn, h.start, h.config)
+    total = h.conn.execute("SELECT count(*) FROM cache_entries").fetchone()[0]
+    return n, {"entries_in_table": int(total), "min_quality": h.config.loop.thresholds.cache_min_quality}
 
 
 loop_assets = [scored_requests, task_types, patterns, grades, routing_rules, finetune_jobs, cache_entries]

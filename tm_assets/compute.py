@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,11 +15,10 @@ import psycopg
 
 from tm_resources import decisions, grading, quality, tasks
 from tm_resources.config import Config
-from tm_resources.embedder import DIM, get_embedder
+from tm_resources.embedder import DIM, Embedder
 from tm_resources.events import EventSink, event_uuid
 # Moving to tm_resources.redact in another branch; the import follows it at merge.
 from tm_resources.finetune import redact
-from tm_resources.judge import judge_answers
 from tm_resources.tables import COMPLETION_ENDPOINTS, read_df, read_requests, vectors
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ def tiers_of(config: Config) -> dict[str, str]:
     return {name: m.tier.value for name, m in config.models.items()}
 
 
-def embedder():
-    return get_embedder()
-
-
 # -- scored_requests --------------------------------------------------------------------------
 
 
@@ -65,7 +61,7 @@ def count_other_rows(conn: psycopg.Connection, hour: datetime) -> int:
                         (hour, hour + timedelta(hours=1), list(COMPLETION_ENDPOINTS))).fetchone()[0]
 
 
-def _prompt_vectors(df: pd.DataFrame) -> np.ndarray:
+def _prompt_vectors(df: pd.DataFrame, embedder: Embedder) -> np.ndarray:
     """The gateway's vector where it computed one (the same model and code), else embed the prompt now."""
     vecs = np.zeros((len(df), DIM), dtype=np.float32)
     if df.empty:
@@ -76,7 +72,7 @@ def _prompt_vectors(df: pd.DataFrame) -> np.ndarray:
     # A request rejected before it had a prompt keeps a zero vector: nothing to embed, type or compare.
     embed = ~have & df["prompt"].map(has_prompt).to_numpy(dtype=bool)
     if embed.any():
-        vecs[embed] = embedder().embed(df.loc[embed, "prompt"].tolist())
+        vecs[embed] = embedder.embed(df.loc[embed, "prompt"].tolist())
     return vecs
 
 
@@ -96,9 +92,13 @@ def unscored_kinds(requests: pd.DataFrame) -> dict[str, int]:
     return {name: int(mask.sum()) for name, mask in kinds.items() if mask.any()}
 
 
-def score_hour(requests: pd.DataFrame, hour: datetime, config: Config,
+def score_hour(requests: pd.DataFrame, hour: datetime, config: Config, *, prompt_embedder: Embedder,
+               answer_embedder: Callable[[], Embedder],
+               judge_completion: Callable[[list[list[dict]]], list[float | None]],
                log: Any = log) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Score the requests of `hour`; rows after it in `requests` serve only as follow-ups (re-prompts)."""
+    """Score the requests of `hour`; rows after it in `requests` serve only as follow-ups (re-prompts).
+    `answer_embedder` is called only when the hour has answers (an empty hour loads no second model);
+    `judge_completion` scores task completion of (prompt, answer) conversations, None where it cannot."""
     timings: dict[str, float] = {}
     requests = requests.reset_index(drop=True)
     in_hour = (requests["ts"] >= pd.Timestamp(hour)) & (requests["ts"] < pd.Timestamp(hour + timedelta(hours=1)))
@@ -107,16 +107,14 @@ def score_hour(requests: pd.DataFrame, hour: datetime, config: Config,
                                                        "quality_scored": 0, "not_scored": {}}
 
     t0 = time.perf_counter()
-    prompt_vecs = _prompt_vectors(requests)
+    prompt_vecs = _prompt_vectors(requests, prompt_embedder)
     timings["embed_prompts"] = time.perf_counter() - t0
 
     answered = quality.answered(requests).to_numpy() & in_hour.to_numpy()
     answer_vecs = np.zeros_like(prompt_vecs)
     t0 = time.perf_counter()
     if answered.any():
-        answer_embedder = get_embedder(precision=config.loop.answer_embedding_precision,
-                                       max_tokens=config.loop.answer_embedding_tokens)
-        answer_vecs[answered] = answer_embedder.embed(requests.loc[answered, "response_text"].astype(str).tolist())
+        answer_vecs[answered] = answer_embedder().embed(requests.loc[answered, "response_text"].astype(str).tolist())
     timings["embed_answers"] = time.perf_counter() - t0
 
     judge = None
@@ -125,7 +123,7 @@ def score_hour(requests: pd.DataFrame, hour: datetime, config: Config,
         t0 = time.perf_counter()
         conversations = [quality.judge_prompt(p or "", a or "") for p, a in
                          zip(requests.loc[answered, "prompt"], requests.loc[answered, "response_text"])]
-        verdicts = judge_answers(config, conversations, quality.parse_judge)
+        verdicts = judge_completion(conversations)
         judge = np.full(len(requests), np.nan)
         judge[answered] = [np.nan if v is None else v for v in verdicts]
         got = int(np.isfinite(judge[answered]).sum())
@@ -156,24 +154,13 @@ def score_hour(requests: pd.DataFrame, hour: datetime, config: Config,
 # -- task_types -------------------------------------------------------------------------------
 
 
-_classifiers: dict[tuple, Any] = {}
-
-
-def classifier(config: Config):
-    seeds = config.loop.task_seeds or tasks.load_seeds()
-    key = tuple(sorted((k, tuple(v)) for k, v in seeds.items()))
-    if key not in _classifiers:
-        _classifiers[key] = tasks.TaskClassifier(seeds, embedder())
-    return _classifiers[key]
-
-
-def classify_hour(scored: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, list[dict]]:
+def classify_hour(scored: pd.DataFrame, classifier: tasks.TaskClassifier) -> tuple[pd.DataFrame, list[dict]]:
     """Task types of the scored requests that have a prompt (a rejected one has none to type)."""
     scored = scored[scored["prompt"].map(has_prompt).astype(bool)] if not scored.empty else scored
     if scored.empty:
         return pd.DataFrame(columns=TASK_TYPE_COLUMNS), []
     vecs = vectors(scored["prompt_embedding"], DIM)
-    results = classifier(config).classify(vecs)
+    results = classifier.classify(vecs)
     typed = scored[["request_id", "ts", "user_id", "model"]].copy()
     typed["task_type"] = [t for t, _ in results]
     typed["confidence"] = [float(c) for _, c in results]

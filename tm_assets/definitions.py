@@ -6,7 +6,7 @@ import os
 
 import dagster as dg
 
-from tm_assets.assets import loop_assets, requests_source
+from tm_assets.assets import LOOP, loop_assets, requests_source
 from tm_assets.checks import loop_checks
 from tm_assets.model_versions import (
     fine_tuned_model_beats_base,
@@ -14,28 +14,29 @@ from tm_assets.model_versions import (
     model_versions,
     rollback_model_version_job,
 )
-from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
+from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
 
 
-def _secret(name: str) -> dg.EnvVar | None:
+def _from_env(name: str) -> dg.EnvVar | None:
     # Bound by the variable's name, so the Dagster UI shows the name and never the value (a database
-    # URL holds its password); unset means the default (the embedded database, no PostHog).
+    # URL holds its password); unset means the default (the embedded database, no PostHog, ./tm.yaml).
     return dg.EnvVar(name) if os.environ.get(name) else None
 
 
 def resources() -> dict[str, dg.ConfigurableResource]:
     # Bound from the environment here and nowhere else.
     return {
-        "postgres": PostgresResource(url=_secret("TM_DATABASE_URL")),
-        "tm_config": TokenMachineConfig(path=os.environ.get("TM_CONFIG") or None),
-        "posthog": PostHogResource(api_key=_secret("POSTHOG_API_KEY"), host=_secret("POSTHOG_HOST")),
+        "postgres": PostgresResource(url=_from_env("TM_DATABASE_URL")),
+        "tm_config": TokenMachineConfig(path=_from_env("TM_CONFIG")),
+        "posthog": PostHogResource(api_key=_from_env("POSTHOG_API_KEY"), host=_from_env("POSTHOG_HOST")),
+        **model_resources(),
     }
 
 
 # The hourly loop runs with nobody clicking: this sensor starts RUNNING on a fresh instance.
 loop_automation = dg.AutomationConditionSensorDefinition(
     "tm_loop_automation",
-    target=dg.AssetSelection.assets(*loop_assets),
+    target=dg.AssetSelection.groups(LOOP),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=60,
 )

@@ -14,10 +14,10 @@ import pandas as pd
 from pydantic import Field
 
 from tm_assets.assets import finetune_jobs
-from tm_assets.resources import PostgresResource, TokenMachineConfig
+from tm_assets.resources import EmbedderResource, PostgresResource, TokenMachineConfig
 from tm_resources import finetune, quality
 from tm_resources.config import ScoringWeights, tm_home
-from tm_resources.embedder import get_embedder
+from tm_resources.embedder import Embedder
 from tm_resources.registry import RegisteredModel, register, rollback_version
 
 
@@ -52,7 +52,7 @@ def _examples(conn, job: dict) -> list[dict]:
             for i, u, s, p, a in rows]
 
 
-def _answer_quality(test: list[tuple[list[dict], str]], answers: list[str]) -> float | None:
+def _answer_quality(test: list[tuple[list[dict], str]], answers: list[str], embedder: Embedder) -> float | None:
     """The loop's own quality score (without judge or cost) on answers generated for the test prompts."""
     if not answers:
         return None
@@ -60,7 +60,6 @@ def _answer_quality(test: list[tuple[list[dict], str]], answers: list[str]) -> f
     df = pd.DataFrame({"id": range(len(answers)), "ts": pd.Timestamp.now(tz="UTC"), "user_id": "eval",
                        "session_id": None, "prompt": prompts, "response_text": answers, "status": 200,
                        "output_tokens": [max(1, len(a.split())) for a in answers], "cost_usd": 0.0})
-    embedder = get_embedder()
     scores = quality.score_requests(df, embedder.embed(prompts), embedder.embed(answers), None,
                                     ScoringWeights(cost_efficiency=0.0), 600)
     q = scores["quality"].to_numpy(dtype=float)
@@ -74,7 +73,7 @@ def _answer_quality(test: list[tuple[list[dict], str]], answers: list[str]) -> f
     description="Fine-tuned model versions, trained only when an operator materializes this asset.",
 )
 def model_versions(context: dg.AssetExecutionContext, config: FineTuneRun, postgres: PostgresResource,
-                   tm_config: TokenMachineConfig) -> dg.MaterializeResult:
+                   tm_config: TokenMachineConfig, embedder: EmbedderResource) -> dg.MaterializeResult:
     settings = tm_config.load()
     if not config.approver.strip():
         raise dg.Failure("model_versions needs an approver: the run config's `approver` is empty")
@@ -134,8 +133,8 @@ def model_versions(context: dg.AssetExecutionContext, config: FineTuneRun, postg
                 row.update(adapter_path=str(trained.adapter_path), base_loss=base_eval.loss,
                            adapter_loss=tuned_eval.loss, base_perplexity=base_eval.perplexity,
                            adapter_perplexity=tuned_eval.perplexity,
-                           base_quality=_answer_quality(test, base_answers),
-                           adapter_quality=_answer_quality(test, tuned_answers),
+                           base_quality=_answer_quality(test, base_answers, embedder.get()),
+                           adapter_quality=_answer_quality(test, tuned_answers, embedder.get()),
                            eval_score=eval_score, base_eval_score=base_score, status="won" if won else "lost")
                 context.log.info(f"{version}: test loss base {base_eval.loss:.3f} -> adapter {tuned_eval.loss:.3f}; "
                                  f"{'wins' if won else 'loses'} (margin needed {margin})")
@@ -176,7 +175,8 @@ def _newest(postgres: PostgresResource) -> list[dict]:
         return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
-@dg.asset_check(asset=model_versions, description="The newest run's training data: chat JSONL, every split "
+@dg.asset_check(asset=model_versions, metadata={"severity": dg.AssetCheckSeverity.ERROR.value},
+                description="The newest run's training data: chat JSONL, every split "
                 "present, no example in two splits, nothing left to redact.")
 def finetune_data_valid(postgres: PostgresResource) -> dg.AssetCheckResult:
     rows = _newest(postgres)
@@ -189,7 +189,8 @@ def finetune_data_valid(postgres: PostgresResource) -> dg.AssetCheckResult:
                                                                         for r in rows})})
 
 
-@dg.asset_check(asset=model_versions, description="The newest fine-tune beats its base on the held-out set.")
+@dg.asset_check(asset=model_versions, description="The newest fine-tune beats its base on the held-out set.",
+                metadata={"severity": dg.AssetCheckSeverity.WARN.value})
 def fine_tuned_model_beats_base(postgres: PostgresResource) -> dg.AssetCheckResult:
     rows = [r for r in _newest(postgres) if r["status"] in ("won", "lost")]
     return dg.AssetCheckResult(

@@ -19,6 +19,7 @@ import psycopg.rows
 from tm_gateway import loopctl
 from tm_resources import db, keys
 from tm_resources.config import Config, ConfigError, config_path, load_config, tm_home
+from tm_resources.loop_start import first_hour
 
 log = logging.getLogger("tm")
 
@@ -137,9 +138,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  gateway   http://{host}:{port}  (OpenAI: /v1/chat/completions, Anthropic: /v1/messages)")
     print(f"  Claude Code: ANTHROPIC_BASE_URL=http://{host}:{port} ANTHROPIC_AUTH_TOKEN=<key> claude --model auto"
           "  (README: Claude Code)")
-    ui = None
+    loop: list = []
     if not args.no_loop:
-        ui = loopctl.start_ui(loopctl.dagster_env(home, url, cfg_path), host, args.ui_port, home / "dagster.log")
+        loop = loopctl.start_loop(loopctl.dagster_env(home, url, cfg_path), host, args.ui_port, home / "dagster.log")
         print(f"  loop UI   http://{host}:{args.ui_port}  (Dagster: the hourly loop, its runs and backfills;"
               f" log in {home / 'dagster.log'})")
     if first_key:
@@ -154,8 +155,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         return _serve(config, url, home, host, port)
     finally:
-        if ui is not None:
-            loopctl.stop(ui)
+        for proc in loop:
+            loopctl.stop(proc)
 
 
 def _serve(config: Config, url: str, home: Path, host: str, port: int, workers: int = 1,
@@ -215,12 +216,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_loop(args: argparse.Namespace) -> int:
     config = _load(args)
     home = tm_home()
+    url = _database(home)
     try:
-        hour = loopctl.parse_hour(args.hour)
+        hour = loopctl.parse_hour(args.hour, first=first_hour(config, url))
     except ValueError as err:
         print(f"tm: {err}", file=sys.stderr)
         return 2
-    url = _database(home)
     key = loopctl.partition_key(hour)
     with psycopg.connect(url) as conn:
         n = loopctl.requests_in_hour(conn, hour)

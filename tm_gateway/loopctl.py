@@ -15,8 +15,8 @@ from tm_resources import db
 from tm_resources.tables import COMPLETION_ENDPOINTS
 
 DEFINITIONS_MODULE = "tm_assets.definitions"
-LOOP_ASSETS = ("scored_requests", "task_types", "patterns", "grades", "routing_rules", "finetune_jobs",
-               "cache_entries")
+# The loop's assets, by the group the definitions give them (the names live with the assets only).
+LOOP_SELECTION = "group:loop"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,9 +42,6 @@ def dagster_env(home: Path, url: str, config_path: Path | None = None) -> dict[s
     return env
 
 
-# The loop's first hourly partition (tm_assets.assets.hourly); kept here because the gateway side
-# never imports the loop's code.
-FIRST_HOUR = datetime(2026, 1, 1, tzinfo=timezone.utc)
 HOUR_HELP = ("'now' (the hour in progress), 'last' (the last complete hour), a partition key such as"
              " 2026-11-22-13:00, or an ISO time such as 2026-11-22T13:30+01:00")
 
@@ -57,8 +54,9 @@ def last_complete_hour(now: datetime | None = None) -> datetime:
     return current_hour(now) - timedelta(hours=1)
 
 
-def parse_hour(text: str, now: datetime | None = None) -> datetime:
-    """The UTC hour `text` names (see HOUR_HELP); ValueError with a message an operator can act on."""
+def parse_hour(text: str, now: datetime | None = None, first: datetime | None = None) -> datetime:
+    """The UTC hour `text` names (see HOUR_HELP); ValueError with a message an operator can act on.
+    `first`: the loop's first hour (tm_resources.loop_start.first_hour), when known."""
     word = text.strip().lower()
     if word in ("now", "current"):
         return current_hour(now)
@@ -81,8 +79,9 @@ def parse_hour(text: str, now: datetime | None = None) -> datetime:
     hour = hour.replace(minute=0, second=0, microsecond=0)
     if hour > current_hour(now):
         raise ValueError(f"--hour {partition_key(hour)} has not begun yet (it is {current_hour(now):%H}:xx UTC now)")
-    if hour < FIRST_HOUR:
-        raise ValueError(f"--hour {partition_key(hour)} is before the loop's first hour, {partition_key(FIRST_HOUR)}")
+    if first is not None and hour < first:
+        raise ValueError(f"--hour {partition_key(hour)} is before the loop's first hour, {partition_key(first)}"
+                         " (loop.start, else the first logged request's hour)")
     return hour
 
 
@@ -96,13 +95,13 @@ def _default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def materialize(env: dict[str, str], hour: datetime, assets: tuple[str, ...] = LOOP_ASSETS,
+def materialize(env: dict[str, str], hour: datetime, selection: str = LOOP_SELECTION,
                 quiet: bool = False) -> tuple[int, str]:
     """Materialize the graph for one hour through `dagster asset materialize`, logged in the instance
     (so the run shows in the UI like any other); returns its exit code and, when `quiet`, its output
     (otherwise it went to the terminal)."""
     cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", DEFINITIONS_MODULE,
-           "--select", ",".join(assets), "--partition", partition_key(hour)]
+           "--select", selection, "--partition", partition_key(hour)]
     if not quiet:
         return subprocess.call(cmd, env=env, cwd=PROJECT_ROOT, preexec_fn=_default_signals), ""
     done = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, preexec_fn=_default_signals, stdout=subprocess.PIPE,
@@ -110,12 +109,24 @@ def materialize(env: dict[str, str], hour: datetime, assets: tuple[str, ...] = L
     return done.returncode, done.stdout
 
 
-def start_ui(env: dict[str, str], host: str, port: int, log_path: Path) -> subprocess.Popen:
-    """`dagster dev`: the webserver, the daemon (so the hourly automation runs) and the code server."""
+def _bin(name: str) -> str:
+    # The console script installed beside this interpreter (the venv's), whatever PATH says.
+    return str(Path(sys.executable).with_name(name))
+
+
+def start_loop(env: dict[str, str], host: str, port: int, log_path: Path) -> list[subprocess.Popen]:
+    """Dagster as it is run for real: `dagster-webserver` (the UI, with its code server) and
+    `dagster-daemon` (the automation sensor, backfills and the run queue), both on the loop's module.
+    `env --default-signal` gives them default SIGINT/SIGTERM handlers even when this process was started
+    with those ignored, so they stop when told (and pass it on to their own children)."""
     log_file = log_path.open("ab")
-    cmd = [sys.executable, "-m", "dagster", "dev", "-m", DEFINITIONS_MODULE, "-h", host, "-p", str(port)]
-    return subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                            preexec_fn=_default_signals)
+    restore = ["env", "--default-signal=INT,TERM"]
+    commands = [
+        [_bin("dagster-webserver"), "-m", DEFINITIONS_MODULE, "-h", host, "-p", str(port)],
+        [_bin("dagster-daemon"), "run", "-m", DEFINITIONS_MODULE],
+    ]
+    return [subprocess.Popen(restore + cmd, env=env, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+            for cmd in commands]
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -246,6 +247,9 @@ class LoopConfig(_Strict):
     timezone: str = "UTC"
     # Seed examples per task type; none: the built-in ones (tm_resources/task_seeds.yaml).
     task_seeds: dict[str, list[str]] | None = None
+    # The first hour the loop's hourly partitions offer (UTC unless the time says otherwise); none:
+    # the hour of the first logged request (tm_resources/loop_start.py).
+    start: datetime | None = None
 
 
 class UserConfig(_Strict):
