@@ -360,3 +360,34 @@ def test_where_the_hnsw_index_is_built(monkeypatch):
     assert db.hnsw_supported("postgresql://postgres:@/postgres?host=/tmp/pg")
     monkeypatch.setenv("TM_VECTOR_INDEX", "none")
     assert not db.hnsw_supported("postgresql://u:p@db.example.supabase.co:5432/postgres")
+
+
+def test_lookups_that_time_out_under_load_give_their_connections_back(db_url, upstreams, tmp_path):
+    # Lookups held up past cache.lookup_timeout_s (here by a lock the loop could hold on
+    # scored_requests) by many requests at once: each must give its pooled connection back, so
+    # that once the database answers again, repeats are hits again and the pool is idle again.
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = Cached(db_url, upstreams, tmp_path, lookup_timeout_s=0.2)
+    try:
+        ask(c.openai(), "Which lookups come back?")
+        c.rows()
+        assert ask(c.openai(), "Which lookups come back?").headers["x-tm-cache"] == "exact"
+        pool = c.app.state.proxy.cache_pool
+        for burst in range(3):
+            with psycopg.connect(db_url) as blocker, ThreadPoolExecutor(30) as threads:
+                blocker.execute("LOCK TABLE scored_requests IN ACCESS EXCLUSIVE MODE")
+                client = c.openai().with_options(timeout=20)
+                got = list(threads.map(lambda _: ask(client, "Which lookups come back?"), range(30)))
+                blocker.rollback()
+            assert {g.headers["x-tm-cache"] for g in got} == {"error"}, f"burst {burst}"
+            assert all(g.parse().choices[0].message.content == "echo: Which lookups come back?" for g in got)
+        deadline = time.monotonic() + 10
+        while (stats := pool.get_stats()).get("requests_waiting", 0) or stats.get("pool_available", 0) < 1:
+            assert time.monotonic() < deadline, f"the pool did not recover: {stats}"
+            time.sleep(0.05)
+        hits = [ask(c.openai(), "Which lookups come back?").headers["x-tm-cache"] for _ in range(5)]
+        assert hits == ["exact"] * 5
+        assert len(c.rows()) == 2 + 3 * 30 + 5
+    finally:
+        c.stop()

@@ -608,10 +608,12 @@ class Proxy:
                     # before a pooled connection is taken, not while holding one
                     vec = await asyncio.get_running_loop().run_in_executor(None, self.embed, r["prompt"])
                     r["prompt_embedding"] = vec
-                async with self.cache_pool.connection() as conn:
-                    hit = await cache.lookup_exact(conn, keys, users, config) if exact else None
-                    if hit is None and similar:
-                        hit = await cache.lookup_semantic(conn, r["requested_model"], keys, vec, users, config)
+                # Shielded: a lookup given up is left to end by itself (the pool's wait and the
+                # server's statement_timeout bound it) and so always hands its connection back.
+                # Cancelled inside the pool or a query, connections were lost until the pool had none.
+                lookup = asyncio.ensure_future(self._cache_query(keys, users, exact, similar, vec, r["requested_model"]))
+                lookup.add_done_callback(_consume)
+                hit = await asyncio.shield(lookup)
         except Exception as err:  # noqa: BLE001 - a cache problem must never cost the user their answer
             log.warning("cache lookup skipped: %s", type(err).__name__)
             headers["x-tm-cache"] = "error"
@@ -619,6 +621,14 @@ class Proxy:
         if hit is not None and hit.model is not None and hit.model not in config.models:
             return None  # answered by a model no longer served (a rolled-back fine-tune)
         return hit
+
+    async def _cache_query(self, keys: cache.CacheKeys, users: list[str] | None, exact: bool, similar: bool,
+                           vec: Any, requested_model: str) -> cache.Hit | None:
+        async with self.cache_pool.connection() as conn:
+            hit = await cache.lookup_exact(conn, keys, users, self.config) if exact else None
+            if hit is None and similar:
+                hit = await cache.lookup_semantic(conn, requested_model, keys, vec, users, self.config)
+            return hit
 
     def _serve_cached(self, fmt: str, hit: cache.Hit, stream: bool, body: dict, row: _Row,
                       headers: dict[str, str]) -> Response:
@@ -742,6 +752,12 @@ class Proxy:
         frontier = self.config.defaults.frontier_model
         baseline = self.config.models[frontier].price.cost(*args) if frontier else None
         return self.config.models[model].price.cost(*args), baseline
+
+
+def _consume(task: asyncio.Task) -> None:
+    # A lookup given up may still fail later; its error was already answered as x-tm-cache: error.
+    if not task.cancelled():
+        task.exception()
 
 
 def _seconds(value: str | None) -> float | None:

@@ -233,15 +233,19 @@ async def lookup_semantic(conn: psycopg.AsyncConnection, requested_model: str, k
     return Hit("semantic", row[0], row[1], row[2], row[3], row[4], float(row[5]))
 
 
-async def configure_connection(conn: psycopg.AsyncConnection, ef_search: int = 100) -> None:
+async def configure_connection(conn: psycopg.AsyncConnection, ef_search: int = 100,
+                               statement_timeout_s: float | None = None) -> None:
     """For each pooled connection: vectors as numpy arrays; HNSW scans that keep going until the
     filters (model, context, window, scope) let a row through instead of returning nothing, with
-    `ef_search` candidates (cache.semantic.hnsw_ef_search)."""
+    `ef_search` candidates (cache.semantic.hnsw_ef_search); and a lookup the gateway has given up
+    (cache.lookup_timeout_s) ended by the server, its connection free again."""
     from pgvector.psycopg import register_vector_async
 
     await register_vector_async(conn)
     await conn.execute("SET hnsw.iterative_scan = relaxed_order")
     await conn.execute(f"SET hnsw.ef_search = {int(ef_search)}")
+    if statement_timeout_s is not None:
+        await conn.execute(f"SET statement_timeout = {max(1, int(statement_timeout_s * 1000))}")
 
 
 # -- the loop's side: which answers the semantic cache may serve --------------------------------
