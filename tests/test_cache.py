@@ -231,9 +231,10 @@ def test_a_similar_prompt_is_answered_from_an_answer_that_scored_well(cached):
     assert ask(client, "How can I reverse a list in Python?", model="auto").headers["x-tm-cache"] == "miss"
     cached.score(source["id"], 0.92)
     contexts = cached.app.state.proxy.shared.contexts
-    assert not contexts.may_have(source["context_hash"], "auto")  # no entries: no semantic query
+    assert not contexts.may_have(source["context_hash"], "auto", "alice")  # no entries: no semantic query
     assert cached.fill_entries() == 1
-    assert contexts.may_have(source["context_hash"], "auto") and len(contexts) == 1
+    assert contexts.may_have(source["context_hash"], "auto", "alice") and len(contexts) == 1
+    assert not contexts.may_have(source["context_hash"], "auto", "bob")  # another user's entry: no query
     calls = cached.calls()
 
     similar = ask(client, "how can i reverse a python list?", model="auto")
@@ -389,5 +390,26 @@ def test_lookups_that_time_out_under_load_give_their_connections_back(db_url, up
         hits = [ask(c.openai(), "Which lookups come back?").headers["x-tm-cache"] for _ in range(5)]
         assert hits == ["exact"] * 5
         assert len(c.rows()) == 2 + 3 * 30 + 5
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("scope, same_scope, other_scope", [("user", "alice", "bob"), ("team", "bob", "carol")])
+def test_whether_postgres_is_asked_depends_only_on_what_the_askers_scope_has_sent(
+        db_url, upstreams, tmp_path, scope, same_scope, other_scope):
+    # A lookup is what a user could time. With the lookups held up (a lock on scored_requests), a
+    # request that makes one shows x-tm-cache: error; one that makes none shows miss. Alice's body
+    # sent again by her scope is looked up; by a user outside it, never (he learns nothing).
+    c = Cached(db_url, upstreams, tmp_path, lookup_timeout_s=0.2, scope=scope)
+    try:
+        ask(c.openai("alice"), "My private question about the merger")
+        c.rows()
+        with psycopg.connect(db_url) as blocker:
+            blocker.execute("LOCK TABLE scored_requests IN ACCESS EXCLUSIVE MODE")
+            outside = ask(c.openai(other_scope), "My private question about the merger")
+            inside = ask(c.openai(same_scope), "My private question about the merger")
+            blocker.rollback()
+        assert outside.headers["x-tm-cache"] == "miss"
+        assert inside.headers["x-tm-cache"] == "error"
     finally:
         c.stop()

@@ -74,7 +74,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
                                            temperature=learned.temperature, prior_weight=learned.prior_weight),
             exact_ttl_s=config.cache.exact_ttl_s if config.cache.enabled else None,
             semantic_window_h=config.cache.semantic.window_h
-            if config.cache.enabled and config.cache.semantic.enabled else None)
+            if config.cache.enabled and config.cache.semantic.enabled else None,
+            cache_scope=functools.partial(cache.scope_key, config=config))
         shared.load()
         spool = Path(config.log.spool_dir) if config.log.spool_dir else settings.home / "spool"
         request_log = RequestLog(

@@ -591,15 +591,15 @@ class Proxy:
         # Postgres is asked only for what may be there: an exact hash some replica has logged, a prompt
         # with a vector in a context that has semantic entries.
         hashes, contexts = self.shared.hashes, self.shared.contexts
-        exact = hashes is None or hashes.may_have(keys.request_hash)
+        exact = hashes is None or hashes.may_have(keys.request_hash, r["user_id"])
         vec = r.get("prompt_embedding")
         semantic = config.cache.semantic
         similar = keys.context_hash is not None and semantic.enabled and bool(r.get("prompt")) \
-            and (contexts is None or contexts.may_have(keys.context_hash, r["requested_model"])) \
+            and (contexts is None or contexts.may_have(keys.context_hash, r["requested_model"], r["user_id"])) \
             and (vec is not None or (self.embed is not None and semantic.named_models)) \
             and fits_window([r["prompt"]])[0]
         if hashes is not None:
-            hashes.add(keys.request_hash)
+            hashes.add(keys.request_hash, r["user_id"])
         if not (exact or similar):
             return None
         try:
