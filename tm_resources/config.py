@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The repository's own tm.yaml, used when nothing else is named (editable installs).
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "tm.yaml"
@@ -114,6 +114,12 @@ class LogConfig(_Strict):
     # a disk flush per request; "off" loses the rows still queued (up to one flush interval's).
     journal: Literal["off", "write", "fsync"] = "write"
     redact: RedactConfig = RedactConfig()
+
+    @field_validator("journal", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML reads a bare `off` as false.
+        return "off" if value is False else value
 
 
 class SemanticCacheConfig(_Strict):
