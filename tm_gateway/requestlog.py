@@ -428,7 +428,7 @@ class RequestLog:
         return tuple(r)
 
     def _copy(self, rows: list[tuple], dedupe: bool) -> None:
-        """One COPY of `rows`; `dedupe` (replays) skips rows already in Postgres."""
+        """One COPY of `rows` (in their stored form); `dedupe` (replays) skips rows already in Postgres."""
         conn = self._connection()
         try:
             with conn.cursor() as cur:
@@ -436,10 +436,21 @@ class RequestLog:
                     cur.execute("CREATE TEMP TABLE IF NOT EXISTS requests_replay (LIKE requests) ON COMMIT DELETE ROWS")
                 with cur.copy(_REPLAY_COPY if dedupe else _COPY) as copy:
                     for r in rows:
-                        copy.write_row(self._stored(r))
+                        copy.write_row(r)
                 if dedupe:
                     cur.execute(_REPLAY_INSERT)
             conn.commit()
+        except psycopg.OperationalError:
+            self._drop_connection()
+            raise
+        except psycopg.Error:
+            # Refused (bad data): the connection is sound, and reconnecting for each half of a
+            # bisected batch would cost more than the COPYs themselves.
+            try:
+                conn.rollback()
+            except psycopg.Error:
+                self._drop_connection()
+            raise
         except BaseException:
             self._drop_connection()
             raise
@@ -448,8 +459,18 @@ class RequestLog:
         """Store `rows`; return those Postgres refuses, each with the reason. A refused batch is cut in
         halves until the bad rows stand alone, so k bad rows in n cost about 2k·log2(n) COPYs and the
         good rows land in the same pass. Raises OperationalError when Postgres cannot be reached."""
+        return self._bisect(rows, [self._stored_or_raw(r) for r in rows], dedupe)
+
+    def _stored_or_raw(self, row: tuple) -> tuple:
         try:
-            self._copy(rows, dedupe)
+            return self._stored(row)
+        except Exception as err:  # noqa: BLE001 - the writer thread must live on; Postgres judges the row
+            log.error("request log: a row could not be prepared for storage (%s)", type(err).__name__)
+            return row
+
+    def _bisect(self, rows: list[tuple], stored: list[tuple], dedupe: bool) -> list[tuple[tuple, str]]:
+        try:
+            self._copy(stored, dedupe)
             self.rows_written += len(rows)
             return []
         except psycopg.OperationalError:
@@ -458,7 +479,7 @@ class RequestLog:
             if len(rows) == 1:
                 return [(rows[0], _reason(err))]
             mid = len(rows) // 2
-            return self._land(rows[:mid], dedupe) + self._land(rows[mid:], dedupe)
+            return self._bisect(rows[:mid], stored[:mid], dedupe) + self._bisect(rows[mid:], stored[mid:], dedupe)
 
     def _write_batch(self, batch: list[dict]) -> None:
         rows = [copy_row(r) for r in batch]
