@@ -333,6 +333,8 @@ class RequestLog:
             if time.monotonic() >= self._next_replay and not stopping:
                 self._recover_journals()
                 self._replay_spool()
+        if any(self.spool_dir.glob("*.jsonl")):
+            self._replay_spool()  # Postgres may be back since the last try: leave nothing behind needlessly
 
     def _cycle(self) -> bool:
         """Wait for a first row, let the batch fill for one flush interval, then store what is there
