@@ -240,3 +240,24 @@ def test_healthz_says_only_ok_without_a_key_and_counts_with_one(gateway):
     assert httpx.get(gateway.url + "/healthz", headers={"authorization": "Bearer tm-wrong"}).json() == {"status": "ok"}
     counts = httpx.get(gateway.url + "/healthz", headers={"authorization": f"Bearer {gateway.key}"}).json()
     assert set(counts) >= {"rows_written", "rows_spooled", "rows_rejected", "rows_dropped", "rejected_bytes_on_disk"}
+
+
+def test_a_live_writer_replays_the_journal_of_a_killed_neighbour(db_url, tmp_path):
+    # Two workers share a spool folder; one is killed: the other stores its rows without a restart.
+    import signal
+    import subprocess
+    import sys
+
+    spool = tmp_path / "spool"
+    live = RequestLog(db_url, spool_dir=spool, flush_interval_s=0.02, replay_interval_s=0.2, journal="write").start()
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, db_url, str(spool), "100"], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while count(db_url) < 100:
+        assert time.monotonic() < deadline, "the live writer did not replay the dead one's journal"
+        time.sleep(0.1)
+    live.close()
+    assert count(db_url) == 100

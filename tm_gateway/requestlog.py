@@ -304,8 +304,10 @@ class RequestLog:
         os.close(old_fd)
         return old_path
 
-    def _recover_journals(self) -> None:
-        """A journal left by a process that died (kill -9, a crash) becomes a spool file to replay."""
+    def _recover_journals(self) -> int:
+        """A journal left by a process that died (kill -9, a crash) becomes a spool file to replay;
+        returns how many were found."""
+        found = 0
         for path in self.spool_dir.glob("journal-*.wal"):
             if path == self._journal_path:
                 continue
@@ -318,9 +320,11 @@ class RequestLog:
                 continue
             try:
                 path.rename(path.with_suffix(".jsonl"))
+                found += 1
                 log.info("request log: recovering the journal %s of a process that ended", path.name)
             except FileNotFoundError:
                 pass  # another worker took it
+        return found
 
     # -- the writer thread -------------------------------------------------------------------
 
@@ -328,10 +332,18 @@ class RequestLog:
         self._recover_journals()
         self._replay_spool()
         stopping = False
+        next_recovery = time.monotonic() + self.replay_interval_s
         while not stopping:
             stopping = self._cycle()
-            if time.monotonic() >= self._next_replay and not stopping:
-                self._recover_journals()
+            if stopping:
+                break
+            now = time.monotonic()
+            # Another worker sharing the folder may have been killed: its journal waits for us.
+            if now >= next_recovery:
+                next_recovery = now + self.replay_interval_s
+                if self._recover_journals():
+                    self._next_replay = now
+            if now >= self._next_replay:
                 self._replay_spool()
         if any(self.spool_dir.glob("*.jsonl")):
             self._replay_spool()  # Postgres may be back since the last try: leave nothing behind needlessly
