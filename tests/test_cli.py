@@ -141,7 +141,8 @@ def test_worker_processes_keep_the_gateways_info_logs(db_url, upstreams, tmp_pat
         [sys.executable, "-m", "tm_gateway.cli", "gateway", "--config", str(cfg), "--port", str(port),
          "--workers", "2"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), signal.signal(signal.SIGTERM, signal.SIG_DFL)),
+        preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            signal.signal(signal.SIGTERM, signal.SIG_DFL)),
     )
     try:
         deadline = time.monotonic() + 60

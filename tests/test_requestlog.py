@@ -194,7 +194,8 @@ def test_kill_9_loses_no_queued_row_with_the_journal(db_url, tmp_path, journal, 
 
     spool = tmp_path / "spool"
     script = _KILLED_WRITER.replace('journal="write"', f'journal="{journal}"')
-    proc = subprocess.Popen([sys.executable, "-c", script, db_url, str(spool), "300"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script, db_url, str(spool), "300"], stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "written"  # all 300 accepted, none written yet
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)

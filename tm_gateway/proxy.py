@@ -611,7 +611,9 @@ class Proxy:
                 # Shielded: a lookup given up is left to end by itself (the pool's wait and the
                 # server's statement_timeout bound it) and so always hands its connection back.
                 # Cancelled inside the pool or a query, connections were lost until the pool had none.
-                lookup = asyncio.ensure_future(self._cache_query(keys, users, exact, similar, vec, r["requested_model"]))
+                lookup = asyncio.ensure_future(
+                    self._cache_query(keys, users, exact, similar, vec, r["requested_model"]))
+                _LOOKUPS.add(lookup)
                 lookup.add_done_callback(_consume)
                 hit = await asyncio.shield(lookup)
         except Exception as err:  # noqa: BLE001 - a cache problem must never cost the user their answer
@@ -754,7 +756,12 @@ class Proxy:
         return self.config.models[model].price.cost(*args), baseline
 
 
+# Lookups still running, held so that one given up is not garbage-collected before it ends.
+_LOOKUPS: set[asyncio.Task] = set()
+
+
 def _consume(task: asyncio.Task) -> None:
+    _LOOKUPS.discard(task)
     # A lookup given up may still fail later; its error was already answered as x-tm-cache: error.
     if not task.cancelled():
         task.exception()
