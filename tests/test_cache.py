@@ -231,9 +231,10 @@ def test_a_similar_prompt_is_answered_from_an_answer_that_scored_well(cached):
     assert ask(client, "How can I reverse a list in Python?", model="auto").headers["x-tm-cache"] == "miss"
     cached.score(source["id"], 0.92)
     contexts = cached.app.state.proxy.shared.contexts
-    assert not contexts.may_have(source["context_hash"], "auto")  # no entries: no semantic query
+    assert not contexts.may_have(source["context_hash"], "auto", "alice")  # no entries: no semantic query
     assert cached.fill_entries() == 1
-    assert contexts.may_have(source["context_hash"], "auto") and len(contexts) == 1
+    assert contexts.may_have(source["context_hash"], "auto", "alice") and len(contexts) == 1
+    assert not contexts.may_have(source["context_hash"], "auto", "bob")  # another user's entry: no query
     calls = cached.calls()
 
     similar = ask(client, "how can i reverse a python list?", model="auto")
@@ -360,3 +361,55 @@ def test_where_the_hnsw_index_is_built(monkeypatch):
     assert db.hnsw_supported("postgresql://postgres:@/postgres?host=/tmp/pg")
     monkeypatch.setenv("TM_VECTOR_INDEX", "none")
     assert not db.hnsw_supported("postgresql://u:p@db.example.supabase.co:5432/postgres")
+
+
+def test_lookups_that_time_out_under_load_give_their_connections_back(db_url, upstreams, tmp_path):
+    # Lookups held up past cache.lookup_timeout_s (here by a lock the loop could hold on
+    # scored_requests) by many requests at once: each must give its pooled connection back, so
+    # that once the database answers again, repeats are hits again and the pool is idle again.
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = Cached(db_url, upstreams, tmp_path, lookup_timeout_s=0.2)
+    try:
+        ask(c.openai(), "Which lookups come back?")
+        c.rows()
+        assert ask(c.openai(), "Which lookups come back?").headers["x-tm-cache"] == "exact"
+        pool = c.app.state.proxy.cache_pool
+        for burst in range(3):
+            with psycopg.connect(db_url) as blocker, ThreadPoolExecutor(30) as threads:
+                blocker.execute("LOCK TABLE scored_requests IN ACCESS EXCLUSIVE MODE")
+                client = c.openai().with_options(timeout=20)
+                got = list(threads.map(lambda _: ask(client, "Which lookups come back?"), range(30)))
+                blocker.rollback()
+            assert {g.headers["x-tm-cache"] for g in got} == {"error"}, f"burst {burst}"
+            assert all(g.parse().choices[0].message.content == "echo: Which lookups come back?" for g in got)
+        deadline = time.monotonic() + 10
+        while (stats := pool.get_stats()).get("requests_waiting", 0) or stats.get("pool_available", 0) < 1:
+            assert time.monotonic() < deadline, f"the pool did not recover: {stats}"
+            time.sleep(0.05)
+        hits = [ask(c.openai(), "Which lookups come back?").headers["x-tm-cache"] for _ in range(5)]
+        assert hits == ["exact"] * 5
+        assert len(c.rows()) == 2 + 3 * 30 + 5
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("scope, same_scope, other_scope", [("user", "alice", "bob"), ("team", "bob", "carol")])
+def test_whether_postgres_is_asked_depends_only_on_what_the_askers_scope_has_sent(
+        db_url, upstreams, tmp_path, scope, same_scope, other_scope):
+    # A lookup is what a user could time. With the lookups held up (a lock on scored_requests), a
+    # request that makes one shows x-tm-cache: error; one that makes none shows miss. Alice's body
+    # sent again by her scope is looked up; by a user outside it, never (he learns nothing).
+    c = Cached(db_url, upstreams, tmp_path, lookup_timeout_s=0.2, scope=scope)
+    try:
+        ask(c.openai("alice"), "My private question about the merger")
+        c.rows()
+        with psycopg.connect(db_url) as blocker:
+            blocker.execute("LOCK TABLE scored_requests IN ACCESS EXCLUSIVE MODE")
+            outside = ask(c.openai(other_scope), "My private question about the merger")
+            inside = ask(c.openai(same_scope), "My private question about the merger")
+            blocker.rollback()
+        assert outside.headers["x-tm-cache"] == "miss"
+        assert inside.headers["x-tm-cache"] == "error"
+    finally:
+        c.stop()

@@ -245,3 +245,46 @@ def test_tm_requests_follow_prints_new_rows_as_they_are_logged(db_url, tmp_path)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_worker_processes_keep_the_gateways_info_logs(db_url, upstreams, tmp_path: Path):
+    # With --workers N each worker is a fresh process: its spool replays and key or rule reloads
+    # must still reach the operator's log.
+    import yaml
+
+    from tests.conftest import make_config
+    from tm_resources import keys
+
+    anthropic, local = upstreams
+    config = make_config(anthropic.url, local.openai_url, gateway={"classify_auto": False, "refresh_interval_s": 0.2})
+    cfg = tmp_path / "tm.yaml"
+    cfg.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    port = free_port()
+    env = {**os.environ, "TM_DATABASE_URL": db_url, "TM_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tm_gateway.cli", "gateway", "--config", str(cfg), "--port", str(port),
+         "--workers", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            signal.signal(signal.SIGTERM, signal.SIG_DFL)),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        time.sleep(1)  # both workers up
+        with psycopg.connect(db_url) as conn:
+            keys.create_key(conn, "newcomer")
+        time.sleep(2)  # a few state polls
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reloads = re.findall(r"INFO tm_gateway\.state: api keys reloaded", out)
+    assert len(reloads) == 2, out  # one line from each worker

@@ -51,9 +51,8 @@ def _in_callers_format(path: str, response) -> str | None:
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens"])
 def test_schemathesis_finds_no_5xx_and_every_4xx_in_the_callers_format(gateway: Gateway, path, mode):
-    # NUL characters are issue 10's defect 2 (a row Postgres refuses), guarded by its own tests; left out
-    # here so that this test counts rows for what it is about.
-    config = schemathesis.Config.from_dict({"generation": {"allow-x00": False}})
+    # NUL characters included: a row Postgres cannot hold as sent is stored escaped (nul_escaped).
+    config = schemathesis.Config.from_dict({"generation": {"allow-x00": True}})
     schema = schemathesis.openapi.from_url(gateway.url + "/openapi.json", config=config)
     operation = schema[path]["POST"]
     auth = {"authorization": f"Bearer {gateway.key}"}

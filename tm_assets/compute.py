@@ -17,8 +17,7 @@ from tm_resources import decisions, grading, quality, tasks
 from tm_resources.config import Config
 from tm_resources.embedder import DIM, Embedder
 from tm_resources.events import EventSink, event_uuid
-# Moving to tm_resources.redact in another branch; the import follows it at merge.
-from tm_resources.finetune import redact
+from tm_resources.redact import redact
 from tm_resources.tables import COMPLETION_ENDPOINTS, read_df, read_requests, vectors
 
 log = logging.getLogger(__name__)

@@ -75,7 +75,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
                                            temperature=learned.temperature, prior_weight=learned.prior_weight),
             exact_ttl_s=config.cache.exact_ttl_s if config.cache.enabled else None,
             semantic_window_h=config.cache.semantic.window_h
-            if config.cache.enabled and config.cache.semantic.enabled else None)
+            if config.cache.enabled and config.cache.semantic.enabled else None,
+            cache_scope=functools.partial(cache.scope_key, config=config))
         shared.load()
         spool = Path(config.log.spool_dir) if config.log.spool_dir else settings.home / "spool"
         request_log = RequestLog(
@@ -83,6 +84,11 @@ def create_app(settings: GatewaySettings) -> Starlette:
             spool_dir=spool,
             batch_max_rows=config.log.batch_max_rows,
             flush_interval_s=config.log.flush_interval_ms / 1000,
+            journal=config.log.journal,
+            redact_secrets=config.log.redact.secrets,
+            redact_pii=config.log.redact.pii,
+            spool_max_bytes=config.log.spool_max_mb << 20,
+            rejected_max_bytes=config.log.rejected_max_mb << 20,
         ).start()
         # One pooled session for every upstream; limits sized for a busy replica, not the default 100.
         connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=300)
@@ -94,9 +100,12 @@ def create_app(settings: GatewaySettings) -> Starlette:
         if config.cache.enabled:
             # A few connections for cache lookups; opened in the background, so a database that is
             # down at start-up makes lookups miss rather than the gateway fail.
+            # The server ends a query the gateway has stopped waiting for (cache.configure_connection),
+            # so a slow database never holds the pool's connections for long.
             cache_pool = AsyncConnectionPool(
                 settings.database_url, min_size=1, max_size=4, open=False,
-                configure=functools.partial(cache.configure_connection, ef_search=config.cache.semantic.hnsw_ef_search),
+                configure=functools.partial(cache.configure_connection, ef_search=config.cache.semantic.hnsw_ef_search,
+                                            statement_timeout_s=config.cache.lookup_timeout_s),
                 kwargs={"autocommit": True}, timeout=config.cache.lookup_timeout_s, name="tm-cache")
             await cache_pool.open(wait=False)
             if config.cache.semantic.enabled:
@@ -186,11 +195,18 @@ def create_app(settings: GatewaySettings) -> Starlette:
         return JSONResponse(body, headers={"x-tm-request-id": str(rid)})
 
     async def healthz(request: Request) -> Response:
+        """"ok" to anyone (a load balancer's probe); the log's counts only with a valid key."""
         proxy: Proxy = request.state.proxy
+        if proxy.authenticate(request) is None:
+            return JSONResponse({"status": "ok"})
+        rl = proxy.request_log
         return JSONResponse({
             "status": "ok",
-            "rows_written": proxy.request_log.rows_written,
-            "rows_spooled": proxy.request_log.rows_spooled,
+            "rows_written": rl.rows_written,
+            "rows_spooled": rl.rows_spooled,
+            "rows_rejected": rl.rows_rejected,
+            "rows_dropped": rl.rows_dropped,
+            "rejected_bytes_on_disk": await asyncio.to_thread(rl.rejected_on_disk),
         })
 
     description = openapi_description()

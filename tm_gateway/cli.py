@@ -24,15 +24,30 @@ from tm_resources.loop_start import first_hour
 log = logging.getLogger("tm")
 
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Library chatter (pgserver's start-up narration, platformdirs) is not the operator's business.
+_NOISY = ("pgserver", "pgserver.postgres_server", "httpx", "asyncio")
+
+
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Library chatter (pgserver's start-up narration, platformdirs) is not the operator's business.
-    for noisy in ("pgserver", "pgserver.postgres_server", "httpx", "asyncio"):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=_LOG_FORMAT, stream=sys.stderr)
+    for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _uvicorn_log_config() -> dict:
+    """The same logging for uvicorn to apply in each process it runs the app in: worker processes
+    (--workers N) start with nothing configured and would drop the gateway's INFO lines (spool
+    replays, key and rule reloads)."""
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"tm": {"format": _LOG_FORMAT}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "tm", "stream": "ext://sys.stderr"}},
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": {name: {"level": "WARNING"} for name in (*_NOISY, "uvicorn", "uvicorn.error", "uvicorn.access")},
+    }
 
 
 def _database(home: Path) -> str:
@@ -171,7 +186,7 @@ def _serve(config: Config, url: str, home: Path, host: str, port: int, workers: 
         if config_file is not None:
             os.environ["TM_CONFIG"] = str(config_file.resolve())
         uvicorn.run("tm_gateway.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning", access_log=False, lifespan="on")
+                    log_level="warning", access_log=False, lifespan="on", log_config=_uvicorn_log_config())
         return 0
     app = create_app(GatewaySettings(config=config, database_url=url, home=home))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
@@ -450,6 +465,19 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_log(args: argparse.Namespace) -> int:
+    from tm_gateway.requestlog import RequestLog
+
+    config = _load(args)
+    home = tm_home()
+    spool = Path(config.log.spool_dir) if config.log.spool_dir else home / "spool"
+    rl = RequestLog(_database(home), spool_dir=spool, redact_secrets=config.log.redact.secrets,
+                    redact_pii=config.log.redact.pii)
+    landed, kept = rl.replay_rejected()
+    print(f"{landed} rejected row(s) stored; {kept} still refused" + (f", kept in {rl.rejected_dir}" if kept else ""))
+    return 1 if kept else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tm", description="Token Machine: an LLM gateway with a learning loop.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -550,6 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
                          " whose first 128 tokens the embedder keeps, as the gateway's learned router sees it")
     br.add_argument("--output", metavar="FILE", help="also write the JSON to this file")
     be.set_defaults(func=cmd_bench)
+
+    lg = sub.add_parser("log", help="the request log's local files")
+    lgsub = lg.add_subparsers(dest="log_cmd", required=True)
+    lrr = lgsub.add_parser("replay-rejected", help="store the rows Postgres refused (spool/rejected) again")
+    lrr.add_argument("--config", help="configuration file (default: $TM_CONFIG, ./tm.yaml)")
+    lg.set_defaults(func=cmd_log)
 
     d = sub.add_parser("db", help="the database schema")
     dsub = d.add_subparsers(dest="db_cmd", required=True)

@@ -777,15 +777,15 @@ class Proxy:
         # Postgres is asked only for what may be there: an exact hash some replica has logged, a prompt
         # with a vector in a context that has semantic entries.
         hashes, contexts = self.shared.hashes, self.shared.contexts
-        exact = hashes is None or hashes.may_have(keys.request_hash)
+        exact = hashes is None or hashes.may_have(keys.request_hash, r["user_id"])
         vec = r.get("prompt_embedding")
         semantic = config.cache.semantic
         similar = keys.context_hash is not None and semantic.enabled and bool(r.get("prompt")) \
-            and (contexts is None or contexts.may_have(keys.context_hash, r["requested_model"])) \
+            and (contexts is None or contexts.may_have(keys.context_hash, r["requested_model"], r["user_id"])) \
             and (vec is not None or (self.embed is not None and semantic.named_models)) \
             and fits_window([r["prompt"]])[0]
         if hashes is not None:
-            hashes.add(keys.request_hash)
+            hashes.add(keys.request_hash, r["user_id"])
         if not (exact or similar):
             return None
         try:
@@ -794,10 +794,14 @@ class Proxy:
                     # before a pooled connection is taken, not while holding one
                     vec = await asyncio.get_running_loop().run_in_executor(None, self.embed, r["prompt"])
                     r["prompt_embedding"] = vec
-                async with self.cache_pool.connection() as conn:
-                    hit = await cache.lookup_exact(conn, keys, users, config) if exact else None
-                    if hit is None and similar:
-                        hit = await cache.lookup_semantic(conn, r["requested_model"], keys, vec, users, config)
+                # Shielded: a lookup given up is left to end by itself (the pool's wait and the
+                # server's statement_timeout bound it) and so always hands its connection back.
+                # Cancelled inside the pool or a query, connections were lost until the pool had none.
+                lookup = asyncio.ensure_future(
+                    self._cache_query(keys, users, exact, similar, vec, r["requested_model"]))
+                _LOOKUPS.add(lookup)
+                lookup.add_done_callback(_consume)
+                hit = await asyncio.shield(lookup)
         except Exception as err:  # noqa: BLE001 - a cache problem must never cost the user their answer
             log.warning("cache lookup skipped: %s", type(err).__name__)
             headers["x-tm-cache"] = "error"
@@ -805,6 +809,14 @@ class Proxy:
         if hit is not None and hit.model is not None and hit.model not in config.models:
             return None  # answered by a model no longer served (a rolled-back fine-tune)
         return hit
+
+    async def _cache_query(self, keys: cache.CacheKeys, users: list[str] | None, exact: bool, similar: bool,
+                           vec: Any, requested_model: str) -> cache.Hit | None:
+        async with self.cache_pool.connection() as conn:
+            hit = await cache.lookup_exact(conn, keys, users, self.config) if exact else None
+            if hit is None and similar:
+                hit = await cache.lookup_semantic(conn, requested_model, keys, vec, users, self.config)
+            return hit
 
     def _serve_cached(self, fmt: str, hit: cache.Hit, stream: bool, body: dict, row: _Row,
                       headers: dict[str, str]) -> Response:
@@ -944,6 +956,17 @@ class Proxy:
         frontier = self.config.defaults.frontier_model
         baseline = self.config.models[frontier].price.cost(*args) if frontier else None
         return self.config.models[model].price.cost(*args), baseline
+
+
+# Lookups still running, held so that one given up is not garbage-collected before it ends.
+_LOOKUPS: set[asyncio.Task] = set()
+
+
+def _consume(task: asyncio.Task) -> None:
+    _LOOKUPS.discard(task)
+    # A lookup given up may still fail later; its error was already answered as x-tm-cache: error.
+    if not task.cancelled():
+        task.exception()
 
 
 def _seconds(value: str | None) -> float | None:

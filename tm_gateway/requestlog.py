@@ -6,9 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,8 @@ import numpy as np
 import orjson
 import psycopg
 from pgvector.psycopg import register_vector
+
+from tm_resources.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +32,87 @@ COLUMNS = (
     "cache_read_tokens", "cache_write_tokens", "cost_usd", "latency_ms", "ttft_ms", "status",
     "error_class", "error_message", "route", "route_reason", "task_type", "prompt_embedding",
     "parent_id", "baseline_cost_usd", "attempts", "request_hash", "context_hash", "cache_hit",
-    "cache_source_id", "cache_similarity", "served",
+    "cache_source_id", "cache_similarity", "served", "nul_escaped",
 )  # fmt: skip
 _VECTOR_AT = COLUMNS.index("prompt_embedding")
+_ESCAPED_AT = COLUMNS.index("nul_escaped")
+# jsonb columns, given as JSON text.
+_JSON_AT = tuple(COLUMNS.index(c) for c in ("messages", "params", "attempts"))
+# What `log.redact` applies to: the text people typed and the answers they got.
+_REDACT_TEXT_AT = tuple(COLUMNS.index(c) for c in ("system", "prompt", "response_text"))
+_MESSAGES_AT = COLUMNS.index("messages")
 # COPY writes NULL for a missing value, so the NOT NULL columns' defaults are filled in here.
 _DEFAULTS = {"stream": False, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
-             "cache_write_tokens": 0, "cost_usd": 0.0, "served": True}
+             "cache_write_tokens": 0, "cost_usd": 0.0, "served": True, "nul_escaped": False}
 _COPY = f"COPY requests ({', '.join(COLUMNS)}) FROM STDIN"
+_REPLAY_COPY = f"COPY requests_replay ({', '.join(COLUMNS)}) FROM STDIN"
+_REPLAY_INSERT = (f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM requests_replay"
+                  " ON CONFLICT (id, ts) DO NOTHING")
 
 
 def copy_row(row: dict) -> tuple:
     """A row dict as the tuple COPY takes, with the NOT NULL columns' defaults filled in."""
     return tuple(row.get(c, _DEFAULTS.get(c)) for c in COLUMNS)
+
+
+# -- what Postgres cannot hold: NUL ---------------------------------------------------------------
+
+_UNESCAPE = re.compile(r"\\([\\0])")
+
+
+def _escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("\x00", "\\0")
+
+
+def unescape_nul(s: str) -> str:
+    """The original text of a string stored in a row marked `nul_escaped` (\\\\ -> \\, \\0 -> NUL)."""
+    return _UNESCAPE.sub(lambda m: "\x00" if m.group(1) == "0" else "\\", s)
+
+
+def _map_strings(value: Any, fn: Callable[[str], str], keys: bool = False) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_strings(v, fn, keys) for v in value]
+    if isinstance(value, dict):
+        return {(fn(k) if keys else k): _map_strings(v, fn, keys) for k, v in value.items()}
+    return value
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    return False
+
+
+def _escape_nul(r: list) -> None:
+    """Escape every string of a row that holds a NUL anywhere (text columns, jsonb keys and values),
+    and mark it; a row without one is left exactly as it is."""
+    found = False
+    parsed: dict[int, Any] = {}
+    for i, v in enumerate(r):
+        if not isinstance(v, str):
+            continue
+        if i in _JSON_AT:
+            if "\\u0000" in v:  # how JSON writes a NUL (or, rarely, a literal backslash-u0000)
+                parsed[i] = orjson.loads(v)
+                found = found or _has_nul(parsed[i])
+        elif "\x00" in v:
+            found = True
+    if not found:
+        return
+    for i, v in enumerate(r):
+        if isinstance(v, str):
+            r[i] = orjson.dumps(_map_strings(parsed.get(i) or orjson.loads(v), _escape, keys=True)).decode() \
+                if i in _JSON_AT else _escape(v)
+    r[_ESCAPED_AT] = True
+
+
+# -- spool files ----------------------------------------------------------------------------------
 
 
 def _spool_default(obj: Any) -> Any:
@@ -61,28 +135,125 @@ def _load_spooled(line: bytes) -> tuple:
     return tuple(row)
 
 
+def _read_spooled(path: Path) -> list[tuple]:
+    """The rows of a spool, rejected or journal file. A journal's last line may have been cut off by
+    kill -9 in the middle of a write: that row was never answered, and is skipped."""
+    rows = []
+    for line in path.read_bytes().splitlines():
+        if line.strip():
+            try:
+                rows.append(_load_spooled(line))
+            except orjson.JSONDecodeError:
+                log.warning("request log: skipped a partial line in %s", path.name)
+    return rows
+
+
+def _private_dir(path: Path) -> Path:
+    # Spooled rows hold whole prompts: only the gateway's own user may read them (like pgdata).
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def _write_private(path: Path, rows: list[tuple]) -> int:
+    """Write rows to a new file readable by its owner only, whole or not at all; returns its size."""
+    data = b"".join(_dump_spooled(r) + b"\n" for r in rows)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    tmp.rename(path)
+    return len(data)
+
+
+def _folder_bytes(path: Path, pattern: str) -> int:
+    total = 0
+    for p in path.glob(pattern):
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class _SegmentEnd:
+    """Queued after the last row of a journal segment: once the writer has stored every row before
+    it, the segment is no longer needed."""
+
+    path: Path
+
+
 class RequestLog:
-    """Accepts rows from any thread without blocking; one writer thread does the I/O."""
+    """Accepts rows from any thread without blocking; one writer thread does the I/O.
+
+    journal: "write" appends each row to a local file (spool_dir/journal-<pid>-<n>.wal) before it is
+    queued, so a process killed with rows still queued loses none: the next writer to start, or any
+    live one sharing the spool folder, replays a dead process's journal (duplicates are skipped).
+    "fsync" also flushes it to disk per row (a power cut); "off" journals nothing.
+    """
 
     def __init__(self, url: str, *, spool_dir: Path, batch_max_rows: int = 1000, flush_interval_s: float = 0.1,
-                 replay_interval_s: float = 5.0):
+                 replay_interval_s: float = 5.0, journal: str = "off", redact_secrets: bool = False,
+                 redact_pii: bool = False, spool_max_bytes: int = 1 << 30, rejected_max_bytes: int = 100 << 20):
         self.url = url
         self.replay_interval_s = replay_interval_s
         self.spool_dir = spool_dir
+        self.rejected_dir = spool_dir / "rejected"
         self.batch_max_rows = batch_max_rows
         self.flush_interval_s = flush_interval_s
+        self.journal = journal
+        self.redact_secrets = redact_secrets
+        self.redact_pii = redact_pii
+        self.spool_max_bytes = spool_max_bytes
+        self.rejected_max_bytes = rejected_max_bytes
         self.rows_written = 0
         self.rows_spooled = 0
         self.rows_rejected = 0
+        self.rows_dropped = 0  # spool or rejected folder full
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._conn: psycopg.Connection | None = None
         self._thread: threading.Thread | None = None
         self._next_replay = 0.0
+        self._lock = threading.Lock()
+        self._journal_fd: int | None = None
+        self._journal_path: Path | None = None
+        self._journal_rows = 0
+        self._journal_seq = 0
+        self._journal_failed = False
 
     # -- the caller's side -------------------------------------------------------------------
 
     def write(self, row: dict) -> None:
-        self._queue.put(row)
+        if self._journal_fd is None:
+            self._queue.put(row)
+            return
+        line = _dump_spooled(copy_row(row)) + b"\n"
+        with self._lock:
+            # Journal and queue in one step, so a segment's rows all sit before its end marker.
+            if self._journal_fd is not None:
+                try:
+                    view = memoryview(line)
+                    while view:
+                        view = view[os.write(self._journal_fd, view):]
+                    if self.journal == "fsync":
+                        os.fsync(self._journal_fd)
+                    self._journal_rows += 1
+                except OSError as err:  # a full disk must not cost the request its answer
+                    if not self._journal_failed:
+                        log.error("request log: journal write failed (%s); rows still go to Postgres", err)
+                    self._journal_failed = True
+            self._queue.put(row)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until every row written before this call is in Postgres or on disk."""
@@ -91,7 +262,10 @@ class RequestLog:
         return done.wait(timeout)
 
     def start(self) -> RequestLog:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.spool_dir)
+        if self.journal != "off":
+            with self._lock:
+                self._open_segment()
         self._thread = threading.Thread(target=self._run, name="tm-request-log", daemon=True)
         self._thread.start()
         return self
@@ -107,56 +281,138 @@ class RequestLog:
             self._conn.close()
             self._conn = None
 
+    def rejected_on_disk(self) -> int:
+        """Bytes of rows Postgres refused, waiting in spool/rejected for `tm log replay-rejected`."""
+        return _folder_bytes(self.rejected_dir, "*.jsonl")
+
+    # -- the journal -------------------------------------------------------------------------
+
+    def _open_segment(self) -> None:
+        self._journal_seq += 1
+        self._journal_path = self.spool_dir / f"journal-{os.getpid()}-{self._journal_seq}.wal"
+        self._journal_fd = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        self._journal_rows = 0
+
+    def _rotate(self) -> Path | None:
+        """Start a new journal segment and queue the old one's end; None when nothing was journaled."""
+        with self._lock:
+            if self._journal_fd is None or self._journal_rows == 0:
+                return None
+            old_fd, old_path = self._journal_fd, self._journal_path
+            self._open_segment()
+            self._queue.put(_SegmentEnd(old_path))
+        os.close(old_fd)
+        return old_path
+
+    def _recover_journals(self) -> int:
+        """A journal left by a process that died (kill -9, a crash) becomes a spool file to replay;
+        returns how many were found."""
+        found = 0
+        for path in self.spool_dir.glob("journal-*.wal"):
+            if path == self._journal_path:
+                continue
+            try:
+                pid = int(path.name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            # This process's own pid on an old file: a previous life of a container's pid 1.
+            if pid != os.getpid() and _pid_alive(pid):
+                continue
+            try:
+                path.rename(path.with_suffix(".jsonl"))
+                found += 1
+                log.info("request log: recovering the journal %s of a process that ended", path.name)
+            except FileNotFoundError:
+                pass  # another worker took it
+        return found
+
     # -- the writer thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._recover_journals()
         self._replay_spool()
         stopping = False
+        next_recovery = time.monotonic() + self.replay_interval_s
         while not stopping:
-            batch, markers, stopping = self._next_batch()
-            if batch:
-                self._write_batch(batch)
-            if time.monotonic() >= self._next_replay:
+            stopping = self._cycle()
+            if stopping:
+                break
+            now = time.monotonic()
+            # Another worker sharing the folder may have been killed: its journal waits for us.
+            if now >= next_recovery:
+                next_recovery = now + self.replay_interval_s
+                if self._recover_journals():
+                    self._next_replay = now
+            if now >= self._next_replay:
                 self._replay_spool()
-            for m in markers:
-                m.set()
+        if any(self.spool_dir.glob("*.jsonl")):
+            self._replay_spool()  # Postgres may be back since the last try: leave nothing behind needlessly
 
-    def _next_batch(self) -> tuple[list[dict], list[threading.Event], bool]:
-        """Wait for a first row, let the batch fill for one flush interval, then take what is there.
-        Sleeping rather than waking per row keeps the writer off the CPU the event loop needs."""
-        batch: list[dict] = []
-        markers: list[threading.Event] = []
+    def _cycle(self) -> bool:
+        """Wait for a first row, let the batch fill for one flush interval, then store what is there
+        (with a journal: exactly the rows of the segment just closed). Sleeping rather than waking per
+        row keeps the writer off the CPU the event loop needs. Returns True once asked to stop."""
         try:
             item = self._queue.get(timeout=1.0)
         except queue.Empty:
-            return batch, markers, False
-        if not isinstance(item, threading.Event) and item is not None:
+            return False
+        if isinstance(item, dict):
             time.sleep(self.flush_interval_s)
+        segment = self._rotate()
+        batch: list[dict] = []
+        markers: list[threading.Event] = []
+        ended: list[Path] = []
+        stopping = False
         while True:
             if item is None:
-                return batch + self._drain(markers), markers, True
-            if isinstance(item, threading.Event):
-                markers.append(item)  # a flush marker ends the batch at once
-                return batch, markers, False
-            batch.append(item)
-            if len(batch) >= self.batch_max_rows:
-                return batch, markers, False
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return batch, markers, False
-
-    def _drain(self, markers: list[threading.Event]) -> list[dict]:
-        rest: list[dict] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return rest
-            if isinstance(item, threading.Event):
+                stopping = True
+            elif isinstance(item, threading.Event):
                 markers.append(item)
-            elif item is not None:
-                rest.append(item)
+            elif isinstance(item, _SegmentEnd):
+                ended.append(item.path)
+            else:
+                batch.append(item)
+                if len(batch) >= self.batch_max_rows:
+                    self._write_batch(batch)
+                    batch = []
+                    if segment is None and not stopping:
+                        break  # no journal: a full batch is a cycle, so replays get their turn
+            # With a segment closed, its end marker is in the queue: take everything up to it.
+            if segment is not None and segment in ended and not stopping:
+                break
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                if stopping:
+                    batch += self._final_drain(markers, ended)
+                break
+        if batch:
+            self._write_batch(batch)
+        for path in ended:
+            path.unlink(missing_ok=True)
+        for m in markers:
+            m.set()
+        return stopping
+
+    def _final_drain(self, markers: list[threading.Event], ended: list[Path]) -> list[dict]:
+        """Everything still queued at close, taken with the journal closed so none can slip in after."""
+        rest: list[dict] = []
+        with self._lock:
+            if self._journal_fd is not None:
+                os.close(self._journal_fd)
+                ended.append(self._journal_path)
+                self._journal_fd = None
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return rest
+                if isinstance(item, threading.Event):
+                    markers.append(item)
+                elif isinstance(item, _SegmentEnd):
+                    ended.append(item.path)
+                elif item is not None:
+                    rest.append(item)
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -169,55 +425,107 @@ class RequestLog:
             self._conn.close()
             self._conn = None
 
-    def _copy(self, rows: list[tuple]) -> None:
+    def _stored(self, row: tuple) -> tuple:
+        """The row as Postgres keeps it: secrets (and PII) redacted as configured, NUL escaped. Spool
+        and journal files hold the row as it came, so a replay applies the same rules again."""
+        r = list(row)
+        if self.redact_secrets or self.redact_pii:
+            def clean(text: str) -> str:
+                return redact(text, secrets=self.redact_secrets, pii=self.redact_pii)
+
+            for i in _REDACT_TEXT_AT:
+                if r[i]:
+                    r[i] = clean(r[i])
+            if r[_MESSAGES_AT]:
+                r[_MESSAGES_AT] = orjson.dumps(_map_strings(orjson.loads(r[_MESSAGES_AT]), clean)).decode()
+        _escape_nul(r)
+        return tuple(r)
+
+    def _copy(self, rows: list[tuple], dedupe: bool) -> None:
+        """One COPY of `rows` (in their stored form); `dedupe` (replays) skips rows already in Postgres."""
         conn = self._connection()
         try:
-            with conn.cursor() as cur, cur.copy(_COPY) as copy:
-                for r in rows:
-                    copy.write_row(r)
+            with conn.cursor() as cur:
+                if dedupe:
+                    cur.execute("CREATE TEMP TABLE IF NOT EXISTS requests_replay (LIKE requests) ON COMMIT DELETE ROWS")
+                with cur.copy(_REPLAY_COPY if dedupe else _COPY) as copy:
+                    for r in rows:
+                        copy.write_row(r)
+                if dedupe:
+                    cur.execute(_REPLAY_INSERT)
             conn.commit()
+        except psycopg.OperationalError:
+            self._drop_connection()
+            raise
+        except psycopg.Error:
+            # Refused (bad data): the connection is sound, and reconnecting for each half of a
+            # bisected batch would cost more than the COPYs themselves.
+            try:
+                conn.rollback()
+            except psycopg.Error:
+                self._drop_connection()
+            raise
         except BaseException:
             self._drop_connection()
             raise
 
+    def _land(self, rows: list[tuple], dedupe: bool) -> list[tuple[tuple, str]]:
+        """Store `rows`; return those Postgres refuses, each with the reason. A refused batch is cut in
+        halves until the bad rows stand alone, so k bad rows in n cost about 2k·log2(n) COPYs and the
+        good rows land in the same pass. Raises OperationalError when Postgres cannot be reached."""
+        return self._bisect(rows, [self._stored_or_raw(r) for r in rows], dedupe)
+
+    def _stored_or_raw(self, row: tuple) -> tuple:
+        try:
+            return self._stored(row)
+        except Exception as err:  # noqa: BLE001 - the writer thread must live on; Postgres judges the row
+            log.error("request log: a row could not be prepared for storage (%s)", type(err).__name__)
+            return row
+
+    def _bisect(self, rows: list[tuple], stored: list[tuple], dedupe: bool) -> list[tuple[tuple, str]]:
+        try:
+            self._copy(stored, dedupe)
+            self.rows_written += len(rows)
+            return []
+        except psycopg.OperationalError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a row Postgres refuses must not take its batch down with it
+            if len(rows) == 1:
+                return [(rows[0], _reason(err))]
+            mid = len(rows) // 2
+            return self._bisect(rows[:mid], stored[:mid], dedupe) + self._bisect(rows[mid:], stored[mid:], dedupe)
+
     def _write_batch(self, batch: list[dict]) -> None:
         rows = [copy_row(r) for r in batch]
         try:
-            self._copy(rows)
-            self.rows_written += len(rows)
+            refused = self._land(rows, dedupe=False)
         except psycopg.OperationalError as err:
             log.warning("request log: Postgres unavailable (%s); spooling %d rows", type(err).__name__, len(rows))
             self._spool(rows)
-        except Exception as err:  # noqa: BLE001 - a row Postgres refuses must not take its batch down with it
-            log.error("request log: batch refused (%s: %s); writing rows one by one", type(err).__name__, err)
-            for r in rows:
-                try:
-                    self._copy([r])
-                    self.rows_written += 1
-                except psycopg.OperationalError:
-                    self._spool([r])
-                except Exception as row_err:  # noqa: BLE001
-                    self._reject([r], f"{type(row_err).__name__}: {row_err}")
+            return
+        if refused:
+            self._reject([r for r, _ in refused], refused[0][1])
 
     def _reject(self, rows: list[tuple], reason: str) -> None:
-        """Keep rows Postgres will never take where an operator can see them, out of the replay queue."""
-        rejected = self.spool_dir / "rejected"
-        rejected.mkdir(parents=True, exist_ok=True)
-        with (rejected / f"{time.time_ns()}.jsonl").open("wb") as f:
-            for r in rows:
-                f.write(_dump_spooled(r) + b"\n")
+        """Keep rows Postgres will never take where an operator can see them (`tm log replay-rejected`),
+        out of the replay queue: one file per batch, within log.rejected_max_mb."""
+        rejected = _private_dir(self.rejected_dir)
+        if self.rejected_on_disk() >= self.rejected_max_bytes:
+            self.rows_dropped += len(rows)
+            log.error("request log: %d row(s) refused by Postgres (%s) and dropped: %s is full (log.rejected_max_mb)",
+                      len(rows), reason, rejected)
+            return
+        _write_private(rejected / f"{time.time_ns()}-{os.getpid()}.jsonl", rows)
         self.rows_rejected += len(rows)
         log.error("request log: %d row(s) refused by Postgres (%s), kept in %s", len(rows), reason, rejected)
 
     def _spool(self, rows: list[tuple]) -> None:
+        if _folder_bytes(self.spool_dir, "*.jsonl") >= self.spool_max_bytes:
+            self.rows_dropped += len(rows)
+            log.error("request log: spool %s is full (log.spool_max_mb); %d rows dropped", self.spool_dir, len(rows))
+            return
         # Worker processes of one gateway share the spool folder: names must not collide.
-        path = self.spool_dir / f"{time.time_ns()}-{os.getpid()}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            for r in rows:
-                f.write(_dump_spooled(r) + b"\n")
-            f.flush()
-        tmp.rename(path)
+        _write_private(self.spool_dir / f"{time.time_ns()}-{os.getpid()}.jsonl", rows)
         self.rows_spooled += len(rows)
         self._next_replay = time.monotonic() + self.replay_interval_s
 
@@ -226,34 +534,43 @@ class RequestLog:
         files = sorted(self.spool_dir.glob("*.jsonl"))
         for path in files:
             try:
-                raw = path.read_bytes()
+                rows = _read_spooled(path)
             except FileNotFoundError:
                 continue  # another worker replayed it
-            rows = [_load_spooled(line) for line in raw.splitlines() if line.strip()]
             try:
-                conn = self._connection()
-                with conn.cursor() as cur:
-                    cur.execute("CREATE TEMP TABLE IF NOT EXISTS requests_replay (LIKE requests) ON COMMIT DELETE ROWS")
-                    with cur.copy(_COPY.replace("COPY requests ", "COPY requests_replay ")) as copy:
-                        for r in rows:
-                            copy.write_row(r)
-                    cur.execute(
-                        f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM requests_replay"
-                        " ON CONFLICT (id, ts) DO NOTHING"
-                    )
-                conn.commit()
+                refused = self._land(rows, dedupe=True) if rows else []
             except psycopg.OperationalError as err:
-                self._drop_connection()
                 log.warning("request log: replay of %s deferred (%s)", path.name, type(err).__name__)
                 self._next_replay = time.monotonic() + self.replay_interval_s
                 return
-            except Exception as err:  # noqa: BLE001 - a file Postgres refuses must not block the ones after it
-                self._drop_connection()
-                self._reject(rows, f"{type(err).__name__}: {err}")
-                path.unlink(missing_ok=True)
-                continue
+            if refused:
+                self._reject([r for r, _ in refused], refused[0][1])
             path.unlink(missing_ok=True)
-            self.rows_written += len(rows)
-            log.info("request log: replayed %d spooled rows from %s", len(rows), path.name)
+            log.info("request log: replayed %d spooled rows from %s", len(rows) - len(refused), path.name)
         self._next_replay = time.monotonic() + self.replay_interval_s if files else float("inf")
 
+    def replay_rejected(self) -> tuple[int, int]:
+        """Try the rejected rows again (after a fix, or with the rules of this version: NUL escaped);
+        those Postgres still refuses stay. Returns (rows stored or already there, rows still refused)."""
+        landed = kept = 0
+        for path in sorted(self.rejected_dir.glob("*.jsonl")):
+            rows = _read_spooled(path)
+            refused = self._land(rows, dedupe=True) if rows else []
+            landed += len(rows) - len(refused)
+            kept += len(refused)
+            if refused:
+                _write_private(path, [r for r, _ in refused])
+                log.error("request log: %d row(s) in %s still refused (%s)", len(refused), path.name, refused[0][1])
+            else:
+                path.unlink()
+        self._drop_connection()
+        return landed, kept
+
+
+def _reason(err: Exception) -> str:
+    """Why Postgres refused a row, without its data (an error's text may quote the value)."""
+    diag = getattr(err, "diag", None)
+    parts = [type(err).__name__]
+    if diag is not None:
+        parts += [p for p in (diag.sqlstate, diag.column_name and f"column {diag.column_name}") if p]
+    return " ".join(parts)

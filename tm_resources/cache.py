@@ -17,6 +17,7 @@ Only answers that ended normally (no tool call, not cut off) are served. Who sha
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -57,49 +58,64 @@ class Hit:
     similarity: float | None
 
 
+def scope_key(user_id: str, config: Config) -> str:
+    """Who shares cached answers with `user_id`, as one name (see scope_users): the pre-filters
+    below hold their keys per scope, so whether Postgres is asked (and so how long a request
+    takes) depends only on what this user's scope has sent, never on another user's prompts."""
+    scope = config.cache.scope
+    if scope == "global":
+        return ""
+    if scope == "team":
+        me = config.users.get(user_id)
+        if me is not None and me.team:
+            return "t:" + me.team
+    return "u:" + user_id
+
+
 class RecentHashes:
     """The request hashes answered in the last `ttl_s` seconds, by any replica, held in memory so that
-    an exact lookup goes to Postgres only for a request that may have been answered before: a miss,
-    most requests, costs a set lookup instead of a query. Read whole at start (`load`), then by time
+    an exact lookup goes to Postgres only for a request that may have been answered before in the
+    asker's cache scope (`scope_of`: user id -> scope_key; None: one scope for all): a miss, most
+    requests, costs a set lookup instead of a query. Read whole at start (`load`), then by time
     (`refresh`, each state poll, `overlap_s` back for rows logged late), read whole again after
-    `ttl_s / 2` so expired hashes go; this replica adds its own as it looks them up (`add`). Only the
-    first 64 bits are kept (about 60 bytes a request). A hash held here may still miss in Postgres
-    (expired, scored under the bar, failed): it only decides whether to ask."""
+    `ttl_s / 2` so expired hashes go; this replica adds its own as it looks them up (`add`). Only a
+    64-bit digest of (scope, hash) is kept (about 60 bytes a request). A hash held here may still miss
+    in Postgres (expired, scored under the bar, failed): it only decides whether to ask."""
 
     overlap_s = 30.0
 
-    def __init__(self, ttl_s: float):
+    def __init__(self, ttl_s: float, scope_of: Callable[[str], str] | None = None):
         self.ttl_s = ttl_s
+        self.scope_of = scope_of or (lambda _user: "")
         self._seen: set[int] = set()
         self._local: set[int] = set()  # added here since the last whole read: maybe not logged yet
         self._newest: datetime | None = None
         self._loaded_at: datetime | None = None
 
-    @staticmethod
-    def _key(request_hash: str) -> int:
-        return int(request_hash[:16], 16)
+    def _key(self, request_hash: str, user_id: str) -> int:
+        return hash((self.scope_of(user_id), request_hash[:16]))
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def may_have(self, request_hash: str) -> bool:
-        return self._loaded_at is None or self._key(request_hash) in self._seen
+    def may_have(self, request_hash: str, user_id: str) -> bool:
+        return self._loaded_at is None or self._key(request_hash, user_id) in self._seen
 
-    def add(self, request_hash: str) -> None:
-        key = self._key(request_hash)
+    def add(self, request_hash: str, user_id: str) -> None:
+        key = self._key(request_hash, user_id)
         self._seen.add(key)
         self._local.add(key)
 
-    _SQL = ("SELECT request_hash, ts FROM requests WHERE ts > %(since)s AND request_hash IS NOT NULL"
+    _SQL = ("SELECT request_hash, user_id, ts FROM requests WHERE ts > %(since)s AND request_hash IS NOT NULL"
             " AND status = 200 AND cache_hit IS NULL")
 
     def _take(self, rows: list, now: datetime, whole: bool) -> None:
-        seen = {self._key(h) for h, _ in rows}
+        seen = {self._key(h, u) for h, u, _ in rows}
         if whole:
             self._seen, self._local, self._loaded_at = seen | self._local, set(), now
         else:
             self._seen |= seen
-        newest = max((ts for _, ts in rows), default=None)
+        newest = max((ts for _, _, ts in rows), default=None)
         if newest is not None and (self._newest is None or newest > self._newest):
             self._newest = newest
 
@@ -119,25 +135,27 @@ class RecentHashes:
 
 class CacheContexts:
     """Which (context, model asked for) pairs have semantic cache entries in the last `window_h`
-    hours, held in memory so that a request in any other context (most turns of a conversation, a
-    new system prompt) costs no semantic lookup. Read at start and whenever the loop rewrites
-    `cache_entries` (its version moves); a pair held here may still miss (another user's entry,
-    too far apart): it only decides whether to ask."""
+    hours, per cache scope (`scope_of`, as RecentHashes), held in memory so that a request in any
+    other context (most turns of a conversation, a new system prompt) costs no semantic lookup.
+    Read at start and whenever the loop rewrites `cache_entries` (its version moves); a pair held
+    here may still miss (too far apart): it only decides whether to ask."""
 
-    def __init__(self, window_h: int):
+    def __init__(self, window_h: int, scope_of: Callable[[str], str] | None = None):
         self.window_h = window_h
-        self._pairs: set[tuple[int, str]] | None = None
+        self.scope_of = scope_of or (lambda _user: "")
+        self._pairs: set[tuple[str, int, str]] | None = None
 
     def __len__(self) -> int:
         return len(self._pairs or ())
 
-    def may_have(self, context_hash: str, requested_model: str) -> bool:
-        return self._pairs is None or (int(context_hash[:16], 16), requested_model) in self._pairs
+    def may_have(self, context_hash: str, requested_model: str, user_id: str) -> bool:
+        return self._pairs is None or \
+            (self.scope_of(user_id), int(context_hash[:16], 16), requested_model) in self._pairs
 
     def load(self, conn: psycopg.Connection) -> None:
-        rows = conn.execute("SELECT DISTINCT context_hash, requested_model FROM cache_entries"
+        rows = conn.execute("SELECT DISTINCT context_hash, requested_model, user_id FROM cache_entries"
                             " WHERE ts > now() - make_interval(hours => %s)", (self.window_h,)).fetchall()
-        self._pairs = {(int(c[:16], 16), m) for c, m in rows}
+        self._pairs = {(self.scope_of(u), int(c[:16], 16), m) for c, m, u in rows}
 
 
 def _digest(obj: Any) -> str:
@@ -245,15 +263,19 @@ async def lookup_semantic(conn: psycopg.AsyncConnection, requested_model: str, k
     return Hit("semantic", row[0], row[1], row[2], row[3], row[4], float(row[5]))
 
 
-async def configure_connection(conn: psycopg.AsyncConnection, ef_search: int = 100) -> None:
+async def configure_connection(conn: psycopg.AsyncConnection, ef_search: int = 100,
+                               statement_timeout_s: float | None = None) -> None:
     """For each pooled connection: vectors as numpy arrays; HNSW scans that keep going until the
     filters (model, context, window, scope) let a row through instead of returning nothing, with
-    `ef_search` candidates (cache.semantic.hnsw_ef_search)."""
+    `ef_search` candidates (cache.semantic.hnsw_ef_search); and a lookup the gateway has given up
+    (cache.lookup_timeout_s) ended by the server, its connection free again."""
     from pgvector.psycopg import register_vector_async
 
     await register_vector_async(conn)
     await conn.execute("SET hnsw.iterative_scan = relaxed_order")
     await conn.execute(f"SET hnsw.ef_search = {int(ef_search)}")
+    if statement_timeout_s is not None:
+        await conn.execute(f"SET statement_timeout = {max(1, int(statement_timeout_s * 1000))}")
 
 
 # -- the loop's side: which answers the semantic cache may serve --------------------------------

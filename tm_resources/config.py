@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The repository's own tm.yaml, used when nothing else is named (editable installs).
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "tm.yaml"
@@ -96,11 +96,35 @@ class GatewayConfig(_Strict):
     login_backoff_max_s: float = Field(60.0, gt=0)
 
 
+class RedactConfig(_Strict):
+    """What is replaced by a placeholder before a row is stored (tm_resources/redact.py)."""
+
+    # API keys, tokens, passwords, private keys: [SECRET].
+    secrets: bool = True
+    # Emails, phone numbers, IP addresses, card numbers.
+    pii: bool = False
+
+
 class LogConfig(_Strict):
     batch_max_rows: int = Field(1000, gt=0)
     flush_interval_ms: int = Field(100, gt=0)
     # Where rows wait when Postgres is unreachable; default: $TM_HOME/spool.
     spool_dir: str | None = None
+    # Past this size on disk, rows that would be spooled (or kept as rejected) are dropped, counted
+    # in /healthz and logged: a full disk must not take the gateway down with it.
+    spool_max_mb: int = Field(1024, gt=0)
+    rejected_max_mb: int = Field(100, gt=0)
+    # Every row is appended to a local journal before it is queued, so that kill -9 loses none:
+    # "write" survives the process dying (the kernel holds the bytes), "fsync" also a power cut, at
+    # a disk flush per request; "off" loses the rows still queued (up to one flush interval's).
+    journal: Literal["off", "write", "fsync"] = "write"
+    redact: RedactConfig = RedactConfig()
+
+    @field_validator("journal", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML reads a bare `off` as false.
+        return "off" if value is False else value
 
 
 class SemanticCacheConfig(_Strict):
