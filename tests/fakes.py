@@ -899,6 +899,34 @@ class FakePostHog(_ThreadedServer):
 
 # ---------------------------------------------------------------- CLI
 
+# The upstream faults the gateway handles, by the name the CLI and bench/chaos.py give them.
+FAULTS = ("500", "503", "429", "stall", "cut", "wrong-shape", "html", "bad-json", "bad-event")
+_FOREVER = 1 << 62
+
+
+def inject_fault(fake: FakeUpstream, fault: str, *, model: str | None = None, retry_after: float = 1.0,
+                 stall: float = 5.0) -> None:
+    """Make every request (for `model`, if given) meet `fault`, for as long as the fake runs."""
+    kw: dict[str, Any] = {"times": _FOREVER, "model": model}
+    if fault in ("500", "503", "429"):
+        fake.fail(int(fault), retry_after=retry_after if fault == "429" else None, **kw)
+    elif fault == "stall":
+        fake.stall(stall, **kw)
+    elif fault == "cut":  # whole answers: closed before any byte; streams: after the first delta
+        fake.drop(after_chunks=1, **kw)
+    elif fault == "wrong-shape":
+        fake.garble(b'{"result": "ok", "items": [1, 2, 3]}', **kw)
+    elif fault == "html":
+        fake.garble(b"<!DOCTYPE html><html><body><h1>502 Bad Gateway</h1></body></html>", content_type="text/html",
+                    **kw)
+    elif fault == "bad-json":
+        fake.garble(b'{"id": "chatcmpl-1", "choices": [{"message": {"content": "hal', **kw)
+    elif fault == "bad-event":  # streams only: whole answers come back intact
+        fake.bad_event(b"data: {this is not json", after_chunks=1, **kw)
+    else:
+        raise ValueError(f"unknown fault {fault!r}; one of {', '.join(FAULTS)}")
+
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run a FakeUpstream in the foreground.")
@@ -906,6 +934,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-delay", type=float, default=0.0)
     parser.add_argument("--words-per-chunk", type=int, default=1)
     parser.add_argument("--api-key", action="append", help="require this key (repeatable); default: no auth")
+    parser.add_argument("--fault", choices=sorted(FAULTS), help="answer every request with this fault (bench/chaos.py)")
+    parser.add_argument("--fault-model", help="only requests for this model get the fault; default: all")
+    parser.add_argument("--retry-after", type=float, default=1.0, help="the retry-after of --fault 429")
+    parser.add_argument("--stall", type=float, default=5.0, help="seconds --fault stall waits before answering")
     args = parser.parse_args(argv)
 
     def on_term(*_: Any) -> None:
@@ -914,6 +946,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_term)
     fake = FakeUpstream(port=args.port, chunk_delay=args.chunk_delay, words_per_chunk=args.words_per_chunk,
                         api_keys=set(args.api_key) if args.api_key else None, record=False)
+    if args.fault:
+        inject_fault(fake, args.fault, model=args.fault_model, retry_after=args.retry_after, stall=args.stall)
     fake.start()
     print(f"FakeUpstream listening on {fake.url} (OpenAI base {fake.openai_url})", flush=True)
     try:
