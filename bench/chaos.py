@@ -49,7 +49,8 @@ import psycopg
 from gateway_latency import (MODEL, REPO, UPSTREAM_MODEL, Child, _default_signals, free_port, tm_command, wait_http,
                              write_config)
 
-FAULTS = ("500", "503", "429", "stall", "refused", "cut", "wrong-shape", "html", "bad-json", "bad-event")
+FAULTS = ("500", "503", "429", "stall", "stall-mid", "refused", "cut", "cut-body", "wrong-shape", "html", "bad-json",
+          "bad-event")
 SCENARIOS = ("steady", "pg-restart", "sigterm", "kill9", *(f"up-{f}" for f in FAULTS))
 PROMPTS = 40  # distinct bodies the load repeats
 # The faulty primaries: on an OpenAI-compatible provider and on an Anthropic one (both falling back to
@@ -59,15 +60,19 @@ PRIMARIES = ("chaos-openai", "chaos-anthropic", "chaos-alone")
 ALONE = {"500": (500, "upstream_unavailable"), "503": (503, "upstream_unavailable"),
          "429": (429, "upstream_rate_limited"), "stall": (504, "upstream_timeout"),
          "refused": (502, "upstream_unreachable"), "cut": (502, "upstream_unreachable"),
+         "cut-body": (502, "upstream_bad_response"),
          "wrong-shape": (502, "upstream_bad_response"), "html": (502, "upstream_bad_response"),
-         "bad-json": (502, "upstream_bad_response"), "bad-event": (200, None)}
+         "bad-json": (502, "upstream_bad_response"), "bad-event": (200, None), "stall-mid": (200, None)}
 # Faults that come after a stream has begun: no fallback is possible then, the stream ends in an error event.
-MID_STREAM = {"cut": (502, "upstream_stream_error"), "bad-event": (502, "upstream_bad_response")}
+MID_STREAM = {"cut": (502, "upstream_stream_error"), "bad-event": (502, "upstream_bad_response"),
+              "stall-mid": (502, "upstream_stream_error")}
 
 
 def expected_row(fault: str, primary: str, stream: bool) -> tuple[int, str | None]:
     if stream and fault in MID_STREAM:
         return MID_STREAM[fault]
+    if stream and fault == "cut-body":  # streams are answered whole
+        return 200, None
     if primary == "chaos-alone":
         return ALONE[fault]
     return 200, None
@@ -100,7 +105,19 @@ class Tally:
     answered_ids: set[str] = field(default_factory=set)
     by_status: dict[int, int] = field(default_factory=dict)
     errors: int = 0
+    foreign_errors: int = 0  # error responses not in the caller's API format
     kinds: dict[str, tuple[str, bool]] = field(default_factory=dict)  # request id -> (primary, streamed)
+
+
+def _callers_error(fmt: str, body: bytes) -> bool:
+    """Is this error body in the caller's API format?"""
+    try:
+        err = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(err, dict) or not isinstance(err.get("error"), dict):
+        return False
+    return err.get("type") == "error" if fmt == "anthropic" else "message" in err["error"]
 
 
 def _error_event(fmt: str, body: bytes) -> bool:
@@ -130,6 +147,8 @@ async def fault_load(base: str, key: str, seconds: float, concurrency: int, max_
                         rid = resp.headers.get("x-tm-request-id")
                         outcome = f"{resp.status}+error-event" if stream and _error_event(fmt, data) else str(resp.status)
                         tally.by_status[outcome] = tally.by_status.get(outcome, 0) + 1
+                        if resp.status >= 400 and not _callers_error(fmt, data):
+                            tally.foreign_errors += 1
                         if rid:
                             tally.answered_ids.add(rid)
                             tally.kinds[rid] = (primary, stream)
@@ -257,6 +276,7 @@ class Bench:
             "lost": len(tally.answered_ids - ids), "duplicated": n - len(ids), "extra": len(ids - tally.answered_ids),
             "errors": tally.errors, "by_status": dict(sorted(tally.by_status.items())),
             "rows_by": dict(sorted(rows_by.items())), "wrong": sum(wrong.values()), "wrong_by": wrong,
+            "foreign_errors": tally.foreign_errors,
             "via_fallback": sum(1 for (_, _, m) in rows.values() if m == MODEL),
             "gateway_stopped_cleanly": graceful, "seconds": round(time.monotonic() - started, 1),
         }
@@ -347,8 +367,10 @@ def main(argv: list[str] | None = None) -> int:
                   f" {r['duplicated']:>4} {r['extra']:>5} {r['errors']:>6}  {r['by_status']}", flush=True)
             if "rows_by" in r:
                 print(f"{'':<14} rows {r['rows_by']}, via fallback {r['via_fallback']}, wrong {r['wrong']}"
-                      + (f" {r['wrong_by']}" if r["wrong"] else ""), flush=True)
-            ok = ok and r["lost"] == 0 and r["duplicated"] == 0 and r.get("wrong", 0) == 0
+                      + (f" {r['wrong_by']}" if r["wrong"] else "")
+                      + f", errors not in the caller's format {r['foreign_errors']}", flush=True)
+            ok = (ok and r["lost"] == 0 and r["duplicated"] == 0 and r.get("wrong", 0) == 0
+                  and r.get("foreign_errors", 0) == 0)
     finally:
         if bench is not None:
             bench.close()

@@ -334,7 +334,7 @@ class _ThreadedServer:
 
 @dataclass
 class _Rule:
-    kind: str  # "fail" | "stall" | "drop" | "garble" | "bad_event"
+    kind: str  # "fail" | "stall" | "drop" | "cut_body" | "garble" | "bad_event"
     times: int
     model: str | None
     status: int = 0
@@ -391,6 +391,11 @@ class FakeUpstream(_ThreadedServer):
         with self._lock:
             self._rules.append(_Rule("drop", times, model, after_chunks=after_chunks))
 
+    def cut_body(self, *, times: int = 1, model: str | None = None) -> None:
+        """Whole answers: the headers and half the body, then the connection closes. Streams are answered."""
+        with self._lock:
+            self._rules.append(_Rule("cut_body", times, model))
+
     def garble(self, raw: bytes, *, content_type: str = "application/json", times: int = 1,
                model: str | None = None) -> None:
         """Answer 200 with `raw` as the whole body (JSON of the wrong shape, an HTML page, broken JSON),
@@ -428,7 +433,7 @@ class FakeUpstream(_ThreadedServer):
         stall = self._take(("stall",), model)
         if stall is not None:
             await asyncio.sleep(stall.seconds)
-        return self._take(("fail", "drop", "garble", "bad_event"), model)
+        return self._take(("fail", "drop", "cut_body", "garble", "bad_event"), model)
 
     # -- plumbing
 
@@ -475,6 +480,16 @@ class FakeUpstream(_ThreadedServer):
         transport = request.transport
         if transport is not None:
             transport.close()
+
+    async def _half(self, request: web.Request, whole: web.Response) -> web.StreamResponse:
+        body = whole.body
+        assert isinstance(body, bytes)
+        resp = web.StreamResponse(status=whole.status, headers=whole.headers)
+        resp.content_length = len(body)  # promised whole, so the cut is visible to the reader
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        self._abort(request)
+        return resp
 
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -560,6 +575,9 @@ class FakeUpstream(_ThreadedServer):
             return web.Response(body=rule.raw, status=200, content_type=rule.content_type)
         if rule is not None and rule.kind == "bad_event" and not stream:
             rule = None
+        half = rule is not None and rule.kind == "cut_body"
+        if half:
+            rule = None
         if rule is not None and not stream:
             self._abort(request)
             return web.Response()
@@ -606,9 +624,10 @@ class FakeUpstream(_ThreadedServer):
                 content = [{"type": "tool_use", "id": tool_id, "name": answer.name, "input": answer.arguments}]
             else:
                 content = [{"type": "text", "text": answer}]
-            return _json_response({"id": msg_id, "type": "message", "role": "assistant", "model": model,
-                                   "content": content, "stop_reason": stop_reason, "stop_sequence": None,
-                                   "usage": usage}, headers=headers)
+            whole = _json_response({"id": msg_id, "type": "message", "role": "assistant", "model": model,
+                                    "content": content, "stop_reason": stop_reason, "stop_sequence": None,
+                                    "usage": usage}, headers=headers)
+            return await self._half(request, whole) if half else whole
 
         def ev(name: str, data: dict) -> bytes:
             return b"event: " + name.encode() + b"\ndata: " + _dumps(data).encode() + b"\n\n"
@@ -712,6 +731,9 @@ class FakeUpstream(_ThreadedServer):
             return web.Response(body=rule.raw, status=200, content_type=rule.content_type)
         if rule is not None and rule.kind == "bad_event" and not stream:
             rule = None
+        half = rule is not None and rule.kind == "cut_body"
+        if half:
+            rule = None
         if rule is not None and not stream:
             self._abort(request)
             return web.Response()
@@ -754,10 +776,11 @@ class FakeUpstream(_ThreadedServer):
                     {"id": call_id, "type": "function", "function": {"name": answer.name, "arguments": args_json}}]}
             else:
                 message = {"role": "assistant", "content": answer, "refusal": None}
-            return _json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                                   "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
-                                                "logprobs": None}],
-                                   "usage": usage, "system_fingerprint": None}, headers=headers)
+            whole = _json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
+                                                 "logprobs": None}],
+                                    "usage": usage, "system_fingerprint": None}, headers=headers)
+            return await self._half(request, whole) if half else whole
 
         so = body.get("stream_options")
         include_usage = isinstance(so, dict) and so.get("include_usage") is True
@@ -803,6 +826,16 @@ class FakePostHog(_ThreadedServer):
         self.events: list[dict] = []
         self.requests: list[Recorded] = []  # every request, including flags/unknown paths
         self._cond = threading.Condition()
+
+    async def _half(self, request: web.Request, whole: web.Response) -> web.StreamResponse:
+        body = whole.body
+        assert isinstance(body, bytes)
+        resp = web.StreamResponse(status=whole.status, headers=whole.headers)
+        resp.content_length = len(body)  # promised whole, so the cut is visible to the reader
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        self._abort(request)
+        return resp
 
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -900,7 +933,8 @@ class FakePostHog(_ThreadedServer):
 # ---------------------------------------------------------------- CLI
 
 # The upstream faults the gateway handles, by the name the CLI and bench/chaos.py give them.
-FAULTS = ("500", "503", "429", "stall", "cut", "wrong-shape", "html", "bad-json", "bad-event")
+FAULTS = ("500", "503", "429", "stall", "stall-mid", "cut", "cut-body", "wrong-shape", "html", "bad-json",
+          "bad-event")
 _FOREVER = 1 << 62
 
 
@@ -912,8 +946,14 @@ def inject_fault(fake: FakeUpstream, fault: str, *, model: str | None = None, re
         fake.fail(int(fault), retry_after=retry_after if fault == "429" else None, **kw)
     elif fault == "stall":
         fake.stall(stall, **kw)
+    elif fault == "stall-mid":  # streams pause `stall` s after their first delta; whole answers are intact
+        if model is not None:
+            raise ValueError("stall-mid applies to every model")
+        fake.chunk_delay = stall
     elif fault == "cut":  # whole answers: closed before any byte; streams: after the first delta
         fake.drop(after_chunks=1, **kw)
+    elif fault == "cut-body":  # whole answers: closed halfway through the body; streams are answered
+        fake.cut_body(**kw)
     elif fault == "wrong-shape":
         fake.garble(b'{"result": "ok", "items": [1, 2, 3]}', **kw)
     elif fault == "html":

@@ -161,6 +161,16 @@ def test_an_unreadable_answer_takes_the_next_model(fallback_gateway: Gateway, up
     assert second["model"] == "claude-test" and "failure" not in second
 
 
+def test_a_whole_answer_cut_halfway_takes_the_next_model(fallback_gateway: Gateway, upstreams):
+    anth, local = upstreams
+    local.cut_body()
+    reply = an(fallback_gateway).messages.create(model="local-test", max_tokens=50, messages=MSG)
+    assert reply.content[0].text == "echo: hello there"
+    [row] = fallback_gateway.rows()
+    assert (row["status"], row["model"]) == (200, "claude-test")
+    assert row["attempts"][0]["model"] == "local-test" and row["attempts"][0]["failure"] == "unavailable"
+
+
 @pytest.mark.parametrize("raw,ctype", GARBLED)
 def test_an_unreadable_answer_with_nothing_behind_it_is_a_502_in_the_callers_format(fallback_gateway: Gateway,
                                                                                      upstreams, raw, ctype):

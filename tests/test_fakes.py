@@ -338,6 +338,17 @@ def test_drop_non_stream(fake):
         ant(fake).messages.create(model="c", max_tokens=5, messages=USER)
 
 
+def test_cut_body_whole_answers_only(fake):
+    fake.cut_body(times=2)
+    with pytest.raises(openai.APIConnectionError):
+        oai(fake).chat.completions.create(model="m", messages=USER)
+    with pytest.raises(anthropic.APIConnectionError):
+        ant(fake).messages.create(model="c", max_tokens=5, messages=USER)
+    fake.cut_body()
+    chunks = list(oai(fake).chat.completions.create(model="m", messages=USER, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_concurrent_threads(fake):
     client = oai(fake)
     results: list[str] = []
@@ -367,6 +378,25 @@ def test_explicit_port_and_cli():
         assert b"listening" in proc.stdout.readline()
         r = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         assert r.chat.completions.create(model="m", messages=USER).choices[0].message.content.startswith("echo")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+def test_cli_fault_hits_every_request_for_its_model():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes", "--port", str(port), "--fault", "429",
+                             "--fault-model", "bad", "--retry-after", "3"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert b"listening" in proc.stdout.readline()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        for _ in range(3):
+            with pytest.raises(openai.RateLimitError) as ei:
+                client.chat.completions.create(model="bad", messages=USER)
+            assert ei.value.response.headers["retry-after"] == "3"
+        assert client.chat.completions.create(model="good", messages=USER).choices[0].finish_reason == "stop"
     finally:
         proc.terminate()
         proc.wait(timeout=5)
