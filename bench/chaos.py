@@ -65,7 +65,7 @@ ALONE = {"500": (500, "upstream_unavailable"), "503": (503, "upstream_unavailabl
          "bad-json": (502, "upstream_bad_response"), "bad-event": (200, None), "stall-mid": (200, None)}
 # Faults that come after a stream has begun: no fallback is possible then, the stream ends in an error event.
 MID_STREAM = {"cut": (502, "upstream_stream_error"), "bad-event": (502, "upstream_bad_response"),
-              "stall-mid": (502, "upstream_stream_error")}
+              "stall-mid": (504, "upstream_timeout")}
 
 
 def expected_row(fault: str, primary: str, stream: bool) -> tuple[int, str | None]:

@@ -167,6 +167,18 @@ def test_stalled_and_unreachable_providers(db_url, upstreams, tmp_path, monkeypa
         with psycopg.connect(db_url) as conn:
             got = conn.execute("SELECT status, error_class FROM requests ORDER BY ts").fetchall()
         assert got == [(502, "upstream_unreachable"), (504, "upstream_timeout")]
+        # A stream that stops past the timeout once begun: too late for another model, still a timeout.
+        anth.chunk_delay = 2.0
+        with pytest.raises(anthropic.APIError) as e3:
+            with anthropic.Anthropic(base_url=served.url, api_key=key, max_retries=0).messages.stream(
+                    model="claude-test", max_tokens=50, messages=MSG) as s:
+                for _ in s.text_stream:
+                    pass
+        assert "timeout" in str(e3.value)
+        assert app.state.proxy.request_log.flush()
+        with psycopg.connect(db_url) as conn:
+            last = conn.execute("SELECT status, error_class, error_message FROM requests ORDER BY ts DESC").fetchone()
+        assert last == (504, "upstream_timeout", "the provider's stream stalled past its timeout")
     finally:
         served.stop()
 

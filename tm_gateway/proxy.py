@@ -1090,7 +1090,11 @@ class _StreamRelay:
                 self._end()
                 yield self._tail()
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-            self.upstream_error = f"the provider's stream broke off ({type(err).__name__})"
+            if isinstance(err, asyncio.TimeoutError):  # no byte for timeout_s: a timeout, as before the first byte
+                self.upstream_error = "the provider's stream stalled past its timeout"
+                self.error_class, self.error_status = "upstream_timeout", 504
+            else:
+                self.upstream_error = f"the provider's stream broke off ({type(err).__name__})"
             self._end()
             yield self._error_event(self.upstream_error)
         except Exception:  # a gateway bug: the client still gets an error event, and the row the truth
