@@ -56,7 +56,7 @@ PROMPTS = 40  # distinct bodies the load repeats
 # The faulty primaries: on an OpenAI-compatible provider and on an Anthropic one (both falling back to
 # the healthy MODEL), and one with no fallback, whose fault reaches the caller.
 PRIMARIES = ("chaos-openai", "chaos-anthropic", "chaos-alone")
-# What a request for a primary with no fallback should leave in its row, by fault (whole answers).
+# What a request for the primary with no fallback leaves in its row, by fault (before any byte reaches the caller).
 ALONE = {"500": (500, "upstream_unavailable"), "503": (503, "upstream_unavailable"),
          "429": (429, "upstream_rate_limited"), "stall": (504, "upstream_timeout"),
          "refused": (502, "upstream_unreachable"), "cut": (502, "upstream_unreachable"),
@@ -103,7 +103,7 @@ def write_fault_config(path: Path, upstream_port: int, bad_port: int, gateway_po
 class Tally:
     sent: int = 0
     answered_ids: set[str] = field(default_factory=set)
-    by_status: dict[int, int] = field(default_factory=dict)
+    by_status: dict[int | str, int] = field(default_factory=dict)  # upstream faults: "200+error-event" too
     errors: int = 0
     foreign_errors: int = 0  # error responses not in the caller's API format
     kinds: dict[str, tuple[str, bool]] = field(default_factory=dict)  # request id -> (primary, streamed)
@@ -145,7 +145,7 @@ async def fault_load(base: str, key: str, seconds: float, concurrency: int, max_
                                             headers={**headers, "content-type": "application/json"}) as resp:
                         data = await resp.read()
                         rid = resp.headers.get("x-tm-request-id")
-                        outcome = f"{resp.status}+error-event" if stream and _error_event(fmt, data) else str(resp.status)
+                        outcome = str(resp.status) + ("+error-event" if stream and _error_event(fmt, data) else "")
                         tally.by_status[outcome] = tally.by_status.get(outcome, 0) + 1
                         if resp.status >= 400 and not _callers_error(fmt, data):
                             tally.foreign_errors += 1

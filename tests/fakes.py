@@ -827,16 +827,6 @@ class FakePostHog(_ThreadedServer):
         self.requests: list[Recorded] = []  # every request, including flags/unknown paths
         self._cond = threading.Condition()
 
-    async def _half(self, request: web.Request, whole: web.Response) -> web.StreamResponse:
-        body = whole.body
-        assert isinstance(body, bytes)
-        resp = web.StreamResponse(status=whole.status, headers=whole.headers)
-        resp.content_length = len(body)  # promised whole, so the cut is visible to the reader
-        await resp.prepare(request)
-        await resp.write(body[: len(body) // 2])
-        self._abort(request)
-        return resp
-
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
