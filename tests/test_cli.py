@@ -118,7 +118,7 @@ def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_p
     assert proc.returncode in (0, -signal.SIGINT)
     # The key it printed is the one stored, hashed, in the embedded database it started.
     url = db.start_embedded(tmp_path / "home")
-    from tm_resources.keys import hash_key
+    from tm_gateway.keys import hash_key
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT user_id FROM api_keys WHERE key_hash = %s", (hash_key(key),)).fetchone() == (
             "founder",)

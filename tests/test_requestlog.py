@@ -10,7 +10,7 @@ import psycopg
 
 from tm_gateway.requestlog import RequestLog, copy_row
 from tm_resources import db
-from tm_resources.ids import uuid7
+from tm_gateway.ids import uuid7
 
 
 def row(i: int, **extra) -> dict:

@@ -27,18 +27,18 @@ from tm_gateway.logins import LoginGuard
 from tm_gateway.requestlog import RequestLog
 from tm_resources import cache
 from tm_resources import formats as fm
-from tm_resources import schemas
-from tm_resources.ids import uuid7
+from tm_gateway import schemas
+from tm_gateway.ids import uuid7
 from tm_resources.providers import Endpoint, complete_text
 from tm_resources.providers import endpoints as provider_endpoints
 from tm_resources.registry import with_registry
 from tm_resources.config import Config, Tier
-from tm_resources.dispatch import AGENT_HEADER, Dispatcher, apply_agent, resolve_agent
+from tm_gateway.dispatch import AGENT_HEADER, Dispatcher, apply_agent, resolve_agent
 from tm_resources.embedder import fits_window, word_pieces
-from tm_resources.gate import quick_gate
+from tm_gateway.gate import quick_gate
 from tm_resources.prompts import person_text
-from tm_resources.tiers import llm_tier_messages, parse_llm_tier
-from tm_resources.rules import Route, auto_route, default_for, machine_chooses, route_request, tier_of
+from tm_gateway.tiers import llm_tier_messages, parse_llm_tier
+from tm_gateway.rules import Route, auto_route, default_for, machine_chooses, route_request, tier_of
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from tm_resources.config import Config, Tier
-from tm_resources.tiers import TierClassifier
+from tm_gateway.tiers import TierClassifier
 
 # Actions that steer a task type (escalate beats cascade beats lock_local when several name one), the one that
 # picks which local model serves, and the one that steers a user.
