@@ -126,7 +126,7 @@ async def call(gw: Proxy, ctx: Ctx, body: dict, model: str, stream: bool, preset
             attempts.append(attempt)
             try:
                 resp = await gw.session.post(ep.url, data=payloads[key], headers=ep.headers(key_index, h),
-                                               timeout=gw.timeouts[ep.name])
+                                             timeout=gw.timeouts[ep.name])
             except asyncio.TimeoutError:
                 status, message, retry_after = 504, f"provider '{ep.name}' did not answer in time", None
                 kind, error_class = fallback.TIMEOUT, "upstream_timeout"
