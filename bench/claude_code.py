@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.conftest import make_config, start_gateway  # noqa: E402
 from tests.fakes import FakeUpstream  # noqa: E402
-from tm_resources import db, keys  # noqa: E402
+from tm_gateway import keys  # noqa: E402
+from tm_resources import db  # noqa: E402
 from tm_resources import formats as fm  # noqa: E402
 from tm_resources.embedder import word_pieces  # noqa: E402
 from tm_resources.prompts import person_text  # noqa: E402

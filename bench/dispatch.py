@@ -41,7 +41,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from tm_resources.config import EXAMPLE_CONFIG, load_config
-    from tm_resources.dispatch import Dispatcher
+    from tm_gateway.dispatch import Dispatcher
     from tm_resources.embedder import get_embedder
 
     config = load_config(EXAMPLE_CONFIG)

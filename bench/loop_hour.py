@@ -114,7 +114,7 @@ def main() -> int:
     from tm_gateway.requestlog import RequestLog
     from tm_resources import cache, db
     from tm_resources.embedder import get_embedder
-    from tm_resources.ids import uuid7
+    from tm_gateway.ids import uuid7
 
     rng = random.Random(args.seed)
     pairs = load_pairs()

@@ -186,7 +186,8 @@ def main() -> int:
     from tm_assets.checks import loop_checks
     from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
     from tm_gateway.app import GatewaySettings, create_app
-    from tm_resources import db, keys
+    from tm_gateway import keys
+    from tm_resources import db
 
     answers = {human: gpt for conv in conversations for human, gpt in conv}
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from tm_gateway.requestlog import RequestLog  # noqa: E402
 from tm_resources import db  # noqa: E402
-from tm_resources.ids import uuid7  # noqa: E402
+from tm_gateway.ids import uuid7  # noqa: E402
 
 PROMPT = "Summarise this note in one sentence: the nightly build took longer after the cache was cleared. " * 3
 

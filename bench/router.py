@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "routerbench"
 
-from tm_resources import routerbench as rb  # noqa: E402
-from tm_resources.router import KnnRouter, candidate_plans, plan_outcomes, routing_text  # noqa: E402
+from tm_gateway import routerbench as rb  # noqa: E402
+from tm_gateway.router import KnnRouter, candidate_plans, plan_outcomes, routing_text  # noqa: E402
 
 COST_WEIGHTS = [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2]
 

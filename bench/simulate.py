@@ -4,7 +4,7 @@ and the real loop, reported against sending everything to the frontier model.
     .venv/bin/python bench/simulate.py --data ../shared/data/routerbench [--hours 6] [--users 12]
         [--requests-per-hour 150] [--judge-noise 0.1] [--json] [--plot docs/simulation.png]
 
-Input: a folder in RouterBench's format (tm_resources/routerbench.py reads it): each prompt with, per
+Input: a folder in RouterBench's format (tm_gateway/routerbench.py reads it): each prompt with, per
 model, its real answer, its 0/1 correctness and its real cost. What runs:
 
 - fake providers on 127.0.0.1 (one aiohttp server speaking OpenAI's chat completions and Anthropic's
@@ -56,7 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tm_resources.quality import _clip_middle  # noqa: E402  (the judge sees texts clipped this way)
-from tm_resources.routerbench import RouterBenchData, load_routerbench  # noqa: E402
+from tm_gateway.routerbench import RouterBenchData, load_routerbench  # noqa: E402
 
 # The open models of RouterBench are the team's local models (price 0); gpt-4 is the frontier.
 DEFAULT_LOCAL = ("mistralai/mixtral-8x7b-chat", "zero-one-ai/Yi-34B-Chat", "meta/llama-2-70b-chat",
@@ -420,7 +420,7 @@ class Harness:
     def create_keys(self, team: list[User]) -> None:
         import psycopg
 
-        from tm_resources import keys
+        from tm_gateway import keys
 
         with psycopg.connect(self.url) as conn:
             for u in team:
@@ -675,7 +675,7 @@ def _references(data: RouterBenchData, served: list[Served], local: list[str], f
                           "accuracy_vs_frontier": _rel(singles[best], fr_acc), "cost_vs_frontier": 0.0},
            "local_models": {m: round(a, 4) for m, a in singles.items()}}
     if router:
-        from tm_resources.routerbench import run_router_bench
+        from tm_gateway.routerbench import run_router_bench
 
         # `tm bench router` with its defaults: one 70/30 split of the same data (seed 0).
         rb = run_router_bench(data_dir, cache_dir=ROOT / ".tm" / "bench-cache")

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
-from tm_resources.tiers import (DEFAULT_WEIGHTS, Tier, TierClassifier, calibrate,  # noqa: E402
+from tm_gateway.tiers import (DEFAULT_WEIGHTS, Tier, TierClassifier, calibrate,  # noqa: E402
                                 calibration_report)
 
 S, M, C, R = Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING

@@ -1,4 +1,4 @@
-"""Benchmark: what checking bodies whole costs the gateway per request (tm_resources.schemas, as
+"""Benchmark: what checking bodies whole costs the gateway per request (tm_gateway.schemas, as
 Proxy._handle runs it: the depth check where the body has enough brackets, then the request's shape),
 and per streamed event (the shape check each upstream event passes before it is relayed).
 
@@ -20,7 +20,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tm_resources import schemas  # noqa: E402
+from tm_gateway import schemas  # noqa: E402
 
 
 def _tool(i: int) -> dict:

@@ -17,7 +17,8 @@ import uvicorn
 
 from tests.fakes import FakeUpstream, free_port
 from tm_gateway.app import GatewaySettings, create_app
-from tm_resources import db, keys
+from tm_gateway import keys
+from tm_resources import db
 from tm_resources.config import Config, parse_config
 
 ANTHROPIC_TEST_KEY = "sk-ant-test-0123456789abcdef"

@@ -14,7 +14,8 @@ import psycopg
 import pytest
 
 from tests.conftest import make_config, query, start_gateway
-from tm_resources import cache, keys
+from tm_gateway import keys
+from tm_resources import cache
 from tm_resources.config import Config, parse_config
 
 

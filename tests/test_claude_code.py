@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import make_config, query, start_gateway
 from tests.fakes import FakeUpstream
-from tm_resources import keys
+from tm_gateway import keys
 
 REMINDER = ("<system-reminder>\nAs you answer the user's questions, you can use the following context:\n"
             "# currentDate\nToday's date is 2026-11-30.\n</system-reminder>\n\n")

@@ -132,7 +132,7 @@ def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_p
         httpx.get(f"http://127.0.0.1:{ui_port}/server_info", timeout=1)
     # The key it printed is the one stored, hashed, in the embedded database it started.
     url = db.start_embedded(tmp_path / "home")
-    from tm_resources.keys import hash_key
+    from tm_gateway.keys import hash_key
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT user_id FROM api_keys WHERE key_hash = %s", (hash_key(key),)).fetchone() == (
             "founder",)
@@ -253,7 +253,7 @@ def test_worker_processes_keep_the_gateways_info_logs(db_url, upstreams, tmp_pat
     import yaml
 
     from tests.conftest import make_config
-    from tm_resources import keys
+    from tm_gateway import keys
 
     anthropic, local = upstreams
     config = make_config(anthropic.url, local.openai_url, gateway={"classify_auto": False, "refresh_interval_s": 0.2})

@@ -8,7 +8,7 @@ import pytest
 from tm_resources.config import Thresholds
 from tm_resources.config import EXAMPLE_CONFIG, load_config
 from tm_resources.decisions import Decision, coaching_brief, decide
-from tm_resources.rules import Rule, RuleBook, route_request
+from tm_gateway.rules import Rule, RuleBook, route_request
 from tm_resources.grading import grades
 
 TIERS = {"llama3.2": "local", "qwen2.5-coder": "local", "claude-sonnet-4-5": "included", "claude-opus-4-1": "premium"}

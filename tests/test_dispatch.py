@@ -1,4 +1,4 @@
-"""Agent dispatch (tm_resources/dispatch.py) with the real MiniLM embedder and the shipped example's
+"""Agent dispatch (tm_gateway/dispatch.py) with the real MiniLM embedder and the shipped example's
 agents: prompts go to the right agent, off-topic ones are unsure, configuration mistakes name their
 key, and a request as an agent sends it is still a valid request of its format."""
 
@@ -12,7 +12,7 @@ import yaml
 
 from tests.test_formats import check_anthropic_request, check_openai_request
 from tm_resources.config import EXAMPLE_CONFIG, AgentConfig, Config, ConfigError, load_config, parse_config
-from tm_resources.dispatch import DispatchDecision, Dispatcher, apply_agent, resolve_agent
+from tm_gateway.dispatch import DispatchDecision, Dispatcher, apply_agent, resolve_agent
 from tm_resources.embedder import Embedder, get_embedder
 
 # Three sets of requests, none of them an intent of tm.yaml, 100 in all, with how they were used:
@@ -471,7 +471,7 @@ def test_the_gateway_dispatches_and_answers_as_the_agent(db_url, upstreams, tmp_
     import psycopg
 
     from tests.conftest import make_config, query, start_gateway
-    from tm_resources import keys
+    from tm_gateway import keys
 
     anth, local = upstreams
     data = make_config(anth.url, local.openai_url).model_dump(mode="json")

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import query, start_gateway
 from tests.fakes import FakeUpstream
-from tm_resources import keys
+from tm_gateway import keys
 from tm_resources.config import parse_config
 
 KEY_1, KEY_2 = "sk-ant-first-key-000001", "sk-ant-second-key-000002"

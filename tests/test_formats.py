@@ -1429,3 +1429,19 @@ def test_a_streamed_tool_call_whose_arguments_come_as_an_object_is_logged():
         {"index": 0, "id": "call_1", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}}]})
     acc.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
     assert acc.log_text() == '[tool_call get_weather {"city":"Paris"}]'
+
+
+def test_the_package_exports_every_public_name_of_its_modules():
+    # A name a caller can reach only through a submodule, or one in __all__ that is gone, is a broken API.
+    import importlib
+    import pkgutil
+
+    public = set()
+    for info in pkgutil.iter_modules(f.__path__):
+        mod = importlib.import_module(f"tm_resources.formats.{info.name}")
+        public |= {n for n, v in vars(mod).items() if not n.startswith("_") and getattr(v, "__module__", None)
+                   == mod.__name__}
+    assert set(f.__all__) == public
+    namespace: dict = {}
+    exec("from tm_resources.formats import *", namespace)
+    assert set(namespace) - {"__builtins__"} == public

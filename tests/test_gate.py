@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tm_resources.gate import quick_gate, same_answer
+from tm_gateway.gate import quick_gate, same_answer
 
 GOOD_PROSE = ("Photosynthesis is how plants turn light, water and carbon dioxide into sugar and oxygen. "
               "It happens in the chloroplasts.")

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from tests.conftest import ANTHROPIC_TEST_KEY, Gateway, make_config, start_gateway
-from tm_resources import keys
+from tm_gateway import keys
 
 
 def oa(gw: Gateway, **kw) -> openai.OpenAI:

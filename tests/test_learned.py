@@ -1,4 +1,4 @@
-"""The learned router fitted to the request log (tm_resources/learned.py), and the gateway's state
+"""The learned router fitted to the request log (tm_gateway/learned.py), and the gateway's state
 holding it (tm_gateway/state.py): real Postgres, real MiniLM vectors."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from tm_gateway import state as state_module
 from tm_gateway.state import SharedState
 from tm_resources.db import connect
 from tm_resources.embedder import get_embedder
-from tm_resources.ids import uuid7
-from tm_resources.learned import LearnedRouter, RouterSettings, load_router
+from tm_gateway.ids import uuid7
+from tm_gateway.learned import LearnedRouter, RouterSettings, load_router
 
 A, B = "local-a", "local-b"
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -292,7 +292,7 @@ def test_auto_requests_go_where_the_log_says(db_url, vec, upstreams, tmp_path):
     import psycopg
 
     from tests.conftest import make_config, start_gateway
-    from tm_resources import keys
+    from tm_gateway import keys
     from tm_resources.config import parse_config
 
     anth, local = upstreams

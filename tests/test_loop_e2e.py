@@ -17,7 +17,7 @@ import yaml
 from tests.conftest import Gateway, make_config, query, start_gateway
 from tests.fakes import FakeUpstream
 from tests.traffic import OFF_TOPIC, coding_prompt, good_answer, math_prompt
-from tm_resources import keys
+from tm_gateway import keys
 
 
 def local_model(fmt: str, body: dict) -> str:

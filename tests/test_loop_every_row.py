@@ -17,7 +17,7 @@ from tests.conftest import make_config, query, start_gateway
 from tests.test_loop import materialize, write_config
 from tests.test_routing import refuses_when_asked
 from tests.traffic import past_hour
-from tm_resources import keys
+from tm_gateway import keys
 from tm_resources.tables import COMPLETION_ENDPOINTS
 
 MSG = [{"role": "user", "content": "Write a Python function that reverses a linked list in place."}]

@@ -23,7 +23,8 @@ from tests.traffic import an_hour_of_traffic, coding_prompt, good_answer, past_h
 from tm_assets.assets import routing_rules
 from tm_assets.model_versions import fine_tuned_model_beats_base, finetune_data_valid, model_versions
 from tm_assets.resources import EmbedderResource, PostgresResource, PostHogResource, TokenMachineConfig
-from tm_resources import finetune, keys
+from tm_gateway import keys
+from tm_resources import finetune
 from tm_resources.registry import rollback_version
 
 

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from tests.conftest import make_config, query, start_gateway
-from tm_resources import keys
+from tm_gateway import keys
 from tm_resources.config import parse_config
 
 

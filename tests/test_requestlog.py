@@ -12,7 +12,7 @@ import pytest
 
 from tm_gateway.requestlog import RequestLog, copy_row
 from tm_resources import db
-from tm_resources.ids import uuid7
+from tm_gateway.ids import uuid7
 
 
 def row(i: int, **extra) -> dict:
@@ -176,7 +176,7 @@ import sys, time
 from pathlib import Path
 from datetime import datetime, timezone
 from tm_gateway.requestlog import RequestLog
-from tm_resources.ids import uuid7
+from tm_gateway.ids import uuid7
 log = RequestLog(sys.argv[1], spool_dir=Path(sys.argv[2]), flush_interval_s=3600, journal="write").start()
 for i in range(int(sys.argv[3])):
     log.write({"id": uuid7(), "ts": datetime.now(timezone.utc), "user_id": "u1", "api_format": "openai",

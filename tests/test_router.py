@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tm_resources.router import (Attempt, KnnRouter, Plan, candidate_plans, plan_outcomes, replay,
+from tm_gateway.router import (Attempt, KnnRouter, Plan, candidate_plans, plan_outcomes, replay,
                                  routing_text)
-from tm_resources.routerbench import load_routerbench, run_router_bench
+from tm_gateway.routerbench import load_routerbench, run_router_bench
 
 # ------------------------------------------------------------------------------------------------
 # A small RouterBench-format log, written by hand. Three kinds of prompt:

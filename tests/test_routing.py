@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import make_config, query, start_gateway
 from tests.fakes import echo_responder
-from tm_resources import keys
+from tm_gateway import keys
 from tm_resources.config import parse_config
 
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -176,7 +176,7 @@ def test_tools_skip_the_cascade(gw):
 
 
 def test_auto_route_order_and_cascade_settings():
-    from tm_resources.rules import Route, auto_route
+    from tm_gateway.rules import Route, auto_route
 
     config = parse_config({
         "providers": {"p": {"kind": "openai", "base_url": "http://127.0.0.1:9"}},
@@ -206,7 +206,7 @@ def test_auto_route_order_and_cascade_settings():
 
 
 def test_parse_llm_tier_reads_the_first_tier_word():
-    from tm_resources.tiers import Tier, llm_tier_messages, parse_llm_tier
+    from tm_gateway.tiers import Tier, llm_tier_messages, parse_llm_tier
 
     assert parse_llm_tier("COMPLEX") is Tier.COMPLEX
     assert parse_llm_tier("  reasoning.\n") is Tier.REASONING

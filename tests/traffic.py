@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
-from tm_resources.ids import uuid7
+from tm_gateway.ids import uuid7
 
 CODING_TASKS = [
     "reverses a linked list in place", "parses a CSV file and returns the rows as dictionaries",

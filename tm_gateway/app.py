@@ -29,7 +29,7 @@ from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
 from tm_resources import cache
 from tm_resources.config import Config
-from tm_resources.learned import RouterSettings
+from tm_gateway.learned import RouterSettings
 from tm_resources.providers import SecretScrubber
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
                 embed = (await asyncio.to_thread(get_embedder)).embed_one
         dispatcher = None
         if any(a.intents or a.keywords for a in config.agents.values()):
-            from tm_resources.dispatch import Dispatcher
+            from tm_gateway.dispatch import Dispatcher
             from tm_resources.embedder import get_embedder
 
             dispatcher = await asyncio.to_thread(lambda: Dispatcher.from_config(config, get_embedder().embed))

@@ -17,7 +17,8 @@ import psycopg
 import psycopg.rows
 
 from tm_gateway import loopctl
-from tm_resources import db, keys
+from tm_gateway import keys
+from tm_resources import db
 from tm_resources.config import Config, ConfigError, config_path, load_config, tm_home
 from tm_resources.loop_start import first_hour
 
@@ -430,7 +431,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import contextlib
     import json
 
-    from tm_resources.routerbench import RouterBenchError, run_router_bench
+    from tm_gateway.routerbench import RouterBenchError, run_router_bench
 
     if args.output and not Path(args.output).resolve().parent.is_dir():
         print(f"tm: cannot write {args.output}: no folder {Path(args.output).resolve().parent}", file=sys.stderr)
@@ -543,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("version")
     mo.set_defaults(func=cmd_models)
 
-    from tm_resources import routerbench as rb
+    from tm_gateway import routerbench as rb
 
     be = sub.add_parser("bench", help="benchmarks that run without the gateway")
     bsub = be.add_subparsers(dest="bench_cmd", required=True)

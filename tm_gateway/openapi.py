@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tm_resources import schemas
+from tm_gateway import schemas
 
 _SECURITY = [{"bearer": []}, {"apiKey": []}]
 # What a caller may get back besides an answer: its own mistakes, then the providers' (passed on

@@ -14,10 +14,10 @@ import psycopg
 
 from tm_resources.cache import CacheContexts, RecentHashes
 from tm_resources.db import connect
-from tm_resources.keys import active_keys
-from tm_resources.learned import LearnedRouter, RouterSettings, load_with
+from tm_gateway.keys import active_keys
+from tm_gateway.learned import LearnedRouter, RouterSettings, load_with
 from tm_resources.registry import RegisteredModel, load_registry
-from tm_resources.rules import RuleBook, load_rulebook
+from tm_gateway.rules import RuleBook, load_rulebook
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class SharedState:
     its table changed, so a request never waits on a query.
 
     learn_router: also hold `learned`, the router fitted to the scored request log
-    (tm_resources/learned.py), loaded in the background after `start()` and again whenever the loop
+    (tm_gateway/learned.py), loaded in the background after `start()` and again whenever the loop
     writes new routing rules (each hour). It may choose among `router_models` (the configured
     models; None: any model in the log) and the deployed fine-tunes. A failed load keeps the router
     held and is retried after `learn_retry_s`. `learned` is None until the first load has finished

@@ -160,7 +160,7 @@ TierName = Literal["SIMPLE", "MEDIUM", "COMPLEX", "REASONING"]
 
 
 class TierRouting(_Strict):
-    """`auto` with no rule, user or agent model: the tier classifier picks a chain (tm_resources/tiers.py)."""
+    """`auto` with no rule, user or agent model: the tier classifier picks a chain (tm_gateway/tiers.py)."""
 
     enabled: bool = True
     # Under this confidence the weighted-signal rules defer to the loop's task type (task_type_tiers).
@@ -181,7 +181,7 @@ class TierRouting(_Strict):
 
 class CascadeRouting(_Strict):
     """Where a cascade runs: the cheap model answers first; if its answer fails the quick quality gate
-    (empty, refusal, cut off, wrong format, unmet constraints) the frontier answers (tm_resources/gate.py)."""
+    (empty, refusal, cut off, wrong format, unmet constraints) the frontier answers (tm_gateway/gate.py)."""
 
     # `auto` requests of these tiers / task types (no rule, user or agent model) run as a cascade.
     tiers: list[TierName] = Field(default_factory=list)
@@ -193,7 +193,7 @@ class CascadeRouting(_Strict):
 
 class LearnedRouting(_Strict):
     """`auto` with no rule, user or agent model: pick the model the request log predicts best for its
-    cost (tm_resources/router.py, judged on RouterBench by `tm bench router`). Learns from the loop's
+    cost (tm_gateway/router.py, judged on RouterBench by `tm bench router`). Learns from the loop's
     scored requests, re-read whenever the loop writes new rules. Off until enabled."""
 
     enabled: bool = False
@@ -287,7 +287,7 @@ class UserConfig(_Strict):
 
 class AgentConfig(_Strict):
     """A role a request may name (`x-tm-agent: <name>`) or the dispatcher may pick for it
-    (tm_resources/dispatch.py): its model, system prompt and default sampling parameters."""
+    (tm_gateway/dispatch.py): its model, system prompt and default sampling parameters."""
 
     # What `auto` means for requests from this agent (x-tm-agent) when no routing rule applies.
     model: str | None = None
@@ -328,7 +328,7 @@ def _number(v: Any) -> bool:
 
 class DispatchConfig(_Strict):
     """Requests naming the dispatcher (`x-tm-agent: <name>`) go to the agent whose intents and keywords
-    they match best (tm_resources/dispatch.py)."""
+    they match best (tm_gateway/dispatch.py)."""
 
     name: str = Field("dispatcher", min_length=1)
     # Under this confidence (0..1) the dispatcher is unsure: the request goes to fallback_agent, if any.

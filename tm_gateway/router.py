@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from tm_resources.gate import quick_gate, same_answer
+from tm_gateway.gate import quick_gate, same_answer
 
 # ----------------------------------------------------------------------------------------------
 # What is embedded for routing

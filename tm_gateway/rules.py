@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from tm_resources.config import Config, Tier
-from tm_resources.tiers import TierClassifier
+from tm_gateway.tiers import TierClassifier
+
+if TYPE_CHECKING:
+    from tm_gateway.learned import LearnedRouter
 
 # Actions that steer a task type (escalate beats cascade beats lock_local when several name one), the one that
 # picks which local model serves, and the one that steers a user.
@@ -209,3 +213,35 @@ def tier_of(prompt: str, task_type: str | None, confidence: float, config: Confi
     fallback = (lambda _prompt: (mapped, confidence)) if mapped else None
     d = TierClassifier(min_confidence=tiers.min_confidence, fallback=fallback).classify(prompt)
     return d.tier.value, d.confidence, "signals" if d.source == "rules" else f"task type {task_type}"
+
+
+def premium_allowed(user: str, config: Config) -> bool:
+    allowed = config.users.get(user)
+    return allowed is not None and allowed.premium
+
+
+def without_premium(route: Route, user: str, config: Config) -> Route:
+    """The machine never chooses a premium model for a user who may not use one."""
+    if premium_allowed(user, config):
+        return route
+    models = config.models
+    ok = [m for m in (route.model, *route.chain) if models[m].tier is not Tier.premium]
+    top = route.escalate_to if route.escalate_to and models[route.escalate_to].tier is not Tier.premium else None
+    if ok and ok[0] == route.model and len(ok) == 1 + len(route.chain) and top == route.escalate_to:
+        return route
+    if not ok:
+        default = config.defaults.model
+        return Route(default, "default", f"{route.reason}; premium models left out: the default {default}")
+    return dataclasses.replace(route, model=ok[0], chain=tuple(ok[1:]), escalate_to=top,
+                               reason=f"{route.reason}; premium models left out")
+
+
+def learned_pick(learned: LearnedRouter | None, vec: Any, user: str, config: Config) -> tuple[str, str] | None:
+    """The learned router's model for a prompt's vector, among the models the user may use, and why;
+    None when it is off, not trained yet, or unsure."""
+    settings = config.routing.learned
+    if not settings.enabled or learned is None or vec is None:
+        return None
+    allowed = [m for m, c in config.models.items() if c.tier is not Tier.premium or premium_allowed(user, config)]
+    choice = learned.choose(vec, allowed=allowed, cost_weight=settings.cost_weight, min_quality=settings.min_quality)
+    return None if choice is None else (choice.arm, f"learned router: {choice.reason}")

@@ -1,4 +1,4 @@
-"""The learned router, trained on the request log: `KnnRouter` (tm_resources/router.py) fitted to the
+"""The learned router, trained on the request log: `KnnRouter` (tm_gateway/router.py) fitted to the
 scored requests of the last week, one arm per model.
 
 Each scored row is one model's answer to one prompt: its quality (the loop's 0..1 score), what it
@@ -24,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import psycopg
 
-from tm_resources.router import Choice, KnnRouter
+from tm_gateway.router import Choice, KnnRouter
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tm_resources.router import KnnRouter, Plan, candidate_plans, plan_outcomes, routing_text
+from tm_gateway.router import KnnRouter, Plan, candidate_plans, plan_outcomes, routing_text
 
 log = logging.getLogger(__name__)
 
