@@ -94,6 +94,62 @@ def test_cascades_can_be_switched_off_and_go_to_the_best_local_model():
     assert run(p, thresholds=Thresholds(cascade_borderline=False)) == []
 
 
+# --- 1-2 on the judge's verdicts ---------------------------------------------------------------
+
+def jpats(*rows: tuple) -> pd.DataFrame:
+    """rows: (task_type, model, judged, avg_completion); the composite is set where it would cascade."""
+    return pd.DataFrame([(t, m, n, 0.7, n, c) for t, m, n, c in rows],
+                        columns=["task_type", "model", "samples", "avg_quality", "judged", "avg_completion"])
+
+
+@pytest.mark.parametrize("local,frontier,action", [
+    (0.59, None, "escalate"), (0.6, None, "cascade"), (0.9, None, "cascade"), (0.91, None, "lock_local"),
+    (0.79, 0.9, "escalate"), (0.8, 0.9, "cascade"), (0.87, 0.9, "lock_local"), (0.86, 0.9, "cascade"),
+    (0.95, 0.9, "lock_local"), (0.55, 0.6, "escalate"), (0.5, 0.52, "lock_local"),
+])
+def test_judge_completion_decides_the_type(local, frontier, action):
+    # A composite of 0.7 alone would cascade every one of these: the judge's rate decides instead,
+    # against the frontier's rate on the same type first (a frontier no better is no reason to
+    # pay for it), then against absolute bars.
+    rows = [("reasoning", "llama3.2", 10, local)] + ([("reasoning", "claude-sonnet-4-5", 10, frontier)] if frontier else [])
+    got = run(jpats(*rows), frontier_model="claude-sonnet-4-5")
+    assert [d.rule_id for d in got if d.task_type == "reasoning"] == [f"{action}:reasoning"]
+    assert got[0].evidence["local_completion"] == local and f"{local:.0%}" in got[0].reason
+
+
+def test_too_few_verdicts_fall_back_to_the_composite():
+    # 9 verdicts on the local model of 12 answers (10 verdicts needed): the composite of 0.45 escalates; the frontier's
+    # 50 verdicts alone do not switch the type to the judge's rule.
+    p = jpats(("coding", "llama3.2", 9, 0.95), ("coding", "claude-sonnet-4-5", 50, 0.5)).assign(avg_quality=0.45, samples=12)
+    got = run(p, frontier_model="claude-sonnet-4-5")
+    assert [d.rule_id for d in got] == ["escalate:coding"] and "local_completion" not in got[0].evidence
+    # Too few frontier verdicts: the local rate is judged on the absolute bars only.
+    got = run(jpats(("coding", "llama3.2", 10, 0.95), ("coding", "claude-sonnet-4-5", 9, 1.0)),
+              frontier_model="claude-sonnet-4-5")
+    assert [d.rule_id for d in got] == ["lock_local:coding"] and got[0].evidence["frontier_completion"] is None
+
+
+def test_the_local_model_the_judge_finds_right_most_often_serves_the_type():
+    # qwen has the better composite but llama the better completion rate: llama is kept, and the
+    # model with too few verdicts (though perfect) is not picked on noise.
+    p = pd.DataFrame([("math", "llama3.2", 30, 0.7, 30, 0.92), ("math", "qwen2.5-coder", 30, 0.9, 30, 0.7),
+                      ("math", "mistral-x", 3, 0.9, 3, 1.0)],
+                     columns=["task_type", "model", "samples", "avg_quality", "judged", "avg_completion"])
+    got = decide(p, None, None, None, T, TIERS | {"mistral-x": "local"})
+    assert [(d.rule_id, d.target_model) for d in got if d.task_type == "math"] == [("lock_local:math", "llama3.2")]
+
+
+def test_judge_thresholds_are_configuration():
+    rows = jpats(("chat", "llama3.2", 10, 0.8), ("chat", "claude-sonnet-4-5", 10, 0.9))
+    assert actions(run(rows, frontier_model="claude-sonnet-4-5")) == ["cascade:chat"]
+    loose = T.model_copy(update={"completion_lock_gap": 0.1})
+    assert actions(run(rows, thresholds=loose, frontier_model="claude-sonnet-4-5")) == ["lock_local:chat"]
+    strict = T.model_copy(update={"completion_max_gap": 0.05})
+    assert actions(run(rows, thresholds=strict, frontier_model="claude-sonnet-4-5")) == ["escalate:chat"]
+    off = T.model_copy(update={"cascade_borderline": False})
+    assert actions(run(rows, thresholds=off, frontier_model="claude-sonnet-4-5")) == []
+
+
 # --- 3. coach -----------------------------------------------------------------------------------
 
 def grade_row(user: str, daily: dict[str, float], example: str | None = "fix it", weakness: str | None = "context") -> dict:

@@ -1,5 +1,6 @@
 """The decision engine: seven conditions over patterns, grades and costs, seven routing actions,
-every threshold from config."""
+every threshold from config. Task types are decided on the completion judge's verdicts when there are
+enough of them, else on the composite quality."""
 
 from __future__ import annotations
 
@@ -91,6 +92,66 @@ def coaching_brief(user_id: str, weakness: str | None, example: str | None, aver
     return "\n".join(lines)
 
 
+def _judged(rows: pd.DataFrame) -> pd.DataFrame:
+    if "judged" not in rows or "avg_completion" not in rows:
+        return rows.iloc[0:0]
+    return rows[rows["avg_completion"].notna() & (rows["judged"].fillna(0) > 0)]
+
+
+def _completion_rate(rows: pd.DataFrame) -> tuple[float, int]:
+    """The judge's completion rate pooled over pattern rows, and how many verdicts it rests on."""
+    rows = _judged(rows)
+    n = int(rows["judged"].sum()) if not rows.empty else 0
+    if n == 0:
+        return float("nan"), 0
+    return round(float((rows["avg_completion"] * rows["judged"]).sum() / n), _EPS_DIGITS), n
+
+
+def _completion_rule(task_type: str, g: pd.DataFrame, frontier: pd.DataFrame, target: str | None,
+                     t: Thresholds, ev: dict) -> Decision | None:
+    """A type decided on the judge's completion rate of its best local model, when it has enough verdicts.
+
+    The best local model (the one that serves a lock or answers first in a cascade) is the one the
+    judge found right most often, not the one with the best composite: the composite rewards a
+    coherent, brief, wrong answer almost as much as a right one."""
+    judged = _judged(g)
+    judged = judged[judged["judged"] >= t.completion_min_samples]
+    if judged.empty:
+        return None
+    best = judged.assign(_c=judged["avg_completion"].astype("float64").round(_EPS_DIGITS)).sort_values(
+        ["_c", "judged", "model"], ascending=[False, False, True], kind="stable").iloc[0]
+    local, n_local, kept = float(best["_c"]), int(best["judged"]), best["model"]
+    top, n_top = _completion_rate(frontier)
+    known = n_top >= t.completion_min_samples
+    gap = round(top - local, _EPS_DIGITS) if known else None
+    ev = ev | {"local_model": kept, "local_completion": _r(local), "local_judged": n_local,
+               "frontier_completion": _r(top) if known else None, "frontier_judged": n_top,
+               "completion_min_samples": t.completion_min_samples, "completion_escalate_below": t.completion_escalate_below,
+               "completion_max_gap": t.completion_max_gap, "completion_lock_gap": t.completion_lock_gap,
+               "completion_lock_above": t.completion_lock_above}
+    seen = f"The judge found {kept}'s answers on {task_type} complete {local:.0%} of {n_local} times"
+    seen += f", {target or 'the frontier'}'s {top:.0%} of {n_top}" if known else " (too few frontier verdicts to compare)"
+    # The frontier's own rate comes first: no bar sends a type to a frontier that does no better on it.
+    behind = f"{gap:.0%} behind" if known else ""
+    if known and gap > t.completion_max_gap:
+        return Decision(f"escalate:{task_type}", "escalate", task_type, None, None, target,
+                        f"{seen}: {behind}, more than the {t.completion_max_gap:.0%} allowed; route {task_type} to "
+                        f"{target or 'the frontier model'}.", ev)
+    if (known and gap <= t.completion_lock_gap) or (not known and local > t.completion_lock_above):
+        why = f"within {t.completion_lock_gap:.0%} of the frontier" if known else f"over {t.completion_lock_above:.0%}"
+        return Decision(f"lock_local:{task_type}", "lock_local", task_type, None, None, kept,
+                        f"{seen}: {why}; keep {task_type} on {kept}.", ev)
+    if local < t.completion_escalate_below:
+        return Decision(f"escalate:{task_type}", "escalate", task_type, None, None, target,
+                        f"{seen}: under the bar of {t.completion_escalate_below:.0%}; route {task_type} to "
+                        f"{target or 'the frontier model'}.", ev)
+    if not t.cascade_borderline:
+        return None
+    return Decision(f"cascade:{task_type}", "cascade", task_type, None, kept, target,
+                    f"{seen}: close but not close enough to lock; {kept} answers {task_type} first, "
+                    f"{target or 'the frontier model'} when its answer fails the quick gate.", ev)
+
+
 def _type_rules(pat: pd.DataFrame, t: Thresholds, frontier_model: str | None) -> list[Decision]:
     out: list[Decision] = []
     local = pat[(pat["_tier"] == "local") & pat["avg_quality"].notna() & (pat["samples"] > 0)]
@@ -100,6 +161,11 @@ def _type_rules(pat: pd.DataFrame, t: Thresholds, frontier_model: str | None) ->
         ev = {"local_samples": n, "local_avg_quality": _r(q), "local_models": sorted(g["model"].tolist())}
         others = pat[(pat["task_type"] == task_type) & (pat["_tier"].notna()) & (pat["_tier"] != "local")]
         target = frontier_model or _best(others)  # where the type goes when local is not enough
+        frontier = others[others["model"] == target] if target else others.iloc[0:0]
+        if "judged" in g and g["judged"].fillna(0).ge(t.completion_min_samples).any():
+            if (d := _completion_rule(task_type, g, frontier, target, t, ev)) is not None:
+                out.append(d)
+            continue
         if n >= t.escalate_min_samples and q < t.escalate_below:
             out.append(Decision(
                 f"escalate:{task_type}", "escalate", task_type, None, None, target,
