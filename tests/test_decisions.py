@@ -8,7 +8,7 @@ import pytest
 from tm_resources.config import Thresholds
 from tm_resources.config import EXAMPLE_CONFIG, load_config
 from tm_resources.decisions import Decision, coaching_brief, decide
-from tm_resources.rules import Rule, RuleBook, route_request
+from tm_resources.rules import Rule, RuleBook, explore_draw, route_request
 from tm_resources.grading import grades
 
 TIERS = {"llama3.2": "local", "qwen2.5-coder": "local", "claude-sonnet-4-5": "included", "claude-opus-4-1": "premium"}
@@ -327,3 +327,32 @@ def test_a_cascade_rule_routes_local_first_with_the_frontier_behind_it():
 def test_rules_that_are_not_active_do_not_route():
     got = run(**everything(), mode="dry-run")
     assert _route(got, "coding", "bob") == ("llama3.2", "default")
+
+
+def test_a_small_share_of_a_ruled_types_traffic_explores_the_other_side():
+    config = load_config(EXAMPLE_CONFIG)
+    local, frontier = config.defaults.model, config.defaults.frontier_model
+    share = config.loop.thresholds.explore_share
+    others = sorted(m for m, c in config.models.items() if c.tier.value == "local" and m != local)
+    esc = RuleBook.from_rules([Rule("escalate:coding", "escalate", "coding", None, None, frontier, "bad")])
+    lock = RuleBook.from_rules([Rule("lock_local:chat", "lock_local", "chat", None, None, local, "good")])
+    # Over the share: the rule holds; under it, an escalated type tries a local model (each in turn
+    # across the draws), a locked one the frontier; never the model the rule already serves.
+    assert route_request("auto", "coding", "ann", esc, config, explore=share).model == frontier
+    explored = {route_request("auto", "coding", "ann", esc, config, explore=share * i / 20) for i in range(20)}
+    assert {r.model for r in explored} == {local, *others} and {r.route for r in explored} == {"explore:escalate:coding"}
+    assert route_request("auto", "chat", "ann", lock, config, explore=0.0).model in {frontier, *others}
+    assert {route_request("auto", "chat", "ann", lock, config, explore=share * i / 20).model for i in range(20)} >= {frontier}
+    # No share, a throttled user, or a named model: no exploration.
+    off = config.model_copy(update={"loop": config.loop.model_copy(
+        update={"thresholds": config.loop.thresholds.model_copy(update={"explore_share": 0.0})})})
+    assert route_request("auto", "coding", "ann", esc, off, explore=0.0).model == frontier
+    throttled = RuleBook.from_rules([*esc.by_type.values(), Rule("throttle:ann", "throttle", None, "ann", None, None, "x")])
+    assert config.models[route_request("auto", "coding", "ann", throttled, config, explore=0.0).model].tier.value == "local"
+    assert route_request(frontier, "coding", "ann", esc, config, explore=0.0).route == "requested"
+
+
+def test_exploration_draws_spread_evenly_and_repeat_per_prompt():
+    draws = [explore_draw(f"question {i}") for i in range(2000)]
+    assert all(0 <= d < 1 for d in draws) and explore_draw("question 7") == draws[7]
+    assert 0.04 < sum(d < 0.05 for d in draws) / len(draws) < 0.065

@@ -38,7 +38,7 @@ from tm_resources.embedder import fits_window, word_pieces
 from tm_resources.gate import quick_gate
 from tm_resources.prompts import person_text
 from tm_resources.tiers import llm_tier_messages, parse_llm_tier
-from tm_resources.rules import Route, auto_route, default_for, machine_chooses, route_request, tier_of
+from tm_resources.rules import Route, auto_route, default_for, explore_draw, machine_chooses, route_request, tier_of
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,8 @@ class Proxy:
             vec, task_type, confidence = classified or await self._classified(prompt, row)
         user = row.data["user_id"]
         config = self.config
-        route = route_request(requested, task_type, user, self.shared.rules, config, agent=row.data["agent"])
+        route = route_request(requested, task_type, user, self.shared.rules, config, agent=row.data["agent"],
+                              explore=explore_draw(prompt or task_text))
         if route.route == "default" and requested == "auto":
             learned = self._learned(vec, user)
             tier = tier_of(prompt or task_text, task_type, confidence, config)

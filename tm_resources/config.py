@@ -228,6 +228,9 @@ class Thresholds(_Strict):
     completion_max_gap: float = Field(0.1, ge=0, le=1)
     completion_lock_gap: float = Field(0.03, ge=0, le=1)
     completion_lock_above: float = Field(0.9, ge=0, le=1)
+    # This share of `auto` requests of a type under an escalate, cascade or lock rule goes to another
+    # model (a local one, or the frontier), so both sides keep the evidence the rule rests on.
+    explore_share: float = Field(0.05, ge=0, le=0.5)
     coaching_below: float = Field(0.4, ge=0, le=1)      # a user's prompt quality under this ...
     coaching_days: int = Field(3, ge=1)                 # ... on each of this many days in a row
     finetune_min_samples: int = Field(50, ge=1)         # a pattern this common ...
