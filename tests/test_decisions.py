@@ -232,6 +232,17 @@ def test_throttle_baseline_ignores_hours_older_than_a_week_and_newcomers_use_the
     assert got[1].evidence["baseline_source"] == "team"
 
 
+@pytest.mark.parametrize("now_cost,fires", [(0.6, False), (0.61, True)])
+def test_a_heavy_users_short_history_beats_the_teams_lower_median(now_cost, fires):
+    # bob has one active hour at $0.30, the team's median hour is $0.10 (ann's three): bob's own
+    # hour is his baseline, so doubling it is needed, not 2 x $0.10.
+    rows = hours("ann", [0.1] * 3, 0.1) + hours("bob", [0.3], now_cost)
+    got = [d for d in run(costs=pd.DataFrame(rows)) if d.user_id == "bob"]
+    assert bool(got) is fires
+    if fires:
+        assert got[0].evidence["baseline_usd"] == pytest.approx(0.3) and got[0].evidence["baseline_source"] == "user"
+
+
 # --- 6. swap ------------------------------------------------------------------------------------
 
 def versions(*rows: tuple) -> pd.DataFrame:

@@ -254,7 +254,8 @@ def _throttle_rules(costs: pd.DataFrame, t: Thresholds, hour: pd.Timestamp | Non
 
     Baseline: the median cost of the user's active hours (hours with any request) in the 168
     hours before this one, when they had at least BASELINE_MIN_HOURS of them; otherwise the
-    median over every user's active hours in that window (a newcomer is compared with the team);
+    median over every user's active hours in that window (a newcomer is compared with the team),
+    or their own median of fewer hours when it is higher;
     no history at all: no anomaly can be told.
     """
     out: list[Decision] = []
@@ -277,6 +278,11 @@ def _throttle_rules(costs: pd.DataFrame, t: Thresholds, hour: pd.Timestamp | Non
         own = history.loc[history["user_id"] == user, "cost_usd"]
         if len(own) >= BASELINE_MIN_HOURS:
             baseline, source = float(own.median()), f"median of their {len(own)} active hours in the last 7 days"
+        elif len(own) and float(own.median()) > team:
+            # A heavy user's first hours already say the team's median is not their normal: without this
+            # every heavy user is an "anomaly" in their second hour (seen in bench/simulate.py).
+            baseline, source = float(own.median()), (f"median of their {len(own)} active hours in the last 7 days, "
+                                                     "over the team's")
         else:
             baseline, source = team, "the team's median active hour in the last 7 days (too little history of their own)"
         if cost > t.anomaly_cost_multiple * baseline and cost >= t.anomaly_min_cost_usd:
@@ -288,7 +294,7 @@ def _throttle_rules(costs: pd.DataFrame, t: Thresholds, hour: pd.Timestamp | Non
                 f"${baseline:.2f} ({source}; limit {t.anomaly_cost_multiple:g}x, min ${t.anomaly_min_cost_usd:.2f}): "
                 f"local models only until it passes.",
                 {"hour": hour.isoformat(), "cost_usd": _r(cost, 6), "baseline_usd": _r(baseline, 6),
-                 "baseline_source": "user" if len(own) >= BASELINE_MIN_HOURS else "team",
+                 "baseline_source": "team" if source.startswith("the team") else "user",
                  "baseline_hours": int(len(own)), "anomaly_cost_multiple": t.anomaly_cost_multiple,
                  "anomaly_min_cost_usd": t.anomaly_min_cost_usd}))
     return out
