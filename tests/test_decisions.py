@@ -102,6 +102,9 @@ def jpats(*rows: tuple) -> pd.DataFrame:
                         columns=["task_type", "model", "samples", "avg_quality", "judged", "avg_completion"])
 
 
+ON_ESTIMATES = T.model_copy(update={"completion_confidence_z": 0.0})   # the gap without its error bar
+
+
 @pytest.mark.parametrize("local,frontier,action", [
     (0.59, None, "escalate"), (0.6, None, "cascade"), (0.9, None, "cascade"), (0.91, None, "lock_local"),
     (0.79, 0.9, "escalate"), (0.8, 0.9, "cascade"), (0.87, 0.9, "lock_local"), (0.86, 0.9, "cascade"),
@@ -112,7 +115,7 @@ def test_judge_completion_decides_the_type(local, frontier, action):
     # against the frontier's rate on the same type first (a frontier no better is no reason to
     # pay for it), then against absolute bars.
     rows = [("reasoning", "llama3.2", 10, local)] + ([("reasoning", "claude-sonnet-4-5", 10, frontier)] if frontier else [])
-    got = run(jpats(*rows), frontier_model="claude-sonnet-4-5")
+    got = run(jpats(*rows), thresholds=ON_ESTIMATES, frontier_model="claude-sonnet-4-5")
     assert [d.rule_id for d in got if d.task_type == "reasoning"] == [f"{action}:reasoning"]
     assert got[0].evidence["local_completion"] == local and f"{local:.0%}" in got[0].reason
 
@@ -139,9 +142,21 @@ def test_the_local_model_the_judge_finds_right_most_often_serves_the_type():
     assert [(d.rule_id, d.target_model) for d in got if d.task_type == "math"] == [("lock_local:math", "llama3.2")]
 
 
+@pytest.mark.parametrize("verdicts,action", [(30, "escalate"), (300, "escalate"), (3000, "cascade")])
+def test_a_type_goes_local_only_when_the_gap_is_within_the_allowance_on_its_evidence(verdicts, action):
+    # 8 points behind is within the 10 allowed, but on 30 or 300 verdicts a side the gap could be
+    # over 10 (one standard error of the gap: 11 and 3.5 points); on 3,000 it is not (1.1 points).
+    rows = jpats(("reasoning", "llama3.2", verdicts, 0.72), ("reasoning", "claude-sonnet-4-5", verdicts, 0.8))
+    got = run(rows, frontier_model="claude-sonnet-4-5")
+    assert actions(got) == [f"{action}:reasoning"]
+    assert ("up to" in got[0].reason) is (action == "escalate")
+
+
 def test_judge_thresholds_are_configuration():
     rows = jpats(("chat", "llama3.2", 10, 0.8), ("chat", "claude-sonnet-4-5", 10, 0.9))
-    assert actions(run(rows, frontier_model="claude-sonnet-4-5")) == ["cascade:chat"]
+    assert actions(run(rows, frontier_model="claude-sonnet-4-5")) == ["escalate:chat"]
+    T = ON_ESTIMATES  # noqa: N806 - the rest on the estimates alone
+    assert actions(run(rows, thresholds=T, frontier_model="claude-sonnet-4-5")) == ["cascade:chat"]
     loose = T.model_copy(update={"completion_lock_gap": 0.1})
     assert actions(run(rows, thresholds=loose, frontier_model="claude-sonnet-4-5")) == ["lock_local:chat"]
     strict = T.model_copy(update={"completion_max_gap": 0.05})

@@ -124,21 +124,26 @@ def _completion_rule(task_type: str, g: pd.DataFrame, frontier: pd.DataFrame, ta
     top, n_top = _completion_rate(frontier)
     known = n_top >= t.completion_min_samples
     gap = round(top - local, _EPS_DIGITS) if known else None
+    # How far the gap may really be, given how few verdicts it rests on: handing a type to a local
+    # model needs the gap's upper bound within the allowance, not only its estimate (exploration
+    # keeps adding local verdicts to an escalated type, so a close one is won back later).
+    margin = t.completion_confidence_z * float(np.sqrt(local * (1 - local) / n_local + top * (1 - top) / n_top)) \
+        if known else 0.0
     ev = ev | {"local_model": kept, "local_completion": _r(local), "local_judged": n_local,
                "frontier_completion": _r(top) if known else None, "frontier_judged": n_top,
                "completion_min_samples": t.completion_min_samples, "completion_escalate_below": t.completion_escalate_below,
                "completion_max_gap": t.completion_max_gap, "completion_lock_gap": t.completion_lock_gap,
-               "completion_lock_above": t.completion_lock_above}
+               "completion_lock_above": t.completion_lock_above, "completion_confidence_z": t.completion_confidence_z}
     seen = f"The judge found {kept}'s answers on {task_type} complete {local:.0%} of {n_local} times"
     seen += f", {target or 'the frontier'}'s {top:.0%} of {n_top}" if known else " (too few frontier verdicts to compare)"
     # The frontier's own rate comes first: no bar sends a type to a frontier that does no better on it.
-    behind = f"{gap:.0%} behind" if known else ""
-    if known and gap > t.completion_max_gap:
+    if known and round(gap + margin, _EPS_DIGITS) > t.completion_max_gap:
+        behind = f"{gap:.0%} behind" + (f" (up to {gap + margin:.0%} on this evidence)" if gap <= t.completion_max_gap else "")
         return Decision(f"escalate:{task_type}", "escalate", task_type, None, None, target,
                         f"{seen}: {behind}, more than the {t.completion_max_gap:.0%} allowed; route {task_type} to "
-                        f"{target or 'the frontier model'}.", ev)
+                        f"{target or 'the frontier model'}.", ev | {"gap_margin": _r(margin)})
     if (known and gap <= t.completion_lock_gap) or (not known and local > t.completion_lock_above):
-        why = f"within {t.completion_lock_gap:.0%} of the frontier" if known else f"over {t.completion_lock_above:.0%}"
+        why = f"no more than {t.completion_lock_gap:.0%} behind the frontier" if known else f"over {t.completion_lock_above:.0%}"
         return Decision(f"lock_local:{task_type}", "lock_local", task_type, None, None, kept,
                         f"{seen}: {why}; keep {task_type} on {kept}.", ev)
     if local < t.completion_escalate_below:
