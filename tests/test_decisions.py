@@ -359,23 +359,32 @@ def test_a_small_share_of_a_ruled_types_traffic_explores_the_other_side():
     config = load_config(EXAMPLE_CONFIG)
     local, frontier = config.defaults.model, config.defaults.frontier_model
     share = config.loop.thresholds.explore_share
-    others = sorted(m for m, c in config.models.items() if c.tier.value == "local" and m != local)
-    esc = RuleBook.from_rules([Rule("escalate:coding", "escalate", "coding", None, None, frontier, "bad")])
+    esc = RuleBook.from_rules([Rule("escalate:coding", "escalate", "coding", None, local, frontier, "bad")])
     lock = RuleBook.from_rules([Rule("lock_local:chat", "lock_local", "chat", None, None, local, "good")])
-    # Over the share: the rule holds; under it, an escalated type tries a local model (each in turn
-    # across the draws), a locked one the frontier; never the model the rule already serves.
+    # Over the share the rule holds; under it an escalated type tries the local model the rule names,
+    # a locked one the frontier.
     assert route_request("auto", "coding", "ann", esc, config, explore=share).model == frontier
-    explored = {route_request("auto", "coding", "ann", esc, config, explore=share * i / 20) for i in range(20)}
-    assert {r.model for r in explored} == {local, *others} and {r.route for r in explored} == {"explore:escalate:coding"}
-    assert route_request("auto", "chat", "ann", lock, config, explore=0.0).model in {frontier, *others}
-    assert {route_request("auto", "chat", "ann", lock, config, explore=share * i / 20).model for i in range(20)} >= {frontier}
-    # No share, a throttled user, or a named model: no exploration.
+    r = route_request("auto", "coding", "ann", esc, config, explore=share / 2)
+    assert (r.model, r.route) == (local, "explore:escalate:coding")
+    assert route_request("auto", "chat", "ann", lock, config, explore=0.0).model == frontier
+    # An escalation that names no local model (far behind), no share, a throttled user or a named
+    # model: no exploration.
+    hopeless = RuleBook.from_rules([Rule("escalate:coding", "escalate", "coding", None, None, frontier, "bad")])
+    assert route_request("auto", "coding", "ann", hopeless, config, explore=0.0).model == frontier
     off = config.model_copy(update={"loop": config.loop.model_copy(
         update={"thresholds": config.loop.thresholds.model_copy(update={"explore_share": 0.0})})})
     assert route_request("auto", "coding", "ann", esc, off, explore=0.0).model == frontier
     throttled = RuleBook.from_rules([*esc.by_type.values(), Rule("throttle:ann", "throttle", None, "ann", None, None, "x")])
-    assert config.models[route_request("auto", "coding", "ann", throttled, config, explore=0.0).model].tier.value == "local"
+    assert config.models[route_request("auto", "chat", "ann", throttled, config, explore=0.0).model].tier.value == "local"
     assert route_request(frontier, "coding", "ann", esc, config, explore=0.0).route == "requested"
+
+
+@pytest.mark.parametrize("local,frontier,explored", [(0.72, 0.8, "llama3.2"), (0.4, 0.8, None), (0.58, None, "llama3.2"),
+                                                     (0.2, None, None)])
+def test_an_escalation_names_its_local_model_for_exploration_only_while_it_could_win(local, frontier, explored):
+    rows = [("reasoning", "llama3.2", 300, local)] + ([("reasoning", "claude-sonnet-4-5", 300, frontier)] if frontier else [])
+    got = run(jpats(*rows), frontier_model="claude-sonnet-4-5")
+    assert [(d.action, d.model) for d in got] == [("escalate", explored)]
 
 
 def test_exploration_draws_spread_evenly_and_repeat_per_prompt():

@@ -41,7 +41,8 @@ class Decision:
     action: Action
     task_type: str | None
     user_id: str | None
-    model: str | None           # the model the rule is about (pattern's model, base of a swap)
+    model: str | None           # the model the rule is about (pattern's model, base of a swap, the
+                                # local model an escalated type still explores)
     target_model: str | None    # where traffic goes, or the base to fine-tune
     reason: str                 # one sentence with the numbers
     evidence: dict = field(default_factory=dict)
@@ -139,17 +140,24 @@ def _completion_rule(task_type: str, g: pd.DataFrame, frontier: pd.DataFrame, ta
     # The frontier's own rate comes first: no bar sends a type to a frontier that does no better on it.
     if known and round(gap + margin, _EPS_DIGITS) > t.completion_max_gap:
         behind = f"{gap:.0%} behind" + (f" (up to {gap + margin:.0%} on this evidence)" if gap <= t.completion_max_gap else "")
-        return Decision(f"escalate:{task_type}", "escalate", task_type, None, None, target,
+        # The gateway explores the local model (loop.thresholds.explore_share) only while the gap
+        # could still be within the allowance: one far behind is not worth its wrong answers.
+        explore = kept if round(gap - margin, _EPS_DIGITS) <= t.completion_max_gap else None
+        return Decision(f"escalate:{task_type}", "escalate", task_type, None, explore, target,
                         f"{seen}: {behind}, more than the {t.completion_max_gap:.0%} allowed; route {task_type} to "
-                        f"{target or 'the frontier model'}.", ev | {"gap_margin": _r(margin)})
+                        f"{target or 'the frontier model'}.", ev | {"gap_margin": _r(margin), "explore_model": explore})
     if (known and gap <= t.completion_lock_gap) or (not known and local > t.completion_lock_above):
         why = f"no more than {t.completion_lock_gap:.0%} behind the frontier" if known else f"over {t.completion_lock_above:.0%}"
         return Decision(f"lock_local:{task_type}", "lock_local", task_type, None, None, kept,
                         f"{seen}: {why}; keep {task_type} on {kept}.", ev)
     if local < t.completion_escalate_below:
-        return Decision(f"escalate:{task_type}", "escalate", task_type, None, None, target,
+        # Under the bar but not far from the frontier (or no frontier to compare): worth exploring
+        # while the local rate's own error bar reaches the bar.
+        reach = local + t.completion_confidence_z * float(np.sqrt(local * (1 - local) / n_local))
+        explore = kept if round(reach, _EPS_DIGITS) >= t.completion_escalate_below else None
+        return Decision(f"escalate:{task_type}", "escalate", task_type, None, explore, target,
                         f"{seen}: under the bar of {t.completion_escalate_below:.0%}; route {task_type} to "
-                        f"{target or 'the frontier model'}.", ev)
+                        f"{target or 'the frontier model'}.", ev | {"explore_model": explore})
     if not t.cascade_borderline:
         return None
     return Decision(f"cascade:{task_type}", "cascade", task_type, None, kept, target,
@@ -343,7 +351,9 @@ def decide(type_model_patterns: pd.DataFrame, grades_df: pd.DataFrame | None, us
     escalate_min_samples; > lock_above with >= lock_min_samples; daily prompt quality <
     coaching_below on >= coaching_days active days in a row; >= finetune_min_samples at >
     finetune_min_quality; cost > anomaly_cost_multiple x baseline and >= anomaly_min_cost_usd;
-    fine-tune minus base > 0 and >= swap_min_margin.
+    fine-tune minus base > 0 and >= swap_min_margin. A type whose best local model has
+    completion_min_samples+ judge verdicts (patterns' judged, avg_completion) is decided by
+    _completion_rule instead of the composite.
     """
     if mode not in STATUS_BY_MODE:
         raise ValueError(f"mode must be one of {', '.join(STATUS_BY_MODE)}, not {mode!r}")

@@ -117,7 +117,7 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
     lock_local keeps it on its local model; a swap then replaces that local model (or the default)
     by the fine-tune that beat it. `known` says whether a model name can be served (the config's
     models, plus registered fine-tunes). `explore`: a uniform draw in [0, 1) for this request; under
-    loop.thresholds.explore_share, a type rule's request goes to another model instead (see _explored)."""
+    loop.thresholds.explore_share, a type rule's request goes to the other side instead (_explored)."""
     known = known or config.models.__contains__
     auto = machine_chooses(requested, config)
     throttle = book.throttled.get(user_id)
@@ -133,7 +133,7 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
         return Route(requested, "requested", "the client named the model")
     rule = book.by_type.get(task_type) if task_type else None
     if rule is not None and explore is not None and explore < config.loop.thresholds.explore_share:
-        if (explored := _explored(rule, explore / config.loop.thresholds.explore_share, book, config, known)):
+        if (explored := _explored(rule, book, config, known)):
             return explored
     if rule is not None:
         if rule.action == "escalate":
@@ -161,23 +161,22 @@ def explore_draw(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
 
 
-def _explored(rule: Rule, draw: float, book: RuleBook, config: Config, known: Callable[[str], bool]) -> Route | None:
-    """A request of a ruled type sent elsewhere so the loop keeps evidence on both sides: an escalated
-    type's local models stay judged (a better one, or a fine-tune, can win it back), a locked or
-    cascaded type's frontier stays judged (so the gap the rule rests on stays measured). The model is
-    picked by `draw` in [0, 1) among the local models and the frontier, less the one the rule serves;
-    never a premium model (it needs a per-user grant)."""
-    served = rule.model if rule.action == "cascade" else rule.target_model
-    top = rule.target_model if rule.action != "lock_local" else None
-    candidates = sorted({*local_models(config), *([top or config.defaults.frontier_model])} - {served, None})
-    candidates = [m for m in candidates if known(m) and (m not in config.models or config.models[m].tier is not Tier.premium)]
-    if not candidates:
+def _explored(rule: Rule, book: RuleBook, config: Config, known: Callable[[str], bool]) -> Route | None:
+    """A request of a ruled type sent to the other side so the loop keeps the evidence the rule rests
+    on: a locked or cascaded type's to the frontier (the gap stays measured); an escalated type's to
+    the local model the rule names in `model`, which the engine does only while that model may still
+    be close enough to win the type back (one that fails every time is not explored). Never a premium
+    model (it needs a per-user grant)."""
+    if rule.action == "escalate":
+        pick = rule.model
+    else:
+        pick = (rule.target_model if rule.action == "cascade" else None) or config.defaults.frontier_model
+    if not pick or not known(pick) or (pick in config.models and config.models[pick].tier is Tier.premium):
         return None
-    pick = candidates[min(int(draw * len(candidates)), len(candidates) - 1)]
     route = Route(pick, f"explore:{rule.rule_id}",
                   f"exploring {pick} on {rule.task_type} ({config.loop.thresholds.explore_share:.0%} of its traffic "
-                  f"keeps evidence on other models); the rule: {rule.reason}")
-    return _swapped(route, rule.task_type, book, known) if pick in local_models(config) else route
+                  f"keeps evidence on both sides); the rule: {rule.reason}")
+    return _swapped(route, rule.task_type, book, known) if rule.action == "escalate" else route
 
 
 def _swapped(route: Route, task_type: str | None, book: RuleBook, known: Callable[[str], bool]) -> Route:
