@@ -360,7 +360,7 @@ def test_a_small_share_of_a_ruled_types_traffic_explores_the_other_side():
     local, frontier = config.defaults.model, config.defaults.frontier_model
     share = config.loop.thresholds.explore_share
     esc = RuleBook.from_rules([Rule("escalate:coding", "escalate", "coding", None, local, frontier, "bad")])
-    lock = RuleBook.from_rules([Rule("lock_local:chat", "lock_local", "chat", None, None, local, "good")])
+    lock = RuleBook.from_rules([Rule("lock_local:chat", "lock_local", "chat", None, frontier, local, "good")])
     # Over the share the rule holds; under it an escalated type tries the local model the rule names,
     # a locked one the frontier.
     assert route_request("auto", "coding", "ann", esc, config, explore=share).model == frontier
@@ -385,6 +385,15 @@ def test_an_escalation_names_its_local_model_for_exploration_only_while_it_could
     rows = [("reasoning", "llama3.2", 300, local)] + ([("reasoning", "claude-sonnet-4-5", 300, frontier)] if frontier else [])
     got = run(jpats(*rows), frontier_model="claude-sonnet-4-5")
     assert [(d.action, d.model) for d in got] == [("escalate", explored)]
+
+
+@pytest.mark.parametrize("local,verdicts,frontier,explored", [
+    (1.0, 20, None, None), (0.95, 20, None, "claude-sonnet-4-5"), (0.88, 300, 0.9, "claude-sonnet-4-5"),
+    (0.99, 3000, 0.9, None)])
+def test_a_lock_names_the_frontier_for_exploration_only_while_it_could_be_ahead(local, verdicts, frontier, explored):
+    rows = [("chat", "llama3.2", verdicts, local)] + ([("chat", "claude-sonnet-4-5", verdicts, frontier)] if frontier else [])
+    got = run(jpats(*rows), frontier_model="claude-sonnet-4-5")
+    assert [(d.action, d.model) for d in got] == [("lock_local", explored)]
 
 
 def test_exploration_draws_spread_evenly_and_repeat_per_prompt():

@@ -148,8 +148,12 @@ def _completion_rule(task_type: str, g: pd.DataFrame, frontier: pd.DataFrame, ta
                         f"{target or 'the frontier model'}.", ev | {"gap_margin": _r(margin), "explore_model": explore})
     if (known and gap <= t.completion_lock_gap) or (not known and local > t.completion_lock_above):
         why = f"no more than {t.completion_lock_gap:.0%} behind the frontier" if known else f"over {t.completion_lock_above:.0%}"
-        return Decision(f"lock_local:{task_type}", "lock_local", task_type, None, None, kept,
-                        f"{seen}: {why}; keep {task_type} on {kept}.", ev)
+        # The gateway explores the frontier only while it could still be more than the lock gap
+        # ahead: a local model right every time leaves nothing to measure.
+        could_be = gap + margin if known else 1 - (local - t.completion_confidence_z * float(np.sqrt(local * (1 - local) / n_local)))
+        explore = target if round(could_be, _EPS_DIGITS) > t.completion_lock_gap else None
+        return Decision(f"lock_local:{task_type}", "lock_local", task_type, None, explore, kept,
+                        f"{seen}: {why}; keep {task_type} on {kept}.", ev | {"explore_model": explore})
     if local < t.completion_escalate_below:
         # Under the bar but not far from the frontier (or no frontier to compare): worth exploring
         # while the local rate's own error bar reaches the bar.

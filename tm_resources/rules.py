@@ -163,14 +163,13 @@ def explore_draw(text: str) -> float:
 
 def _explored(rule: Rule, book: RuleBook, config: Config, known: Callable[[str], bool]) -> Route | None:
     """A request of a ruled type sent to the other side so the loop keeps the evidence the rule rests
-    on: a locked or cascaded type's to the frontier (the gap stays measured); an escalated type's to
-    the local model the rule names in `model`, which the engine does only while that model may still
-    be close enough to win the type back (one that fails every time is not explored). Never a premium
-    model (it needs a per-user grant)."""
-    if rule.action == "escalate":
-        pick = rule.model
-    else:
-        pick = (rule.target_model if rule.action == "cascade" else None) or config.defaults.frontier_model
+    on: a cascaded type's to its frontier; a locked type's to the frontier the rule names in `model`
+    and an escalated type's to the local model named there, which the engine does only while the
+    other side could still change the decision (a local model that fails every time, or one right
+    every time, is not explored). Never a premium model (it needs a per-user grant)."""
+    # escalate and lock_local name the model to explore in `model` (none: not worth it); a cascade
+    # always explores its frontier.
+    pick = rule.target_model if rule.action == "cascade" else rule.model
     if not pick or not known(pick) or (pick in config.models and config.models[pick].tier is Tier.premium):
         return None
     route = Route(pick, f"explore:{rule.rule_id}",
