@@ -139,7 +139,7 @@ def _completion_rule(task_type: str, g: pd.DataFrame, frontier: pd.DataFrame, ta
     seen += f", {target or 'the frontier'}'s {top:.0%} of {n_top}" if known else " (too few frontier verdicts to compare)"
     # The frontier's own rate comes first: no bar sends a type to a frontier that does no better on it.
     if known and round(gap + margin, _EPS_DIGITS) > t.completion_max_gap:
-        behind = f"{gap:.0%} behind" + (f" (up to {gap + margin:.0%} on this evidence)" if gap <= t.completion_max_gap else "")
+        behind = (f"{gap:.0%} behind" if gap >= 0 else f"{-gap:.0%} ahead") + (f" (up to {gap + margin:.0%} on this evidence)" if gap <= t.completion_max_gap else "")
         # The gateway explores the local model (loop.thresholds.explore_share) only while the gap
         # could still be within the allowance: one far behind is not worth its wrong answers.
         explore = kept if round(gap - margin, _EPS_DIGITS) <= t.completion_max_gap else None
