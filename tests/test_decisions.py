@@ -8,7 +8,7 @@ import pytest
 from tm_resources.config import Thresholds
 from tm_resources.config import EXAMPLE_CONFIG, load_config
 from tm_resources.decisions import Decision, coaching_brief, decide
-from tm_gateway.rules import Rule, RuleBook, route_request
+from tm_gateway.rules import Rule, RuleBook, explore_draw, route_request
 from tm_resources.grading import grades
 
 TIERS = {"llama3.2": "local", "qwen2.5-coder": "local", "claude-sonnet-4-5": "included", "claude-opus-4-1": "premium"}
@@ -94,6 +94,77 @@ def test_cascades_can_be_switched_off_and_go_to_the_best_local_model():
     assert run(p, thresholds=Thresholds(cascade_borderline=False)) == []
 
 
+# --- 1-2 on the judge's verdicts ---------------------------------------------------------------
+
+def jpats(*rows: tuple) -> pd.DataFrame:
+    """rows: (task_type, model, judged, avg_completion); the composite is set where it would cascade."""
+    return pd.DataFrame([(t, m, n, 0.7, n, c) for t, m, n, c in rows],
+                        columns=["task_type", "model", "samples", "avg_quality", "judged", "avg_completion"])
+
+
+ON_ESTIMATES = T.model_copy(update={"completion_confidence_z": 0.0})   # the gap without its error bar
+
+
+@pytest.mark.parametrize("local,frontier,action", [
+    (0.59, None, "escalate"), (0.6, None, "cascade"), (0.9, None, "cascade"), (0.91, None, "lock_local"),
+    (0.79, 0.9, "escalate"), (0.8, 0.9, "cascade"), (0.87, 0.9, "lock_local"), (0.86, 0.9, "cascade"),
+    (0.95, 0.9, "lock_local"), (0.55, 0.6, "escalate"), (0.5, 0.52, "lock_local"),
+])
+def test_judge_completion_decides_the_type(local, frontier, action):
+    # A composite of 0.7 alone would cascade every one of these: the judge's rate decides instead,
+    # against the frontier's rate on the same type first (a frontier no better is no reason to
+    # pay for it), then against absolute bars.
+    rows = [("reasoning", "llama3.2", 10, local)] + ([("reasoning", "claude-sonnet-4-5", 10, frontier)] if frontier else [])
+    got = run(jpats(*rows), thresholds=ON_ESTIMATES, frontier_model="claude-sonnet-4-5")
+    assert [d.rule_id for d in got if d.task_type == "reasoning"] == [f"{action}:reasoning"]
+    assert got[0].evidence["local_completion"] == local and f"{local:.0%}" in got[0].reason
+
+
+def test_too_few_verdicts_fall_back_to_the_composite():
+    # 9 verdicts on the local model of 12 answers (10 verdicts needed): the composite of 0.45 escalates; the frontier's
+    # 50 verdicts alone do not switch the type to the judge's rule.
+    p = jpats(("coding", "llama3.2", 9, 0.95), ("coding", "claude-sonnet-4-5", 50, 0.5)).assign(avg_quality=0.45, samples=12)
+    got = run(p, frontier_model="claude-sonnet-4-5")
+    assert [d.rule_id for d in got] == ["escalate:coding"] and "local_completion" not in got[0].evidence
+    # Too few frontier verdicts: the local rate is judged on the absolute bars only.
+    got = run(jpats(("coding", "llama3.2", 10, 0.95), ("coding", "claude-sonnet-4-5", 9, 1.0)),
+              frontier_model="claude-sonnet-4-5")
+    assert [d.rule_id for d in got] == ["lock_local:coding"] and got[0].evidence["frontier_completion"] is None
+
+
+def test_the_local_model_the_judge_finds_right_most_often_serves_the_type():
+    # qwen has the better composite but llama the better completion rate: llama is kept, and the
+    # model with too few verdicts (though perfect) is not picked on noise.
+    p = pd.DataFrame([("math", "llama3.2", 30, 0.7, 30, 0.92), ("math", "qwen2.5-coder", 30, 0.9, 30, 0.7),
+                      ("math", "mistral-x", 3, 0.9, 3, 1.0)],
+                     columns=["task_type", "model", "samples", "avg_quality", "judged", "avg_completion"])
+    got = decide(p, None, None, None, T, TIERS | {"mistral-x": "local"})
+    assert [(d.rule_id, d.target_model) for d in got if d.task_type == "math"] == [("lock_local:math", "llama3.2")]
+
+
+@pytest.mark.parametrize("verdicts,action", [(30, "escalate"), (300, "escalate"), (3000, "cascade")])
+def test_a_type_goes_local_only_when_the_gap_is_within_the_allowance_on_its_evidence(verdicts, action):
+    # 8 points behind is within the 10 allowed, but on 30 or 300 verdicts a side the gap could be
+    # over 10 (one standard error of the gap: 11 and 3.5 points); on 3,000 it is not (1.1 points).
+    rows = jpats(("reasoning", "llama3.2", verdicts, 0.72), ("reasoning", "claude-sonnet-4-5", verdicts, 0.8))
+    got = run(rows, frontier_model="claude-sonnet-4-5")
+    assert actions(got) == [f"{action}:reasoning"]
+    assert ("up to" in got[0].reason) is (action == "escalate")
+
+
+def test_judge_thresholds_are_configuration():
+    rows = jpats(("chat", "llama3.2", 10, 0.8), ("chat", "claude-sonnet-4-5", 10, 0.9))
+    assert actions(run(rows, frontier_model="claude-sonnet-4-5")) == ["escalate:chat"]
+    T = ON_ESTIMATES  # noqa: N806 - the rest on the estimates alone
+    assert actions(run(rows, thresholds=T, frontier_model="claude-sonnet-4-5")) == ["cascade:chat"]
+    loose = T.model_copy(update={"completion_lock_gap": 0.1})
+    assert actions(run(rows, thresholds=loose, frontier_model="claude-sonnet-4-5")) == ["lock_local:chat"]
+    strict = T.model_copy(update={"completion_max_gap": 0.05})
+    assert actions(run(rows, thresholds=strict, frontier_model="claude-sonnet-4-5")) == ["escalate:chat"]
+    off = T.model_copy(update={"cascade_borderline": False})
+    assert actions(run(rows, thresholds=off, frontier_model="claude-sonnet-4-5")) == []
+
+
 # --- 3. coach -----------------------------------------------------------------------------------
 
 def grade_row(user: str, daily: dict[str, float], example: str | None = "fix it", weakness: str | None = "context") -> dict:
@@ -174,6 +245,17 @@ def test_throttle_baseline_ignores_hours_older_than_a_week_and_newcomers_use_the
     got = run(costs=pd.DataFrame(rows))
     assert actions(got) == ["throttle:ann", "throttle:new"]
     assert got[1].evidence["baseline_source"] == "team"
+
+
+@pytest.mark.parametrize("now_cost,fires", [(0.6, False), (0.61, True)])
+def test_a_heavy_users_short_history_beats_the_teams_lower_median(now_cost, fires):
+    # bob has one active hour at $0.30, the team's median hour is $0.10 (ann's three): bob's own
+    # hour is his baseline, so doubling it is needed, not 2 x $0.10.
+    rows = hours("ann", [0.1] * 3, 0.1) + hours("bob", [0.3], now_cost)
+    got = [d for d in run(costs=pd.DataFrame(rows)) if d.user_id == "bob"]
+    assert bool(got) is fires
+    if fires:
+        assert got[0].evidence["baseline_usd"] == pytest.approx(0.3) and got[0].evidence["baseline_source"] == "user"
 
 
 # --- 6. swap ------------------------------------------------------------------------------------
@@ -271,3 +353,50 @@ def test_a_cascade_rule_routes_local_first_with_the_frontier_behind_it():
 def test_rules_that_are_not_active_do_not_route():
     got = run(**everything(), mode="dry-run")
     assert _route(got, "coding", "bob") == ("llama3.2", "default")
+
+
+def test_a_small_share_of_a_ruled_types_traffic_explores_the_other_side():
+    config = load_config(EXAMPLE_CONFIG)
+    local, frontier = config.defaults.model, config.defaults.frontier_model
+    share = config.loop.thresholds.explore_share
+    esc = RuleBook.from_rules([Rule("escalate:coding", "escalate", "coding", None, local, frontier, "bad")])
+    lock = RuleBook.from_rules([Rule("lock_local:chat", "lock_local", "chat", None, frontier, local, "good")])
+    # Over the share the rule holds; under it an escalated type tries the local model the rule names,
+    # a locked one the frontier.
+    assert route_request("auto", "coding", "ann", esc, config, explore=share).model == frontier
+    r = route_request("auto", "coding", "ann", esc, config, explore=share / 2)
+    assert (r.model, r.route) == (local, "explore:escalate:coding")
+    assert route_request("auto", "chat", "ann", lock, config, explore=0.0).model == frontier
+    # An escalation that names no local model (far behind), no share, a throttled user or a named
+    # model: no exploration.
+    hopeless = RuleBook.from_rules([Rule("escalate:coding", "escalate", "coding", None, None, frontier, "bad")])
+    assert route_request("auto", "coding", "ann", hopeless, config, explore=0.0).model == frontier
+    off = config.model_copy(update={"loop": config.loop.model_copy(
+        update={"thresholds": config.loop.thresholds.model_copy(update={"explore_share": 0.0})})})
+    assert route_request("auto", "coding", "ann", esc, off, explore=0.0).model == frontier
+    throttled = RuleBook.from_rules([*esc.by_type.values(), Rule("throttle:ann", "throttle", None, "ann", None, None, "x")])
+    assert config.models[route_request("auto", "chat", "ann", throttled, config, explore=0.0).model].tier.value == "local"
+    assert route_request(frontier, "coding", "ann", esc, config, explore=0.0).route == "requested"
+
+
+@pytest.mark.parametrize("local,frontier,explored", [(0.72, 0.8, "llama3.2"), (0.4, 0.8, None), (0.58, None, "llama3.2"),
+                                                     (0.2, None, None)])
+def test_an_escalation_names_its_local_model_for_exploration_only_while_it_could_win(local, frontier, explored):
+    rows = [("reasoning", "llama3.2", 300, local)] + ([("reasoning", "claude-sonnet-4-5", 300, frontier)] if frontier else [])
+    got = run(jpats(*rows), frontier_model="claude-sonnet-4-5")
+    assert [(d.action, d.model) for d in got] == [("escalate", explored)]
+
+
+@pytest.mark.parametrize("local,verdicts,frontier,explored", [
+    (1.0, 20, None, None), (0.95, 20, None, "claude-sonnet-4-5"), (0.88, 300, 0.9, "claude-sonnet-4-5"),
+    (0.99, 3000, 0.9, None)])
+def test_a_lock_names_the_frontier_for_exploration_only_while_it_could_be_ahead(local, verdicts, frontier, explored):
+    rows = [("chat", "llama3.2", verdicts, local)] + ([("chat", "claude-sonnet-4-5", verdicts, frontier)] if frontier else [])
+    got = run(jpats(*rows), frontier_model="claude-sonnet-4-5")
+    assert [(d.action, d.model) for d in got] == [("lock_local", explored)]
+
+
+def test_exploration_draws_spread_evenly_and_repeat_per_prompt():
+    draws = [explore_draw(f"question {i}") for i in range(2000)]
+    assert all(0 <= d < 1 for d in draws) and explore_draw("question 7") == draws[7]
+    assert 0.04 < sum(d < 0.05 for d in draws) / len(draws) < 0.065

@@ -38,7 +38,8 @@ def traffic() -> pd.DataFrame:
 def test_patterns_per_type_model_and_per_user():
     by_user, by_type = patterns(traffic(), TIERS)
     assert list(by_type.columns) == ["task_type", "model", "tier", "requests", "samples", "avg_quality", "total_cost_usd",
-                                     "avg_cost_usd", "input_tokens", "output_tokens", "escalations", "escalated_away"]
+                                     "avg_cost_usd", "input_tokens", "output_tokens", "escalations", "escalated_away",
+                                     "judged", "avg_completion"]
     assert list(by_user.columns[:4]) == ["task_type", "model", "tier", "user_id"]
     row = by_type.set_index(["task_type", "model"]).loc[("coding", "llama3.2")]
     assert (row.requests, row.samples) == (4, 3)                  # the failed call counts as a request, not a sample
@@ -49,6 +50,14 @@ def test_patterns_per_type_model_and_per_user():
     assert frontier.escalations == 1 and frontier.total_cost_usd == pytest.approx(0.02) and frontier.tier == "included"
     assert by_user.set_index(["task_type", "model", "user_id"]).loc[("coding", "llama3.2", "bob")].samples == 1
     assert len(by_type) == 3 and len(by_user) == 4                 # the row without a model is nowhere
+
+
+def test_patterns_count_the_judges_verdicts_apart_from_the_composite():
+    df = traffic().assign(completion=[1.0, 0.0, np.nan, np.nan, 1.0, np.nan, 1.0])
+    row = patterns(df, TIERS)[1].set_index(["task_type", "model"]).loc[("coding", "llama3.2")]
+    # The unjudged answer (d) is a sample of the composite but no verdict: one of two judged answers was right.
+    assert (row.samples, row.judged, row.avg_completion) == (3, 2, 0.5)
+    assert patterns(traffic(), TIERS)[1]["judged"].eq(0).all()     # no judge: no verdicts, no rate
 
 
 def test_patterns_is_deterministic_whatever_the_row_order():

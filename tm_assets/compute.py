@@ -27,7 +27,7 @@ SCORED_COLUMNS = ["request_id", "ts", "user_id", "model", "tier", "coherence", "
 TASK_TYPE_COLUMNS = ["request_id", "ts", "user_id", "model", "task_type", "confidence"]
 PATTERN_COLUMNS = ["scope", "task_type", "model", "tier", "user_id", "requests", "samples", "avg_quality",
                    "total_cost_usd", "avg_cost_usd", "input_tokens", "output_tokens", "escalations",
-                   "escalated_away"]
+                   "escalated_away", "judged", "avg_completion"]
 GRADE_COLUMNS = ["user_id", "grade", "avg_quality_score", "samples", "requests_today", "tokens_today", "cost_today",
                  "escalations", "wrong_model_rate", "prompt_quality_avg", "low_prompt_days",
                  "prompt_quality_daily", "coaching_example", "prompt_weakness"]
@@ -191,7 +191,7 @@ def read_window(conn: psycopg.Connection, hour: datetime, *, hours: int) -> pd.D
         conn,
         "SELECT r.id, r.ts, r.user_id, r.session_id, r.model, r.status, r.prompt, r.input_tokens,"
         " r.output_tokens, r.cache_read_tokens, r.cache_write_tokens, r.cost_usd, r.baseline_cost_usd,"
-        " r.parent_id, r.route, r.cache_hit, s.quality, s.prompt_quality, t.task_type"
+        " r.parent_id, r.route, r.cache_hit, s.quality, s.completion, s.prompt_quality, t.task_type"
         " FROM scored_requests s"
         " JOIN requests r ON r.id = s.request_id AND r.ts = s.ts"
         " LEFT JOIN task_types t ON t.request_id = s.request_id"
@@ -225,7 +225,7 @@ def grades_table(window: pd.DataFrame, hour: datetime, config: Config) -> pd.Dat
 def read_decision_inputs(conn: psycopg.Connection, hour: datetime, config: Config) -> dict[str, Any]:
     end = hour + timedelta(hours=1)
     pats = read_df(conn, "SELECT task_type, model, tier, requests, samples, avg_quality, total_cost_usd,"
-                         " avg_cost_usd, escalations FROM patterns WHERE hour = %s AND scope = 'type_model'"
+                         " avg_cost_usd, escalations, judged, avg_completion FROM patterns WHERE hour = %s AND scope = 'type_model'"
                          " ORDER BY task_type, model", (hour,))
     grade_rows = read_df(conn, f"SELECT {', '.join(GRADE_COLUMNS)} FROM grades WHERE hour = %s ORDER BY user_id",
                          (hour,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -112,13 +113,15 @@ def default_for(requested: str, user_id: str, agent: str | None, config: Config)
 
 
 def route_request(requested: str, task_type: str | None, user_id: str, book: RuleBook, config: Config,
-                  known: Callable[[str], bool] | None = None, agent: str | None = None) -> Route:
+                  known: Callable[[str], bool] | None = None, agent: str | None = None,
+                  explore: float | None = None) -> Route:
     """Which model answers. A throttle applies to every request of its user and keeps it local, even
     for an escalated type; type rules apply to `auto`: escalate sends the type to the frontier,
     cascade has its local model answer first and the frontier when that answer fails the quick gate,
     lock_local keeps it on its local model; a swap then replaces that local model (or the default)
     by the fine-tune that beat it. `known` says whether a model name can be served (the config's
-    models, plus registered fine-tunes)."""
+    models, plus registered fine-tunes). `explore`: a uniform draw in [0, 1) for this request; under
+    loop.thresholds.explore_share, a type rule's request goes to the other side instead (_explored)."""
     known = known or config.models.__contains__
     auto = machine_chooses(requested, config)
     throttle = book.throttled.get(user_id)
@@ -133,6 +136,9 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
     if not auto:
         return Route(requested, "requested", "the client named the model")
     rule = book.by_type.get(task_type) if task_type else None
+    if rule is not None and explore is not None and explore < config.loop.thresholds.explore_share:
+        if (explored := _explored(rule, book, config, known)):
+            return explored
     if rule is not None:
         if rule.action == "escalate":
             target = rule.target_model if rule.target_model and known(rule.target_model) else config.defaults.frontier_model
@@ -151,6 +157,29 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
             if target and known(target):
                 return _swapped(Route(target, f"rule:{rule.rule_id}", rule.reason), task_type, book, known)
     return _swapped(default_for(requested, user_id, agent, config), task_type, book, known)
+
+
+def explore_draw(text: str) -> float:
+    """A request's draw for exploration, in [0, 1): from its prompt, so a question asked again is
+    routed again as it was (and tests are deterministic), while prompts spread evenly."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
+
+
+def _explored(rule: Rule, book: RuleBook, config: Config, known: Callable[[str], bool]) -> Route | None:
+    """A request of a ruled type sent to the other side so the loop keeps the evidence the rule rests
+    on: a cascaded type's to its frontier; a locked type's to the frontier the rule names in `model`
+    and an escalated type's to the local model named there, which the engine does only while the
+    other side could still change the decision (a local model that fails every time, or one right
+    every time, is not explored). Never a premium model (it needs a per-user grant)."""
+    # escalate and lock_local name the model to explore in `model` (none: not worth it); a cascade
+    # always explores its frontier.
+    pick = rule.target_model if rule.action == "cascade" else rule.model
+    if not pick or not known(pick) or (pick in config.models and config.models[pick].tier is Tier.premium):
+        return None
+    route = Route(pick, f"explore:{rule.rule_id}",
+                  f"exploring {pick} on {rule.task_type} ({config.loop.thresholds.explore_share:.0%} of its traffic "
+                  f"keeps evidence on both sides); the rule: {rule.reason}")
+    return _swapped(route, rule.task_type, book, known) if rule.action == "escalate" else route
 
 
 def _swapped(route: Route, task_type: str | None, book: RuleBook, known: Callable[[str], bool]) -> Route:

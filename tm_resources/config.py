@@ -241,6 +241,25 @@ class Thresholds(_Strict):
     # requests is cascaded: its local model answers first, the frontier when that answer fails
     # the gateway's quick gate. False: such a type keeps the default route.
     cascade_borderline: bool = True
+    # When the completion judge (loop.judge_model) has given verdicts on completion_min_samples+ answers
+    # of a type's best local model, the type is decided on that judge's rate of completed answers, not on
+    # the composite (which hides wrong answers behind coherent, brief ones): escalate when the rate is
+    # under completion_escalate_below, or more than completion_max_gap under the frontier's rate on the
+    # same type (frontier judged completion_min_samples+ times, the gap widened by
+    # completion_confidence_z standard errors); lock local when within
+    # completion_lock_gap of the frontier's (or, no frontier evidence, over completion_lock_above);
+    # in between, cascade. Fewer verdicts: the composite rules above.
+    completion_min_samples: int = Field(10, ge=1)
+    completion_escalate_below: float = Field(0.6, ge=0, le=1)
+    completion_max_gap: float = Field(0.1, ge=0, le=1)
+    completion_lock_gap: float = Field(0.03, ge=0, le=1)
+    completion_lock_above: float = Field(0.9, ge=0, le=1)
+    # The gap to the frontier is taken this many standard errors wide before a type is handed to a
+    # local model (0: on the estimate alone).
+    completion_confidence_z: float = Field(1.0, ge=0)
+    # This share of `auto` requests of a type under an escalate, cascade or lock rule goes to another
+    # model (a local one, or the frontier), so both sides keep the evidence the rule rests on.
+    explore_share: float = Field(0.05, ge=0, le=0.5)
     coaching_below: float = Field(0.4, ge=0, le=1)      # a user's prompt quality under this ...
     coaching_days: int = Field(3, ge=1)                 # ... on each of this many days in a row
     finetune_min_samples: int = Field(50, ge=1)         # a pattern this common ...

@@ -1,5 +1,6 @@
 """The decision engine: seven conditions over patterns, grades and costs, seven routing actions,
-every threshold from config."""
+every threshold from config. Task types are decided on the completion judge's verdicts when there are
+enough of them, else on the composite quality."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class Decision:
     action: Action
     task_type: str | None
     user_id: str | None
-    model: str | None           # the model the rule is about (pattern's model, base of a swap)
+    model: str | None           # the model the rule is about (pattern's model, base of a swap, the
+                                # local model an escalated type still explores)
     target_model: str | None    # where traffic goes, or the base to fine-tune
     reason: str                 # one sentence with the numbers
     evidence: dict = field(default_factory=dict)
@@ -91,6 +93,82 @@ def coaching_brief(user_id: str, weakness: str | None, example: str | None, aver
     return "\n".join(lines)
 
 
+def _judged(rows: pd.DataFrame) -> pd.DataFrame:
+    if "judged" not in rows or "avg_completion" not in rows:
+        return rows.iloc[0:0]
+    return rows[rows["avg_completion"].notna() & (rows["judged"].fillna(0) > 0)]
+
+
+def _completion_rate(rows: pd.DataFrame) -> tuple[float, int]:
+    """The judge's completion rate pooled over pattern rows, and how many verdicts it rests on."""
+    rows = _judged(rows)
+    n = int(rows["judged"].sum()) if not rows.empty else 0
+    if n == 0:
+        return float("nan"), 0
+    return round(float((rows["avg_completion"] * rows["judged"]).sum() / n), _EPS_DIGITS), n
+
+
+def _completion_rule(task_type: str, g: pd.DataFrame, frontier: pd.DataFrame, target: str | None,
+                     t: Thresholds, ev: dict) -> Decision | None:
+    """A type decided on the judge's completion rate of its best local model, when it has enough verdicts.
+
+    The best local model (the one that serves a lock or answers first in a cascade) is the one the
+    judge found right most often, not the one with the best composite: the composite rewards a
+    coherent, brief, wrong answer almost as much as a right one."""
+    judged = _judged(g)
+    judged = judged[judged["judged"] >= t.completion_min_samples]
+    if judged.empty:
+        return None
+    best = judged.assign(_c=judged["avg_completion"].astype("float64").round(_EPS_DIGITS)).sort_values(
+        ["_c", "judged", "model"], ascending=[False, False, True], kind="stable").iloc[0]
+    local, n_local, kept = float(best["_c"]), int(best["judged"]), best["model"]
+    top, n_top = _completion_rate(frontier)
+    known = n_top >= t.completion_min_samples
+    gap = round(top - local, _EPS_DIGITS) if known else None
+    # How far the gap may really be, given how few verdicts it rests on: handing a type to a local
+    # model needs the gap's upper bound within the allowance, not only its estimate (exploration
+    # keeps adding local verdicts to an escalated type, so a close one is won back later).
+    margin = t.completion_confidence_z * float(np.sqrt(local * (1 - local) / n_local + top * (1 - top) / n_top)) \
+        if known else 0.0
+    ev = ev | {"local_model": kept, "local_completion": _r(local), "local_judged": n_local,
+               "frontier_completion": _r(top) if known else None, "frontier_judged": n_top,
+               "completion_min_samples": t.completion_min_samples, "completion_escalate_below": t.completion_escalate_below,
+               "completion_max_gap": t.completion_max_gap, "completion_lock_gap": t.completion_lock_gap,
+               "completion_lock_above": t.completion_lock_above, "completion_confidence_z": t.completion_confidence_z}
+    seen = f"The judge found {kept}'s answers on {task_type} complete {local:.0%} of {n_local} times"
+    seen += f", {target or 'the frontier'}'s {top:.0%} of {n_top}" if known else " (too few frontier verdicts to compare)"
+    # The frontier's own rate comes first: no bar sends a type to a frontier that does no better on it.
+    if known and round(gap + margin, _EPS_DIGITS) > t.completion_max_gap:
+        behind = (f"{gap:.0%} behind" if gap >= 0 else f"{-gap:.0%} ahead") + (f" (up to {gap + margin:.0%} on this evidence)" if gap <= t.completion_max_gap else "")
+        # The gateway explores the local model (loop.thresholds.explore_share) only while the gap
+        # could still be within the allowance: one far behind is not worth its wrong answers.
+        explore = kept if round(gap - margin, _EPS_DIGITS) <= t.completion_max_gap else None
+        return Decision(f"escalate:{task_type}", "escalate", task_type, None, explore, target,
+                        f"{seen}: {behind}, more than the {t.completion_max_gap:.0%} allowed; route {task_type} to "
+                        f"{target or 'the frontier model'}.", ev | {"gap_margin": _r(margin), "explore_model": explore})
+    if (known and gap <= t.completion_lock_gap) or (not known and local > t.completion_lock_above):
+        why = f"no more than {t.completion_lock_gap:.0%} behind the frontier" if known else f"over {t.completion_lock_above:.0%}"
+        # The gateway explores the frontier only while it could still be more than the lock gap
+        # ahead: a local model right every time leaves nothing to measure.
+        could_be = gap + margin if known else 1 - (local - t.completion_confidence_z * float(np.sqrt(local * (1 - local) / n_local)))
+        explore = target if round(could_be, _EPS_DIGITS) > t.completion_lock_gap else None
+        return Decision(f"lock_local:{task_type}", "lock_local", task_type, None, explore, kept,
+                        f"{seen}: {why}; keep {task_type} on {kept}.", ev | {"explore_model": explore})
+    if local < t.completion_escalate_below:
+        # Under the bar but not far from the frontier (or no frontier to compare): worth exploring
+        # while the local rate's own error bar reaches the bar.
+        reach = local + t.completion_confidence_z * float(np.sqrt(local * (1 - local) / n_local))
+        explore = kept if round(reach, _EPS_DIGITS) >= t.completion_escalate_below else None
+        return Decision(f"escalate:{task_type}", "escalate", task_type, None, explore, target,
+                        f"{seen}: under the bar of {t.completion_escalate_below:.0%}; route {task_type} to "
+                        f"{target or 'the frontier model'}.", ev | {"explore_model": explore})
+    if not t.cascade_borderline:
+        return None
+    return Decision(f"cascade:{task_type}", "cascade", task_type, None, kept, target,
+                    f"{seen}: close but not close enough to lock; {kept} answers {task_type} first, "
+                    f"{target or 'the frontier model'} when its answer fails the quick gate.", ev)
+
+
 def _type_rules(pat: pd.DataFrame, t: Thresholds, frontier_model: str | None) -> list[Decision]:
     out: list[Decision] = []
     local = pat[(pat["_tier"] == "local") & pat["avg_quality"].notna() & (pat["samples"] > 0)]
@@ -100,6 +178,11 @@ def _type_rules(pat: pd.DataFrame, t: Thresholds, frontier_model: str | None) ->
         ev = {"local_samples": n, "local_avg_quality": _r(q), "local_models": sorted(g["model"].tolist())}
         others = pat[(pat["task_type"] == task_type) & (pat["_tier"].notna()) & (pat["_tier"] != "local")]
         target = frontier_model or _best(others)  # where the type goes when local is not enough
+        frontier = others[others["model"] == target] if target else others.iloc[0:0]
+        if "judged" in g and g["judged"].fillna(0).ge(t.completion_min_samples).any():
+            if (d := _completion_rule(task_type, g, frontier, target, t, ev)) is not None:
+                out.append(d)
+            continue
         if n >= t.escalate_min_samples and q < t.escalate_below:
             out.append(Decision(
                 f"escalate:{task_type}", "escalate", task_type, None, None, target,
@@ -188,7 +271,8 @@ def _throttle_rules(costs: pd.DataFrame, t: Thresholds, hour: pd.Timestamp | Non
 
     Baseline: the median cost of the user's active hours (hours with any request) in the 168
     hours before this one, when they had at least BASELINE_MIN_HOURS of them; otherwise the
-    median over every user's active hours in that window (a newcomer is compared with the team);
+    median over every user's active hours in that window (a newcomer is compared with the team),
+    or their own median of fewer hours when it is higher;
     no history at all: no anomaly can be told.
     """
     out: list[Decision] = []
@@ -211,6 +295,11 @@ def _throttle_rules(costs: pd.DataFrame, t: Thresholds, hour: pd.Timestamp | Non
         own = history.loc[history["user_id"] == user, "cost_usd"]
         if len(own) >= BASELINE_MIN_HOURS:
             baseline, source = float(own.median()), f"median of their {len(own)} active hours in the last 7 days"
+        elif len(own) and float(own.median()) > team:
+            # A heavy user's first hours already say the team's median is not their normal: without this
+            # every heavy user is an "anomaly" in their second hour (seen in bench/simulate.py).
+            baseline, source = float(own.median()), (f"median of their {len(own)} active hours in the last 7 days, "
+                                                     "over the team's")
         else:
             baseline, source = team, "the team's median active hour in the last 7 days (too little history of their own)"
         if cost > t.anomaly_cost_multiple * baseline and cost >= t.anomaly_min_cost_usd:
@@ -222,7 +311,7 @@ def _throttle_rules(costs: pd.DataFrame, t: Thresholds, hour: pd.Timestamp | Non
                 f"${baseline:.2f} ({source}; limit {t.anomaly_cost_multiple:g}x, min ${t.anomaly_min_cost_usd:.2f}): "
                 f"local models only until it passes.",
                 {"hour": hour.isoformat(), "cost_usd": _r(cost, 6), "baseline_usd": _r(baseline, 6),
-                 "baseline_source": "user" if len(own) >= BASELINE_MIN_HOURS else "team",
+                 "baseline_source": "team" if source.startswith("the team") else "user",
                  "baseline_hours": int(len(own)), "anomaly_cost_multiple": t.anomaly_cost_multiple,
                  "anomaly_min_cost_usd": t.anomaly_min_cost_usd}))
     return out
@@ -266,7 +355,9 @@ def decide(type_model_patterns: pd.DataFrame, grades_df: pd.DataFrame | None, us
     escalate_min_samples; > lock_above with >= lock_min_samples; daily prompt quality <
     coaching_below on >= coaching_days active days in a row; >= finetune_min_samples at >
     finetune_min_quality; cost > anomaly_cost_multiple x baseline and >= anomaly_min_cost_usd;
-    fine-tune minus base > 0 and >= swap_min_margin.
+    fine-tune minus base > 0 and >= swap_min_margin. A type whose best local model has
+    completion_min_samples+ judge verdicts (patterns' judged, avg_completion) is decided by
+    _completion_rule instead of the composite.
     """
     if mode not in STATUS_BY_MODE:
         raise ValueError(f"mode must be one of {', '.join(STATUS_BY_MODE)}, not {mode!r}")

@@ -19,7 +19,8 @@ COACHING_HISTORY_DAYS = 7      # local days looked back over for a run of weak-p
 COACHING_EXAMPLE_CHARS = 160
 
 PATTERN_COLUMNS = ["task_type", "model", "tier", "requests", "samples", "avg_quality", "total_cost_usd",
-                   "avg_cost_usd", "input_tokens", "output_tokens", "escalations", "escalated_away"]
+                   "avg_cost_usd", "input_tokens", "output_tokens", "escalations", "escalated_away", "judged",
+                   "avg_completion"]
 GRADE_COLUMNS = ["user_id", "grade", "avg_quality_score", "samples", "requests_today", "tokens_today", "cost_today",
                  "escalations", "wrong_model_rate", "prompt_quality_avg", "low_prompt_days", "prompt_quality_daily",
                  "coaching_example", "prompt_weakness"]
@@ -61,7 +62,8 @@ def patterns(df: pd.DataFrame, tiers: Mapping[str, object] | None = None) -> tup
     output_tokens; optional id, parent_id, route). Rows without a model (nothing answered) or a
     task type are left out. `requests` counts every row and carries all cost and tokens;
     `samples` and `avg_quality` count only rows with a quality (answered, status 200), so a
-    failed call costs but never drags an average; `escalations` are rows that were an
+    failed call costs but never drags an average; `judged` and `avg_completion` count the rows
+    the completion judge gave a verdict (optional column `completion`); `escalations` are rows that were an
     escalation (they sit under the model escalated to); `escalated_away` are rows whose answer
     was replaced by one (they sit under the local model that tried first).
     """
@@ -69,6 +71,9 @@ def patterns(df: pd.DataFrame, tiers: Mapping[str, object] | None = None) -> tup
     d = df[df["model"].notna() & df["task_type"].notna()].copy()
     d["_quality"] = d["quality"].astype("float64") if "quality" in d else np.nan
     d["_scored"] = d["_quality"].notna().astype("int64")
+    # The judge's task-completion verdict alone: the one signal that sees whether an answer is right.
+    d["_completion"] = d["completion"].astype("float64") if "completion" in d else np.nan
+    d["_judged"] = d["_completion"].notna().astype("int64")
     d["_cost"] = d["cost_usd"].fillna(0).astype("float64") if "cost_usd" in d else 0.0
     d["_in"] = d["input_tokens"].fillna(0).astype("int64") if "input_tokens" in d else 0
     d["_out"] = d["output_tokens"].fillna(0).astype("int64") if "output_tokens" in d else 0
@@ -89,10 +94,12 @@ def patterns(df: pd.DataFrame, tiers: Mapping[str, object] | None = None) -> tup
             "output_tokens": g["_out"].sum(),
             "escalations": g["_esc"].sum(),
             "escalated_away": g["_away"].sum(),
+            "judged": g["_judged"].sum(),
+            "avg_completion": g["_completion"].mean(),
         }).reset_index()
         out["avg_cost_usd"] = out["total_cost_usd"] / out["requests"]
         out["tier"] = [tier_name(m, tiers) for m in out["model"]]
-        for c in ("requests", "samples", "input_tokens", "output_tokens", "escalations", "escalated_away"):
+        for c in ("requests", "samples", "input_tokens", "output_tokens", "escalations", "escalated_away", "judged"):
             out[c] = out[c].astype("int64")
         return out[columns].sort_values(keys, kind="stable").reset_index(drop=True)
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from tm_gateway.rules import (
     Route,
     auto_route,
+    explore_draw,
     learned_pick,
     machine_chooses,
     premium_allowed,
@@ -43,7 +44,8 @@ async def choose_model(gw: Proxy, ctx: Ctx, requested: str, prompt: str, got: Cl
     if chooses and gw.classify is not None and prompt:
         vec, task_type, confidence = got or await classified(gw, prompt, row)
     user = row.data["user_id"]
-    route = route_request(requested, task_type, user, gw.shared.rules, config, agent=row.data["agent"])
+    route = route_request(requested, task_type, user, gw.shared.rules, config, agent=row.data["agent"],
+                          explore=explore_draw(prompt or task_text))
     if route.route == "default" and requested == "auto":
         learned = learned_pick(gw.shared.learned, vec, user, config)
         tier = tier_of(prompt or task_text, task_type, confidence, config)
