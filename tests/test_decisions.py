@@ -7,7 +7,7 @@ import pytest
 
 from tm_resources.config import Thresholds
 from tm_resources.config import EXAMPLE_CONFIG, load_config
-from tm_resources.decisions import Decision, coaching_brief, decide
+from tm_assets.decisions import Decision, coaching_brief, decide
 from tm_gateway.rules import Rule, RuleBook, explore_draw, route_request
 from tm_resources.grading import grades
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tm_resources import finetune as ft
+from tm_assets import finetune as ft
 
 # -- data: one narrow, repetitive pattern (a support desk answering ticket-status questions) ---------
 

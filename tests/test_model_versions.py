@@ -24,7 +24,7 @@ from tm_assets.assets import routing_rules
 from tm_assets.model_versions import fine_tuned_model_beats_base, finetune_data_valid, model_versions
 from tm_assets.resources import EmbedderResource, PostgresResource, PostHogResource, TokenMachineConfig
 from tm_gateway import keys
-from tm_resources import finetune
+from tm_assets import finetune
 from tm_resources.registry import rollback_version
 
 

@@ -15,7 +15,8 @@ from pydantic import Field
 
 from tm_assets.assets import finetune_jobs
 from tm_assets.resources import EmbedderResource, PostgresResource, TokenMachineConfig
-from tm_resources import finetune, quality
+from tm_assets import finetune
+from tm_resources import quality
 from tm_resources.config import ScoringWeights, tm_home
 from tm_resources.embedder import Embedder
 from tm_resources.registry import RegisteredModel, register, rollback_version
