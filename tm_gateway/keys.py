@@ -60,9 +60,15 @@ def revoke(conn: psycopg.Connection, key_id_or_user: str) -> list[str]:
     return [r[0] for r in rows]
 
 
+# The keys in force, read by the CLI (sync) and by each replica's state poller (async).
+ACTIVE_KEYS_SQL = "SELECT key_hash, id, user_id FROM api_keys WHERE revoked_at IS NULL"
+
+
+def key_map(rows) -> dict[bytes, tuple[str, str]]:
+    """hash -> (key id, user id): what a gateway replica holds in memory."""
+    return {bytes(h): (kid, uid) for h, kid, uid in rows}
+
+
 def active_keys(conn: psycopg.Connection) -> dict[bytes, tuple[str, str]]:
-    """hash -> (key id, user id) for every key in force: what a gateway replica holds in memory."""
-    return {
-        bytes(h): (kid, uid)
-        for kid, uid, h in conn.execute("SELECT id, user_id, key_hash FROM api_keys WHERE revoked_at IS NULL")
-    }
+    """hash -> (key id, user id) for every key in force."""
+    return key_map(conn.execute(ACTIVE_KEYS_SQL))

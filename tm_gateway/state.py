@@ -14,7 +14,7 @@ import psycopg
 
 from tm_resources.cache import CacheContexts, RecentHashes
 from tm_resources.db import connect
-from tm_gateway.keys import active_keys
+from tm_gateway.keys import ACTIVE_KEYS_SQL, active_keys, key_map
 from tm_gateway.learned import LearnedRouter, RouterSettings, load_with
 from tm_resources.registry import RegisteredModel, load_registry
 from tm_gateway.rules import RuleBook, load_rulebook
@@ -91,10 +91,8 @@ class SharedState:
                 cur = await conn.execute("SELECT name, version FROM tm_state_versions")
                 versions = dict(await cur.fetchall())
                 if versions.get("api_keys") != self._versions.get("api_keys"):
-                    cur = await conn.execute(
-                        "SELECT key_hash, id, user_id FROM api_keys WHERE revoked_at IS NULL"
-                    )
-                    self._keys = {bytes(h): (kid, uid) for h, kid, uid in await cur.fetchall()}
+                    cur = await conn.execute(ACTIVE_KEYS_SQL)
+                    self._keys = key_map(await cur.fetchall())
                     log.info("api keys reloaded: %d in force", len(self._keys))
                 relearn = False
                 if versions.get("routing_rules") != self._versions.get("routing_rules"):
