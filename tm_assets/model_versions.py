@@ -5,7 +5,7 @@ turns dry_run off. Export -> train (mlx-lm LoRA) -> evaluate against the base ->
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -80,7 +80,7 @@ def model_versions(context: dg.AssetExecutionContext, config: FineTuneRun, postg
     device = finetune.mlx_device()
     context.log.info(f"mlx device: {device}" + (" (the CPU build on Linux; Metal on Apple silicon)"
                                                 if device == "cpu" else " (Metal)"))
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     results = []
     with postgres.get_connection() as conn:
         jobs = pd.DataFrame(conn.execute(
