@@ -58,7 +58,6 @@ def _run(installed: Path, cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.slow
 def test_the_wheel_works_from_any_folder(installed, tmp_path):
     tm = installed / "bin" / "tm"
     shown = _run(installed, tmp_path, str(tm), "--help")
