@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -281,7 +281,7 @@ def scale(args, config) -> dict:
     nprng = np.random.default_rng(args.seed)
     vecs = nprng.normal(size=(max(sizes), 384)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rows: list[dict] = []
     out = {"hnsw_supported": supported, "hnsw_index": bool(has_index),
            "ef_search": args.ef_search or config.cache.semantic.hnsw_ef_search, "sizes": {}}
@@ -410,8 +410,8 @@ def replay(name: str, texts: list[str], embedder, args, rng: random.Random) -> t
     def fmt(t: dict[str, int]) -> str:
         return f"{t['ok']}/{t['unsure']}/{t['wrong']}" + (f" (+{t['unjudged']} unjudged)" if t["unjudged"] else "")
 
-    print(f"  semantic hits (nearest earlier prompt at or above the threshold, exact repeats excluded), and the")
-    print(f"  hand verdicts (served answer right / unsure / wrong) of every one of them:")
+    print("  semantic hits (nearest earlier prompt at or above the threshold, exact repeats excluded), and the")
+    print("  hand verdicts (served answer right / unsure / wrong) of every one of them:")
     print(f"  {'threshold':>9} {'hits':>5} {'% of all':>8} {'judged':>10}   {'prompt fits window':>24}   "
           f"{'prompt cut at the cap':>24}")
     for t in THRESHOLDS:

@@ -45,9 +45,17 @@ from pathlib import Path
 import aiohttp
 import orjson
 import psycopg
-
-from gateway_latency import (MODEL, REPO, UPSTREAM_MODEL, Child, _default_signals, free_port, tm_command, wait_http,
-                             write_config)
+from gateway_latency import (
+    MODEL,
+    REPO,
+    UPSTREAM_MODEL,
+    Child,
+    _default_signals,
+    free_port,
+    tm_command,
+    wait_http,
+    write_config,
+)
 
 FAULTS = ("500", "503", "429", "stall", "stall-mid", "refused", "cut", "cut-body", "wrong-shape", "html", "bad-json",
           "bad-event")
@@ -152,7 +160,7 @@ async def fault_load(base: str, key: str, seconds: float, concurrency: int, max_
                         if rid:
                             tally.answered_ids.add(rid)
                             tally.kinds[rid] = (primary, stream)
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                except (TimeoutError, aiohttp.ClientError, OSError):
                     tally.errors += 1
                     await asyncio.sleep(0.05)
 
@@ -178,7 +186,7 @@ async def load(url: str, key: str, seconds: float, concurrency: int, max_request
                         tally.by_status[resp.status] = tally.by_status.get(resp.status, 0) + 1
                         if rid:
                             tally.answered_ids.add(rid)
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                except (TimeoutError, aiohttp.ClientError, OSError):
                     tally.errors += 1
                     await asyncio.sleep(0.05)  # a gateway that is down: do not spin
 
@@ -266,7 +274,7 @@ class Bench:
         rows = self.row_outcomes(key_id)
         wrong: dict[str, int] = {}
         rows_by: dict[str, int] = {}
-        for rid, (status, error_class, model) in rows.items():
+        for rid, (status, error_class, _model) in rows.items():
             label = f"{status} {error_class}" if error_class else str(status)
             rows_by[label] = rows_by.get(label, 0) + 1
             if rid in tally.kinds and (status, error_class) != expected_row(fault, *tally.kinds[rid]):

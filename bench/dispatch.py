@@ -40,8 +40,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=500)
     args = ap.parse_args()
 
-    from tm_resources.config import EXAMPLE_CONFIG, load_config
     from tm_gateway.dispatch import Dispatcher
+    from tm_resources.config import EXAMPLE_CONFIG, load_config
     from tm_resources.embedder import get_embedder
 
     config = load_config(EXAMPLE_CONFIG)

@@ -300,7 +300,7 @@ class Load:
                     payload = await resp.read()
                     end = first = time.perf_counter_ns()
                 status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+        except (TimeoutError, aiohttp.ClientError) as err:
             t.fail(f"{type(err).__name__}: {err}")
             return None
         t.answered += 1

@@ -20,7 +20,7 @@ import random
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -111,16 +111,16 @@ def main() -> int:
     from tm_assets.assets import loop_assets, requests_source
     from tm_assets.checks import loop_checks
     from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
+    from tm_gateway.ids import uuid7
     from tm_gateway.requestlog import RequestLog
     from tm_resources import cache, db
     from tm_resources.embedder import get_embedder
-    from tm_gateway.ids import uuid7
 
     rng = random.Random(args.seed)
     pairs = load_pairs()
     url = db.ensure_database(db.start_embedded(home), "bench")
     db.migrate(url)
-    hour = (datetime.now(timezone.utc) - timedelta(hours=2)).replace(minute=0, second=0, microsecond=0)
+    hour = (datetime.now(UTC) - timedelta(hours=2)).replace(minute=0, second=0, microsecond=0)
 
     t0 = time.perf_counter()
     embedder = get_embedder()

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,8 +185,8 @@ def main() -> int:
     from tm_assets.assets import loop_assets, requests_source
     from tm_assets.checks import loop_checks
     from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
-    from tm_gateway.app import GatewaySettings, create_app
     from tm_gateway import keys
+    from tm_gateway.app import GatewaySettings, create_app
     from tm_resources import db
 
     answers = {human: gpt for conv in conversations for human, gpt in conv}
@@ -199,7 +199,6 @@ def main() -> int:
     with psycopg.connect(url) as conn:
         user_keys = [keys.create_key(conn, f"user{i}")[0] for i in range(args.users)]
 
-    rng = random.Random(args.seed)
     with FakeUpstream(api_keys={ANTHROPIC_KEY}, responder=recorded, record=False) as anth, \
             FakeUpstream(responder=recorded, record=False) as local:
         cfg = config(anth.url, local.openai_url)
@@ -237,7 +236,7 @@ def main() -> int:
 
     sent = sum(replay.sent.values())
     with_key = sent - sum(v for k, v in replay.sent.items() if k.startswith("bad key"))
-    hour0 = (datetime.now(timezone.utc) - timedelta(hours=args.hours + 1)).replace(minute=0, second=0, microsecond=0)
+    hour0 = (datetime.now(UTC) - timedelta(hours=args.hours + 1)).replace(minute=0, second=0, microsecond=0)
     with psycopg.connect(url) as conn:
         logged = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
         # The replay took minutes; spread its rows over the past hours, keeping their order.

@@ -16,21 +16,21 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tm_gateway.ids import uuid7  # noqa: E402
 from tm_gateway.requestlog import RequestLog  # noqa: E402
 from tm_resources import db  # noqa: E402
-from tm_gateway.ids import uuid7  # noqa: E402
 
 PROMPT = "Summarise this note in one sentence: the nightly build took longer after the cache was cleared. " * 3
 
 
 def row(i: int, bad: bool = False) -> dict:
-    return {"id": uuid7(), "ts": datetime.now(timezone.utc), "user_id": None if bad else "bench",
+    return {"id": uuid7(), "ts": datetime.now(UTC), "user_id": None if bad else "bench",
             "api_format": "openai", "endpoint": "/v1/chat/completions", "status": 200, "prompt": PROMPT,
             "messages": f'[{{"role": "user", "content": "{PROMPT} {i}"}}]', "response_text": "Fine. " * 20,
             "model": "bench-local", "provider": "bench", "input_tokens": 40, "output_tokens": 30}

@@ -37,8 +37,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from tm_gateway.app import prompt_classifier
-    from tm_resources.config import EXAMPLE_CONFIG, load_config
     from tm_gateway.rules import Rule, RuleBook, route_request
+    from tm_resources.config import EXAMPLE_CONFIG, load_config
 
     config = load_config(EXAMPLE_CONFIG)
     if ARENA.exists():
@@ -74,8 +74,8 @@ def main() -> int:
 
     # The rule path of an `auto` request no rule covers: the rule book, then the tier classifier's
     # signals (the task type already known) and the chain or cascade it picks.
-    from tm_resources.config import parse_config
     from tm_gateway.rules import auto_route, tier_of
+    from tm_resources.config import parse_config
 
     data = config.model_dump(mode="json")
     data["routing"] = {"tiers": {"chains": {"SIMPLE": ["llama3.2"], "MEDIUM": ["qwen2.5-coder", "llama3.2"],

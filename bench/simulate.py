@@ -44,7 +44,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tm_resources.quality import _clip_middle  # noqa: E402  (the judge sees texts clipped this way)
 from tm_gateway.routerbench import RouterBenchData, load_routerbench  # noqa: E402
+from tm_resources.quality import _clip_middle  # noqa: E402  (the judge sees texts clipped this way)
 
 # The open models of RouterBench are the team's local models (price 0); gpt-4 is the frontier.
 DEFAULT_LOCAL = ("mistralai/mixtral-8x7b-chat", "zero-one-ai/Yi-34B-Chat", "meta/llama-2-70b-chat",
@@ -530,7 +530,7 @@ def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, re
     evals = sorted(set(data.eval_names))
     team = make_team(users, evals, rng)
     traffic = Traffic(data, rng)
-    now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     first_hour = now - timedelta(hours=hours)
     home = Path(home or tempfile.mkdtemp(prefix="tm-sim-"))
     harness = Harness(home, recorded, local, frontier, default_local, judge_noise, seed, thresholds, start,

@@ -218,6 +218,7 @@ def main() -> None:
     print(f"  fp32 cap 256, 1 thread: one prompt {speed['fp32-256-1-thread']['embed_and_classify_one_short_prompt']}")
     if not args.no_st:
         from sentence_transformers import SentenceTransformer
+
         from tm_resources.embedder import model_path
 
         st = SentenceTransformer(str(model_path()), device="cpu")

@@ -34,8 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
-from tm_gateway.tiers import (DEFAULT_WEIGHTS, Tier, TierClassifier, calibrate,  # noqa: E402
-                                calibration_report)
+from tm_gateway.tiers import DEFAULT_WEIGHTS, Tier, TierClassifier, calibrate, calibration_report  # noqa: E402
 
 S, M, C, R = Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING
 

@@ -77,8 +77,8 @@ def main() -> int:
     out: dict = {"python": platform.python_version(), "load_avg": os.getloadavg()[0], "bodies": {}}
     for name, (fmt, body) in bodies().items():
         raw = orjson.dumps(body)
-        parse = per_call_us(lambda: orjson.loads(raw), args.rounds)
-        whole = per_call_us(lambda: check(fmt, raw), args.rounds)
+        parse = per_call_us(lambda raw=raw: orjson.loads(raw), args.rounds)
+        whole = per_call_us(lambda fmt=fmt, raw=raw: check(fmt, raw), args.rounds)
         out["bodies"][name] = {"bytes": len(raw), "parse_us": round(parse, 1),
                                "depth_and_shape_us": round(whole - parse, 1)}
     events = {

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 import psycopg
 import pytest
 
 from tm_gateway.requestlog import RequestLog, copy_row
 from tm_resources import db
+from tm_resources.config import EXAMPLE_CONFIG
 from tm_gateway.ids import uuid7
 
 
@@ -162,7 +162,7 @@ def test_tm_log_replay_rejected_stores_what_it_can_and_keeps_the_rest(db_url, tm
     RequestLog(db_url, spool_dir=spool)._reject([good, bad], "test")
     monkeypatch.setenv("TM_DATABASE_URL", db_url)
     monkeypatch.setenv("TM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("TM_CONFIG", str(Path(__file__).resolve().parent.parent / "tm.yaml"))
+    monkeypatch.setenv("TM_CONFIG", str(EXAMPLE_CONFIG))
     assert main(["log", "replay-rejected"]) == 1
     assert "1 rejected row(s) stored; 1 still refused" in capsys.readouterr().out
     assert count(db_url) == 1

@@ -9,6 +9,7 @@ from tm_assets.assets import hourly, routing_rules, scored_requests, task_types
 from tm_assets.resources import PostgresResource
 from tm_resources.tables import COMPLETION_ENDPOINTS
 
+
 def window_of(context: dg.AssetCheckExecutionContext) -> dict[str, datetime]:
     """The hours the run covered (one, or a backfill's range), as query parameters `start` and `end`."""
     window = context.partition_time_window

@@ -33,7 +33,7 @@ async def _judge_all(config: Config, model: str, conversations: Sequence[list[di
                 return None
             try:
                 text = await complete_text(session, ep, upstream, messages, 16)
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, aiohttp.ClientConnectionError, OSError):
                 # One refused connection means the judge is down: stop trying for this batch.
                 unreachable = True
                 return None

@@ -5,7 +5,7 @@ turns dry_run off. Export -> train (mlx-lm LoRA) -> evaluate against the base ->
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from tm_assets import finetune
 from tm_assets.assets import finetune_jobs
 from tm_assets.resources import EmbedderResource, PostgresResource, TokenMachineConfig
-from tm_assets import finetune
 from tm_resources import quality
 from tm_resources.config import ScoringWeights, tm_home
 from tm_resources.embedder import Embedder
@@ -81,7 +81,7 @@ def model_versions(context: dg.AssetExecutionContext, config: FineTuneRun, postg
     device = finetune.mlx_device()
     context.log.info(f"mlx device: {device}" + (" (the CPU build on Linux; Metal on Apple silicon)"
                                                 if device == "cpu" else " (Metal)"))
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     results = []
     with postgres.get_connection() as conn:
         jobs = pd.DataFrame(conn.execute(

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypedDict
 
@@ -23,13 +23,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tm_gateway.state import SharedState
+from tm_gateway.learned import RouterSettings
 from tm_gateway.openapi import openapi_description
 from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
+from tm_gateway.state import SharedState
 from tm_resources import cache
 from tm_resources.config import Config
-from tm_gateway.learned import RouterSettings
 from tm_resources.providers import SecretScrubber
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             body = {
                 "data": [
                     {"type": "model", "id": n, "display_name": n,
-                     "created_at": datetime.fromtimestamp(created, timezone.utc).isoformat()}
+                     "created_at": datetime.fromtimestamp(created, UTC).isoformat()}
                     for n in names
                 ],
                 "has_more": False,

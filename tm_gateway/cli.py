@@ -13,13 +13,11 @@ import warnings
 from pathlib import Path
 
 import psycopg
-
 import psycopg.rows
 
-from tm_gateway import loopctl
-from tm_gateway import keys
+from tm_gateway import keys, loopctl
 from tm_resources import db
-from tm_resources.config import Config, ConfigError, config_path, load_config, tm_home
+from tm_resources.config import EXAMPLE_CONFIG, Config, ConfigError, config_path, load_config, tm_home
 from tm_resources.loop_start import first_hour
 
 log = logging.getLogger("tm")
@@ -479,10 +477,24 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 1 if kept else 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    target = Path("tm.yaml")
+    if target.exists() and not args.force:
+        print(f"tm: {target.resolve()} exists; --force replaces it", file=sys.stderr)
+        return 1
+    target.write_text(EXAMPLE_CONFIG.read_text())
+    print(f"wrote {target.resolve()}: edit its providers and models, then `tm up`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tm", description="Token Machine: an LLM gateway with a learning loop.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    ini = sub.add_parser("init", help="write a starter tm.yaml into the current folder")
+    ini.add_argument("--force", action="store_true", help="replace an existing tm.yaml")
+    ini.set_defaults(func=cmd_init)
 
     up = sub.add_parser("up", help="start everything on the embedded default and say where it is")
     up.add_argument("--config", help="configuration file (default: $TM_CONFIG, ./tm.yaml)")

@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import psycopg
@@ -125,7 +125,7 @@ def load_router(conn: psycopg.Connection, *, models: Iterable[str] | None = None
     `max_rows` rows are read. Raises on a database error (the caller keeps what it had)."""
     from pgvector.psycopg import register_vector
 
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     since = now - timedelta(hours=window_h)
     wanted = None if models is None else sorted(set(models))
 

@@ -4,11 +4,11 @@ The gateway side never imports the loop's code: it starts Dagster's own commands
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 
 from tm_resources import db
@@ -17,15 +17,14 @@ from tm_resources.tables import COMPLETION_ENDPOINTS
 DEFINITIONS_MODULE = "tm_assets.definitions"
 # The loop's assets, by the group the definitions give them (the names live with the assets only).
 LOOP_SELECTION = "group:loop"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def dagster_env(home: Path, url: str, config_path: Path | None = None) -> dict[str, str]:
-    """The environment a Dagster process needs: its home under $TM_HOME with the project's dagster.yaml,
+    """The environment a Dagster process needs: its home under $TM_HOME with the packaged dagster.yaml,
     its storage in a `dagster` database on the same Postgres, and the project's own database URL."""
     dagster_home = home / "dagster"
     dagster_home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    (dagster_home / "dagster.yaml").write_text(resources.files("tm_resources").joinpath("dagster.yaml").read_text())
     storage = db.ensure_database(url, "dagster")
     env = {
         **os.environ,
@@ -47,7 +46,7 @@ HOUR_HELP = ("'now' (the hour in progress), 'last' (the last complete hour), a p
 
 
 def current_hour(now: datetime | None = None) -> datetime:
-    return (now or datetime.now(timezone.utc)).replace(minute=0, second=0, microsecond=0)
+    return (now or datetime.now(UTC)).replace(minute=0, second=0, microsecond=0)
 
 
 def last_complete_hour(now: datetime | None = None) -> datetime:
@@ -65,7 +64,7 @@ def parse_hour(text: str, now: datetime | None = None, first: datetime | None = 
     hour = None
     for fmt in ("%Y-%m-%d-%H:%M", "%Y-%m-%dT%H", "%Y-%m-%d %H"):
         try:
-            hour = datetime.strptime(text.strip(), fmt).replace(tzinfo=timezone.utc)
+            hour = datetime.strptime(text.strip(), fmt).replace(tzinfo=UTC)
             break
         except ValueError:
             continue
@@ -74,8 +73,8 @@ def parse_hour(text: str, now: datetime | None = None, first: datetime | None = 
             t = datetime.fromisoformat(text.strip())
         except ValueError:
             raise ValueError(f"--hour {text!r} is not an hour: give {HOUR_HELP}") from None
-        t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-        hour = t.astimezone(timezone.utc)
+        t = t if t.tzinfo else t.replace(tzinfo=UTC)
+        hour = t.astimezone(UTC)
     hour = hour.replace(minute=0, second=0, microsecond=0)
     if hour > current_hour(now):
         raise ValueError(f"--hour {partition_key(hour)} has not begun yet (it is {current_hour(now):%H}:xx UTC now)")
@@ -103,8 +102,8 @@ def materialize(env: dict[str, str], hour: datetime, selection: str = LOOP_SELEC
     cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", DEFINITIONS_MODULE,
            "--select", selection, "--partition", partition_key(hour)]
     if not quiet:
-        return subprocess.call(cmd, env=env, cwd=PROJECT_ROOT, preexec_fn=_default_signals), ""
-    done = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, preexec_fn=_default_signals, stdout=subprocess.PIPE,
+        return subprocess.call(cmd, env=env, cwd=env["DAGSTER_HOME"], preexec_fn=_default_signals), ""
+    done = subprocess.run(cmd, env=env, cwd=env["DAGSTER_HOME"], preexec_fn=_default_signals, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, errors="replace")
     return done.returncode, done.stdout
 
@@ -125,7 +124,7 @@ def start_loop(env: dict[str, str], host: str, port: int, log_path: Path) -> lis
         [_bin("dagster-webserver"), "-m", DEFINITIONS_MODULE, "-h", host, "-p", str(port)],
         [_bin("dagster-daemon"), "run", "-m", DEFINITIONS_MODULE],
     ]
-    return [subprocess.Popen(restore + cmd, env=env, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    return [subprocess.Popen(restore + cmd, env=env, cwd=env["DAGSTER_HOME"], stdout=log_file, stderr=subprocess.STDOUT)
             for cmd in commands]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -119,7 +119,7 @@ class Proxy:
         row = Row(
             {
                 "id": rid,
-                "ts": datetime.now(timezone.utc),
+                "ts": datetime.now(UTC),
                 "user_id": ident[1],
                 "api_key_id": ident[0],
                 "api_format": fmt.value,

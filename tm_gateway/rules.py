@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from tm_resources.config import Config, Tier
 from tm_gateway.tiers import TierClassifier
+from tm_resources.config import Config, Tier
 
 if TYPE_CHECKING:
     from tm_gateway.learned import LearnedRouter

@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired, Required
 
 import orjson
 from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, with_config
-from typing_extensions import NotRequired, Required, TypedDict
+from typing_extensions import TypedDict
 
 __all__ = ["MAX_DEPTH", "InvalidShape", "check_depth", "check_request", "check_answer", "check_stream_event",
            "too_deep", "request_schema", "error_schema"]

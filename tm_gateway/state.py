@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterable
 
 import psycopg
 
-from tm_resources.cache import CacheContexts, RecentHashes
-from tm_resources.db import connect
 from tm_gateway.keys import ACTIVE_KEYS_SQL, active_keys, key_map
 from tm_gateway.learned import LearnedRouter, RouterSettings, load_with
-from tm_resources.registry import RegisteredModel, load_registry
 from tm_gateway.rules import RuleBook, load_rulebook
+from tm_resources.cache import CacheContexts, RecentHashes
+from tm_resources.db import connect
+from tm_resources.registry import RegisteredModel, load_registry
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,16 @@ import fnmatch
 import os
 from datetime import datetime
 from enum import Enum
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# The repository's own tm.yaml, used when nothing else is named (editable installs).
-EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "tm.yaml"
+# The example tm.yaml ships inside the package, so a wheel installed anywhere runs as it is; setuptools
+# installs package data as plain files, which callers read and copy as a Path.
+EXAMPLE_CONFIG = Path(str(resources.files("tm_resources").joinpath("tm.yaml")))
 
 
 class ConfigError(Exception):

@@ -79,7 +79,6 @@ def export_onnx(dest: Path, src: Path | None = None) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModel
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

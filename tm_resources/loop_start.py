@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 
@@ -18,14 +18,14 @@ FALLBACK = timedelta(days=7)
 
 
 def floor_hour(t: datetime) -> datetime:
-    t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-    return t.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    t = t if t.tzinfo else t.replace(tzinfo=UTC)
+    return t.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
 def first_hour(config: Config | None, url: str | None, now: datetime | None = None) -> datetime:
     """`loop.start` when configured; else the hour of the first logged request; else, with an empty log,
     the hour in progress (the installation starts now); else (no database reachable) a week back."""
-    now = floor_hour(now or datetime.now(timezone.utc))
+    now = floor_hour(now or datetime.now(UTC))
     if config is not None and config.loop.start is not None:
         return floor_hour(config.loop.start)
     if url:

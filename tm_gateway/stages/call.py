@@ -127,7 +127,7 @@ async def call(gw: Proxy, ctx: Ctx, body: dict, model: str, stream: bool, preset
             try:
                 resp = await gw.session.post(ep.url, data=payloads[key], headers=ep.headers(key_index, h),
                                              timeout=gw.timeouts[ep.name])
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 status, message, retry_after = 504, f"provider '{ep.name}' did not answer in time", None
                 kind, error_class = fallback.TIMEOUT, "upstream_timeout"
             except aiohttp.ClientError as err:
@@ -147,7 +147,7 @@ async def call(gw: Proxy, ctx: Ctx, body: dict, model: str, stream: bool, preset
                 else:
                     try:
                         data = await resp.read()
-                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                    except (TimeoutError, aiohttp.ClientError):
                         data = b""
                     finally:
                         resp.release()
@@ -220,7 +220,7 @@ async def _read_whole(gw: Proxy, fmt: str, resp: aiohttp.ClientResponse, name: s
     """A whole (non-streamed) answer, read and translated to the caller's format; or what went wrong."""
     try:
         data = await resp.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+    except (TimeoutError, aiohttp.ClientError) as err:
         return 502, "upstream_bad_response", f"provider '{ep.name}' broke off its answer ({type(err).__name__})"
     finally:
         resp.release()

@@ -74,7 +74,7 @@ async def _provider_count(gw: Proxy, body: dict, upstream: str, ep: Endpoint,
                                    timeout=gw.timeouts[ep.name]) as resp:
             data = await resp.read()
             status = resp.status
-    except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+    except (TimeoutError, aiohttp.ClientError) as err:
         return None, f"local ({ep.name} unreachable: {type(err).__name__})"
     if status == 400:
         raise BadRequest(400, "upstream_bad_request", gw.scrub(fm.error_message_from_body(data)))

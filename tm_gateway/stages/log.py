@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -45,7 +45,7 @@ def log_bodiless(request_log: RequestLog, request: Request, fmt: str, ident: tup
     read, an unknown endpoint); returns its id."""
     rid = uuid7()
     request_log.write({
-        "id": rid, "ts": datetime.now(timezone.utc), "user_id": ident[1], "api_key_id": ident[0],
+        "id": rid, "ts": datetime.now(UTC), "user_id": ident[1], "api_key_id": ident[0],
         "api_format": str(fmt), "endpoint": request.scope["path"], "status": status,
         "latency_ms": (time.perf_counter() - started) * 1000 if started is not None else 0.0,
         "agent": request.headers.get("x-tm-agent"), **fields})

@@ -160,7 +160,7 @@ class _StreamRelay:
             else:
                 self._end()
                 yield self._tail()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+        except (TimeoutError, aiohttp.ClientError) as err:
             if isinstance(err, asyncio.TimeoutError):  # no byte for timeout_s: a timeout, as before the first byte
                 self.upstream_error = "the provider's stream stalled past its timeout"
                 self.error_class, self.error_status = "upstream_timeout", 504

@@ -6,7 +6,6 @@ import json
 
 from tm_resources.formats._common import _dumps
 
-
 _OPENAI_ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

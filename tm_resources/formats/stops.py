@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 _A2O_STOP = {
     "end_turn": "stop",
     "stop_sequence": "stop",

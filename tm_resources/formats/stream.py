@@ -8,7 +8,13 @@ import uuid
 from tm_resources.formats._common import _dumps
 from tm_resources.formats.accumulate import _merge_anthropic_usage
 from tm_resources.formats.stops import _finish_from_anthropic, _stop_from_openai
-from tm_resources.formats.usage import Usage, usage_from_anthropic, usage_from_openai, usage_to_anthropic, usage_to_openai
+from tm_resources.formats.usage import (
+    Usage,
+    usage_from_anthropic,
+    usage_from_openai,
+    usage_to_anthropic,
+    usage_to_openai,
+)
 
 
 def anthropic_text_message(text: str, *, model: str, id: str) -> dict:
