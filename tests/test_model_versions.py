@@ -18,7 +18,7 @@ import yaml
 
 from tests.conftest import make_config, query, start_gateway
 from tests.fakes import FakeUpstream
-from tests.test_loop import log_traffic, materialize
+from tests.support import log_traffic, materialize
 from tests.traffic import an_hour_of_traffic, coding_prompt, good_answer, past_hour
 from tm_assets.assets import routing_rules
 from tm_assets.model_versions import fine_tuned_model_beats_base, finetune_data_valid, model_versions
