@@ -19,8 +19,8 @@ request's prompt costs.
    in file order, and separately ../shared/data/arena-hard (optional, outside the repository).
    Each prompt is embedded as the gateway embeds it (the prompt text, fp32, 128 tokens); its nearest
    *earlier* prompt decides a semantic hit at each threshold. A prompt whose exact text came earlier
-   is an exact-cache hit, counted
-   apart. This is global scope over one window holding every earlier prompt, and assumes every
+   is an exact-cache hit, counted apart.
+   This is global scope over one window holding every earlier prompt, and assumes every
    earlier answer scored well: an upper bound on the hit rate. Sample pairs per similarity band are
    written to $TM_HOME/bench-cache/cache-pairs.json (TM_HOME defaults to ./.tm) to be judged by
    reading them; this script cannot judge whether an answer serves another prompt.
