@@ -27,6 +27,8 @@ from tm_gateway import keys
 from tm_resources import finetune
 from tm_resources.registry import rollback_version
 
+pytestmark = pytest.mark.slow  # MLX: trains, evaluates and serves a fine-tuned model
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
