@@ -155,19 +155,9 @@ class AnthropicRoutes:
         self._see_model(model)
         stream = body.get("stream") is True
 
-        rule = await self._inject(model)
-        if rule is not None and rule.kind == "fail":
-            return _anthropic_error(rule.status, rule.message, retry_after=rule.retry_after)
-        if rule is not None and rule.kind == "garble":
-            return web.Response(body=rule.raw, status=200, content_type=rule.content_type)
-        if rule is not None and rule.kind == "bad_event" and not stream:
-            rule = None
-        half = rule is not None and rule.kind == "cut_body"
-        if half:
-            rule = None
-        if rule is not None and not stream:
-            self._abort(request)
-            return web.Response()
+        reply, rule, half = await self._meet_fault(request, model, stream, _anthropic_error)
+        if reply is not None:
+            return reply
 
         total, prefix_words, cache_key = _anthropic_input_tokens(body)
         if self.max_context is not None and total > self.max_context:

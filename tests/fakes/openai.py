@@ -87,19 +87,9 @@ class OpenAIRoutes:
         self._see_model(model)
         stream = body.get("stream") is True
 
-        rule = await self._inject(model)
-        if rule is not None and rule.kind == "fail":
-            return _openai_error(rule.status, rule.message, retry_after=rule.retry_after)
-        if rule is not None and rule.kind == "garble":
-            return web.Response(body=rule.raw, status=200, content_type=rule.content_type)
-        if rule is not None and rule.kind == "bad_event" and not stream:
-            rule = None
-        half = rule is not None and rule.kind == "cut_body"
-        if half:
-            rule = None
-        if rule is not None and not stream:
-            self._abort(request)
-            return web.Response()
+        reply, rule, half = await self._meet_fault(request, model, stream, _openai_error)
+        if reply is not None:
+            return reply
 
         prompt_tokens = _openai_input_tokens(body)
         if self.max_context is not None and prompt_tokens > self.max_context:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -141,6 +141,25 @@ class FakeUpstream(AnthropicRoutes, OpenAIRoutes, _ThreadedServer):
         return self._take(("fail", "drop", "cut_body", "garble", "bad_event"), model)
 
     # -- plumbing
+
+    async def _meet_fault(self, request: web.Request, model: str, stream: bool,
+                          error: Callable[..., web.Response]) -> tuple[web.Response | None, _Rule | None, bool]:
+        """The injected fault for this request: a reply to send at once, or else the rule the stream meets and
+        whether to cut the whole answer's body halfway."""
+        rule = await self._inject(model)
+        if rule is not None and rule.kind == "fail":
+            return error(rule.status, rule.message, retry_after=rule.retry_after), None, False
+        if rule is not None and rule.kind == "garble":
+            return web.Response(body=rule.raw, status=200, content_type=rule.content_type), None, False
+        if rule is not None and rule.kind == "bad_event" and not stream:
+            rule = None
+        half = rule is not None and rule.kind == "cut_body"
+        if half:
+            rule = None
+        if rule is not None and not stream:
+            self._abort(request)
+            return web.Response(), None, False
+        return None, rule, half
 
     async def _record(self, request: web.Request) -> dict | None:
         body = None
