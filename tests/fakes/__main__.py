@@ -12,7 +12,7 @@ from tests.fakes.upstream import FAULTS, FakeUpstream, inject_fault
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run a FakeUpstream in the foreground.")
+    parser = argparse.ArgumentParser(prog="python -m tests.fakes", description="Run a FakeUpstream in the foreground.")
     parser.add_argument("--port", type=int, default=9101)
     parser.add_argument("--chunk-delay", type=float, default=0.0)
     parser.add_argument("--words-per-chunk", type=int, default=1)
