@@ -18,6 +18,8 @@ from tests.fakes import free_port
 from tm_gateway.cli import main
 from tm_resources import db
 
+pytestmark = pytest.mark.slow  # the file takes over 20 s: out of the fast tier
+
 
 def test_keys_create_list_revoke(db_url, monkeypatch, capsys):
     monkeypatch.setenv("TM_DATABASE_URL", db_url)

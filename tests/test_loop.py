@@ -20,6 +20,8 @@ from tm_assets.checks import loop_checks
 from tm_assets.definitions import defs
 from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
 
+pytestmark = pytest.mark.slow  # the file takes over 20 s: out of the fast tier
+
 DERIVED = ("scored_requests", "task_types", "patterns", "grades", "routing_rules", "finetune_jobs", "cache_entries")
 
 
