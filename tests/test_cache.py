@@ -18,6 +18,8 @@ from tm_gateway import keys
 from tm_resources import cache
 from tm_resources.config import Config, parse_config
 
+pytestmark = pytest.mark.slow  # the file takes over 20 s: out of the fast tier
+
 
 def _config(anth_url: str, local_url: str, **cache_settings) -> Config:
     data = make_config(anth_url, local_url).model_dump(mode="json")

@@ -257,6 +257,7 @@ def run_claude(exe: Path, url: str, key: str, home: Path, prompt: str, *, model:
     return subprocess.run(cmd, env={**base, **(env or {})}, cwd=home, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # end to end: the real Claude Code CLI
 def test_claude_code_answers_through_the_gateway(cc, claude_code, tmp_path):
     url, key, app, db_url, anth, local = cc
     runs = [  # (how it is told the model, what answers)

@@ -18,6 +18,8 @@ from tests.fakes import free_port
 from tm_gateway.cli import main
 from tm_resources import db
 
+pytestmark = pytest.mark.slow  # the file takes over 20 s: out of the fast tier
+
 
 def test_keys_create_list_revoke(db_url, monkeypatch, capsys):
     monkeypatch.setenv("TM_DATABASE_URL", db_url)
@@ -174,7 +176,7 @@ def test_tm_requests_shows_recent_rows_with_filters_and_json(db_url, tmp_path, m
     import json
     from datetime import datetime, timedelta, timezone
 
-    from tests.test_loop import log_traffic
+    from tests.support import log_traffic
     from tests.traffic import log_row
 
     monkeypatch.setenv("TM_DATABASE_URL", db_url)
@@ -228,7 +230,7 @@ def _line(proc: subprocess.Popen, timeout: float = 30) -> str:
 def test_tm_requests_follow_prints_new_rows_as_they_are_logged(db_url, tmp_path):
     from datetime import datetime, timezone
 
-    from tests.test_loop import log_traffic
+    from tests.support import log_traffic
     from tests.traffic import log_row
 
     env = {**os.environ, "TM_DATABASE_URL": db_url, "TM_HOME": str(tmp_path / "home")}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_loop import log_traffic, write_config
+from tests.support import log_traffic, write_config
 from tests.traffic import an_hour_of_traffic, log_row
 from tm_gateway.cli import main
 

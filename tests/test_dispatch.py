@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.test_formats import check_anthropic_request, check_openai_request
+from tests.support import check_anthropic_request, check_openai_request
 from tm_resources.config import EXAMPLE_CONFIG, AgentConfig, Config, ConfigError, load_config, parse_config
 from tm_gateway.dispatch import DispatchDecision, Dispatcher, apply_agent, resolve_agent
 from tm_resources.embedder import Embedder, get_embedder

@@ -237,6 +237,7 @@ def trained(tiny_model: Path, dataset: Path, tmp_path_factory: pytest.TempPathFa
     return result, lines
 
 
+@pytest.mark.slow  # MLX: builds, trains or serves a model
 def test_tiny_model_is_small_and_chat_ready(tiny_model: Path):
     from transformers import AutoTokenizer
 
@@ -251,6 +252,7 @@ def test_tiny_model_is_small_and_chat_ready(tiny_model: Path):
     assert tok.convert_ids_to_tokens(tok.encode(text))[0] == ft.IM_START
 
 
+@pytest.mark.slow  # MLX: builds, trains or serves a model
 def test_mlx_device_is_cpu_here():
     assert ft.mlx_device() in ("cpu", "gpu")
     import platform
@@ -258,6 +260,7 @@ def test_mlx_device_is_cpu_here():
         assert ft.mlx_device() == "cpu"
 
 
+@pytest.mark.slow  # MLX: builds, trains or serves a model
 def test_train_lora_streams_output_and_reports_losses(trained):
     result, lines = trained
     assert any("Trainable parameters" in line for line in lines)
@@ -272,6 +275,7 @@ def test_train_lora_streams_output_and_reports_losses(trained):
     assert result.command.startswith("python -m mlx_lm lora --config ")
 
 
+@pytest.mark.slow  # MLX: builds, trains or serves a model
 def test_adapter_beats_base_on_held_out_tickets(tiny_model: Path, dataset: Path, trained):
     result, _ = trained
     base = ft.evaluate(tiny_model, dataset, None)
@@ -282,6 +286,7 @@ def test_adapter_beats_base_on_held_out_tickets(tiny_model: Path, dataset: Path,
     assert tuned.perplexity < base.perplexity
 
 
+@pytest.mark.slow  # MLX: builds, trains or serves a model
 def test_generate_answers_follows_the_trained_pattern(tiny_model: Path, dataset: Path, trained):
     result, _ = trained
     held_out = ft.held_out_examples(dataset)
@@ -293,6 +298,7 @@ def test_generate_answers_follows_the_trained_pattern(tiny_model: Path, dataset:
     assert not base[0].startswith("Ticket")
 
 
+@pytest.mark.slow  # MLX: builds, trains or serves a model
 def test_failed_training_raises_with_the_output_tail(tmp_path: Path, tiny_model: Path, dataset: Path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -320,6 +326,7 @@ def test_losses_parse_from_old_and_new_mlx_lm_output():
         assert ft.parse_losses(lines) == ([(10, 2.448), (20, 2.503)], [(1, 6.662), (20, 2.012)])
 
 
+@pytest.mark.slow  # MLX: builds, trains or serves a model
 def test_model_server_answers_the_openai_sdk(tiny_model: Path, trained):
     result, _ = trained
     # Background processes here may start with SIGINT/SIGTERM ignored; the child must stop anyway.

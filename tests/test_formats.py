@@ -8,10 +8,9 @@ import anthropic.types as at
 import openai.types as ot
 import pydantic
 import pytest
-from anthropic.types import message_create_params as a_params
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from openai.types.chat import completion_create_params as o_params
 
+from tests.support import check_anthropic_request, check_openai_request
 from tm_resources import formats as f
 from tm_resources.formats import FormatError, Usage
 
@@ -20,30 +19,9 @@ LOCAL = "qwen3:8b"
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 
 _A_EVENT = pydantic.TypeAdapter(at.RawMessageStreamEvent)
-_A_REQUEST = pydantic.TypeAdapter(a_params.MessageCreateParamsNonStreaming)
-_O_REQUEST = pydantic.TypeAdapter(o_params.CompletionCreateParamsNonStreaming)
 
 
 # ---------------------------------------------------------------- SDK validation helpers
-
-
-def _force(x):
-    """The SDK request types are TypedDicts of Iterables, which pydantic validates lazily: consume them."""
-    if isinstance(x, dict):
-        return {k: _force(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)) or hasattr(x, "__next__"):
-        return [_force(v) for v in x]
-    return x
-
-
-def check_anthropic_request(req: dict) -> dict:
-    body = {k: v for k, v in req.items() if k != "stream"}
-    return _force(_A_REQUEST.validate_python(body))
-
-
-def check_openai_request(req: dict) -> dict:
-    body = {k: v for k, v in req.items() if k not in ("stream", "stream_options")}
-    return _force(_O_REQUEST.validate_python(body))
 
 
 def check_event(event: str, data: dict):

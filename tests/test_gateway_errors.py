@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import ANTHROPIC_TEST_KEY, Gateway, make_config, start_gateway
 from tm_gateway import keys
 
+pytestmark = pytest.mark.slow  # the file takes over 20 s: out of the fast tier
+
 
 def oa(gw: Gateway, **kw) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0, **kw)

@@ -5,7 +5,6 @@ blocking check, and the PostHog events that really arrive."""
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import dagster as dg
 import psycopg
@@ -14,12 +13,14 @@ import yaml
 
 from tests.conftest import make_config, query
 from tests.fakes import FakePostHog, FakeUpstream
+from tests.support import log_traffic, materialize, write_config
 from tests.traffic import an_hour_of_traffic, past_hour
 from tm_assets.assets import loop_assets, requests_source
 from tm_assets.checks import loop_checks
 from tm_assets.definitions import defs
 from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
-from tm_gateway.requestlog import RequestLog
+
+pytestmark = pytest.mark.slow  # the file takes over 20 s: out of the fast tier
 
 DERIVED = ("scored_requests", "task_types", "patterns", "grades", "routing_rules", "finetune_jobs", "cache_entries")
 
@@ -52,32 +53,6 @@ def test_the_hour_in_progress_can_be_scored_but_the_automation_takes_the_hour_ju
     requested = {r.key.to_user_string(): r.true_subset.expensively_compute_partition_keys()
                  for r in tick.results if r.true_subset.size}
     assert requested == {"scored_requests": {(top - timedelta(hours=1)).strftime("%Y-%m-%d-%H:%M")}}
-
-
-def write_config(tmp_path: Path, **loop) -> Path:
-    config = make_config("http://127.0.0.1:9", "http://127.0.0.1:9/v1", loop=loop)
-    path = tmp_path / "tm.yaml"
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    return path
-
-
-def log_traffic(db_url: str, tmp_path: Path, rows: list[dict]) -> None:
-    log = RequestLog(db_url, spool_dir=tmp_path / "spool").start()
-    for r in rows:
-        log.write(r)
-    assert log.flush()
-    log.close()
-
-
-def materialize(db_url: str, config_path: Path, hour, posthog: PostHogResource | None = None,
-                raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
-    return dg.materialize(
-        [requests_source, *loop_assets, *loop_checks],
-        resources={"postgres": PostgresResource(url=db_url), "tm_config": TokenMachineConfig(path=str(config_path)),
-                   "posthog": posthog or PostHogResource(api_key=None), **model_resources()},
-        partition_key=hour.strftime("%Y-%m-%d-%H:%M"),
-        raise_on_error=raise_on_error,
-    )
 
 
 def snapshot(db_url: str) -> dict[str, list]:

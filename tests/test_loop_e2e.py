@@ -12,12 +12,15 @@ from pathlib import Path
 
 import openai
 import psycopg
+import pytest
 import yaml
 
 from tests.conftest import Gateway, make_config, query, start_gateway
 from tests.fakes import FakeUpstream
 from tests.traffic import OFF_TOPIC, coding_prompt, good_answer, math_prompt
 from tm_gateway import keys
+
+pytestmark = pytest.mark.slow  # end to end: the gateway, then `tm loop run` through Dagster
 
 
 def local_model(fmt: str, body: dict) -> str:

@@ -14,8 +14,7 @@ import psycopg
 import pytest
 
 from tests.conftest import make_config, query, start_gateway
-from tests.test_loop import materialize, write_config
-from tests.test_routing import refuses_when_asked
+from tests.support import materialize, refuses_when_asked, write_config
 from tests.traffic import past_hour
 from tm_gateway import keys
 from tm_resources.tables import COMPLETION_ENDPOINTS

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from tests.conftest import make_config
-from tests.test_loop import log_traffic
+from tests.support import log_traffic
 from tests.traffic import log_row
 from tm_gateway.cli import main
 from tm_resources.loop_start import FALLBACK, first_hour

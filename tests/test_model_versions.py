@@ -18,7 +18,7 @@ import yaml
 
 from tests.conftest import make_config, query, start_gateway
 from tests.fakes import FakeUpstream
-from tests.test_loop import log_traffic, materialize
+from tests.support import log_traffic, materialize
 from tests.traffic import an_hour_of_traffic, coding_prompt, good_answer, past_hour
 from tm_assets.assets import routing_rules
 from tm_assets.model_versions import fine_tuned_model_beats_base, finetune_data_valid, model_versions
@@ -26,6 +26,8 @@ from tm_assets.resources import EmbedderResource, PostgresResource, PostHogResou
 from tm_gateway import keys
 from tm_assets import finetune
 from tm_resources.registry import rollback_version
+
+pytestmark = pytest.mark.slow  # MLX: trains, evaluates and serves a fine-tuned model
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,9 @@ import pytest
 
 from tests.conftest import make_config, query, start_gateway
 from tests.fakes import echo_responder
+from tests.support import REFUSAL, refuses_when_asked
 from tm_gateway import keys
 from tm_resources.config import parse_config
-
-REFUSAL = "I'm sorry, but I can't help with that."
-
-
-def refuses_when_asked(fmt: str, body: dict) -> str:
-    """A local model that refuses prompts containing 'refuse', and echoes the others."""
-    text = echo_responder(fmt, body)
-    return REFUSAL if "refuse" in text else text
-
 
 @pytest.fixture
 def gw(db_url, upstreams, tmp_path):

@@ -8,8 +8,12 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.simulate import poor_prompt, simulate, usage_for
 from tests.traffic import CODING_TASKS, OFF_TOPIC, good_answer
+
+pytestmark = pytest.mark.slow  # about 27 s: two simulated hours through the real gateway and loop
 
 LOCAL, FRONTIER = "open/small-local", "big/frontier"
 TOPICS = ["the quarterly sales meeting", "our new vacation policy", "the server outage", "the spring campaign",

@@ -1,5 +1,5 @@
 """Realistic test traffic: coding and math prompts, with answers that are good or plainly off, so the loop
-has something true to learn. Written here by hand: the tests never read ../shared."""
+has something true to learn. Written here by hand: the tests read no data from outside the repository."""
 
 from __future__ import annotations
 

@@ -351,7 +351,7 @@ def decide(type_model_patterns: pd.DataFrame, grades_df: pd.DataFrame | None, us
     frontier_model: where escalations go (config defaults.frontier_model); None: the best
     non-local model seen on that task type.
 
-    Comparisons, as the design states them: quality < escalate_below with samples >=
+    Comparisons, as the thresholds are named in the config: quality < escalate_below with samples >=
     escalate_min_samples; > lock_above with >= lock_min_samples; daily prompt quality <
     coaching_below on >= coaching_days active days in a row; >= finetune_min_samples at >
     finetune_min_quality; cost > anomaly_cost_multiple x baseline and >= anomaly_min_cost_usd;

@@ -27,7 +27,7 @@ def text_or_empty(value: object) -> str:
 # cosine goes through a logistic map, coherence = 1 / (1 + exp(-(cos - MID) / SCALE)).
 # MID and SCALE are a logistic regression of "this answer belongs to this prompt" on the cosine,
 # classes and sources weighted equally, over real answers:
-#   - RouterBench's training half (shared/data/routerbench), MBPP: 3,289 answers of 11 models
+#   - RouterBench's training half (the public data set bench/router.py reads), MBPP: 3,289 answers of 11 models
 #     (cosine 5/50/95th percentiles 0.62/0.76/0.86) against the same model's answer to another
 #     MBPP prompt (0.03/0.21/0.46);
 #   - 1,200 ShareGPT first turns (prompt, ChatGPT answer): 0.29/0.70/0.89 against another
