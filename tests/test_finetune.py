@@ -14,7 +14,9 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests import tiny_model as tiny
 from tm_assets import finetune as ft
+from tm_resources.redact import redact
 
 # -- data: one narrow, repetitive pattern (a support desk answering ticket-status questions) ---------
 
@@ -97,10 +99,10 @@ def read_messages(data_dir: Path) -> dict[str, list[list[dict]]]:
     ("pay with 4111 1111 1111 1111", "4111 1111", "[CARD]"),
 ])
 def test_redact_removes_secrets_and_personal_data(text, secret, placeholder):
-    out = ft.redact(text)
+    out = redact(text)
     assert secret not in out
     assert placeholder in out
-    assert ft.redact(out) == out  # idempotent
+    assert redact(out) == out  # idempotent
 
 
 @pytest.mark.parametrize("text", [
@@ -118,7 +120,7 @@ def test_redact_removes_secrets_and_personal_data(text, secret, placeholder):
     "It needs a basic understanding of HTTP: Basic Authentication and bearer tokens.",
 ])
 def test_redact_leaves_ordinary_code_and_numbers_alone(text):
-    assert ft.redact(text) == text
+    assert redact(text) == text
 
 
 # -- export and validation ---------------------------------------------------------------------------
@@ -154,7 +156,7 @@ def test_export_splits_without_leakage_and_redacts(tmp_path: Path):
     by_session = defaultdict(set)
     for ex in ticket_examples():
         if ex["session_id"]:
-            by_session[ex["session_id"]].add(split_of_prompt[ft.redact(ex["prompt"])])
+            by_session[ex["session_id"]].add(split_of_prompt[redact(ex["prompt"])])
     assert all(len(splits) == 1 for splits in by_session.values())
     assert split_of_prompt["what is the STATUS of ticket 4821 ??"] == split_of_prompt[examples[0]["prompt"]]
 
@@ -214,7 +216,7 @@ def test_validate_dataset_reports_format_leaks_and_secrets(tmp_path: Path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     started = time.perf_counter()
-    path = ft.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    path = tiny.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
     print(f"\ntiny model built in {time.perf_counter() - started:.1f} s")
     return path
 
@@ -246,10 +248,10 @@ def test_tiny_model_is_small_and_chat_ready(tiny_model: Path):
     config = json.loads((tiny_model / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 2
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    assert tok.eos_token == ft.IM_END and tok.pad_token == ft.PAD
+    assert tok.eos_token == tiny.IM_END and tok.pad_token == tiny.PAD
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert tok.convert_ids_to_tokens(tok.encode(text))[0] == ft.IM_START
+    assert tok.convert_ids_to_tokens(tok.encode(text))[0] == tiny.IM_START
 
 
 @pytest.mark.slow  # MLX: builds, trains or serves a model

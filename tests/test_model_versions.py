@@ -24,6 +24,7 @@ from tm_assets.assets import routing_rules
 from tm_assets.model_versions import fine_tuned_model_beats_base, finetune_data_valid, model_versions
 from tm_assets.resources import EmbedderResource, PostgresResource, PostHogResource, TokenMachineConfig
 from tm_gateway import keys
+from tests import tiny_model as tiny
 from tm_assets import finetune
 from tm_resources.registry import rollback_version
 
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow  # MLX: trains, evaluates and serves a fine-tuned 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    return finetune.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def run_model_versions(db_url: str, config_path: Path, **run) -> dg.ExecuteInProcessResult:
