@@ -14,10 +14,10 @@ import pandas as pd
 import psycopg
 
 from tm_assets import decisions
-from tm_assets.events import EventSink, event_uuid
 from tm_resources import grading, quality, tasks
 from tm_resources.config import Config
 from tm_resources.embedder import DIM, Embedder
+from tm_resources.events import EventSink, event_uuid
 from tm_resources.redact import redact
 from tm_resources.tables import COMPLETION_ENDPOINTS, read_df, read_requests, vectors
 

@@ -11,11 +11,11 @@ import dagster as dg
 import psycopg
 from pydantic import PrivateAttr
 
-from tm_assets.events import EventSink
 from tm_assets.judge import judge_answers
 from tm_resources import db, tasks
 from tm_resources.config import Config, load_config, tm_home
 from tm_resources.embedder import DEFAULT_MAX_TOKENS, Embedder
+from tm_resources.events import EventSink
 
 
 class PostgresResource(dg.ConfigurableResource):

@@ -30,6 +30,7 @@ from tm_gateway.requestlog import RequestLog
 from tm_gateway.state import SharedState
 from tm_resources import cache
 from tm_resources.config import Config
+from tm_resources.events import EventSink
 from tm_resources.providers import SecretScrubber
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             cache_pool=cache_pool,
             embed=embed,
             dispatcher=dispatcher,
+            events=EventSink.from_env(),
         )
         app.state.proxy = proxy  # for tests that reach in
         # What start-up loaded (the model, the libraries) lives as long as the process: moving it out
@@ -147,6 +149,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
                 await cache_pool.close()
             # Every row the gateway accepted is written (or spooled) before the process ends.
             request_log.close()
+            proxy.events.close()
 
     async def chat_completions(request: Request) -> Response:
         return await request.state.proxy.handle(request, "openai")

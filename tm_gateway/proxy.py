@@ -25,6 +25,7 @@ from tm_gateway.stages.context import ApiFormat, BadRequest, Ctx, error_response
 from tm_gateway.stages.log import Row, log_bodiless
 from tm_gateway.state import SharedState
 from tm_resources.config import Config
+from tm_resources.events import EventSink
 from tm_resources.providers import endpoints as provider_endpoints
 from tm_resources.registry import with_registry
 
@@ -58,6 +59,7 @@ class Proxy:
         cache_pool: AsyncConnectionPool | None = None,
         embed: Callable[[str], Any] | None = None,
         dispatcher: Dispatcher | None = None,
+        events: EventSink | None = None,
     ):
         self.config = config
         self.session = session
@@ -77,6 +79,8 @@ class Proxy:
         self.embed = embed
         # Chooses an agent for requests addressed to the dispatcher (None: no agent has intents).
         self.dispatcher = dispatcher
+        # PostHog (alerts; a no-op without POSTHOG_API_KEY): the SDK queues and sends from its own thread.
+        self.events = events or EventSink(None)
         self.logins = LoginGuard(free=config.gateway.login_free_failures,
                                  max_backoff_s=config.gateway.login_backoff_max_s)
 

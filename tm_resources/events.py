@@ -1,5 +1,5 @@
-"""Product events to PostHog through the official SDK: every decision, anomaly and coaching brief.
-Off (a no-op) when no project key is set."""
+"""Product events to PostHog through the official SDK, for the loop (decisions, anomalies, coaching briefs) and the
+gateway (alerts). Off (a no-op) when no project key is set."""
 
 from __future__ import annotations
 
