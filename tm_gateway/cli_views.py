@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import psycopg.rows
 
+from tm_gateway import console
 from tm_resources import db
 from tm_resources.config import tm_home
 
@@ -22,10 +23,7 @@ def _database(home: Path) -> str:
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
-    from tabulate import tabulate
-
-    return tabulate([[r.get(c) for c in columns] for r in rows], headers=columns, floatfmt=".3f",
-                    missingval="-")
+    return console.table(rows, columns)
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
