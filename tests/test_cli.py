@@ -43,6 +43,25 @@ def test_keys_create_list_revoke(db_url, monkeypatch, capsys):
     assert "revoked" in capsys.readouterr().out
 
 
+def test_admin_keys(db_url, monkeypatch, capsys):
+    from tm_gateway import keys
+
+    monkeypatch.setenv("TM_DATABASE_URL", db_url)
+    assert main(["keys", "create", "--user", "ops", "--admin"]) == 0
+    admin_key = re.search(r"^(tm-\S+)$", capsys.readouterr().out, re.M).group(1)
+    assert main(["keys", "create", "--user", "erin"]) == 0
+    plain_key = re.search(r"^(tm-\S+)$", capsys.readouterr().out, re.M).group(1)
+    assert main(["keys", "list"]) == 0
+    listing = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()}
+    assert "admin" in listing["ops"] and "admin" not in listing["erin"]
+    with psycopg.connect(db_url) as conn:
+        assert keys.key_in_force(conn, admin_key).admin is True
+        assert keys.key_in_force(conn, plain_key).admin is False
+        assert keys.key_in_force(conn, "tm-not-a-key") is None
+        keys.revoke(conn, "ops")
+        assert keys.key_in_force(conn, admin_key) is None
+
+
 def test_migrations_run_on_an_existing_database_and_keep_its_rows(db_url, monkeypatch, capsys):
     with psycopg.connect(db_url) as conn:
         conn.execute("INSERT INTO requests (id, ts, user_id, api_format, endpoint, status)"

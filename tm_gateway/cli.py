@@ -203,8 +203,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     url = _database(tm_home())
     with psycopg.connect(url) as conn:
         if args.keys_cmd == "create":
-            key, info = keys.create_key(conn, args.user)
-            print(f"API key for user '{info.user_id}' (id {info.id}); it is shown only this once:")
+            key, info = keys.create_key(conn, args.user, admin=args.admin)
+            kind = "admin key" if info.admin else "API key"
+            print(f"{kind} for user '{info.user_id}' (id {info.id}); it is shown only this once:")
             print(key)
         elif args.keys_cmd == "list":
             rows = keys.list_keys(conn, include_revoked=args.all)
@@ -212,6 +213,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 print("no keys yet: tm keys create --user NAME")
             for k in rows:
                 state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+                state += ", admin" if k.admin else ""
                 print(f"{k.id}  {k.user_id:<20} {k.prefix}…  created {k.created_at:%Y-%m-%d %H:%M}  {state}")
         elif args.keys_cmd == "revoke":
             gone = keys.revoke(conn, args.target)
@@ -347,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="keys_cmd", required=True)
     kc = ksub.add_parser("create", help="create a key for a user and print it once")
     kc.add_argument("--user", required=True)
+    kc.add_argument("--admin", action="store_true",
+                    help="an admin key: the dashboard's team-wide pages and the MCP tools that change things")
     kl = ksub.add_parser("list", help="list keys (never the keys themselves)")
     kl.add_argument("--all", action="store_true", help="include revoked keys")
     kr = ksub.add_parser("revoke", help="revoke a key by id, or every key of a user")
