@@ -68,6 +68,21 @@ class ProviderConfig(_Strict):
         return [v for name in self.api_key_env if (v := os.environ.get(name))]
 
 
+class ModelCapabilities(_Strict):
+    """What a model is known to be good at, 0..1 each, before the loop has seen it work (a benchmark,
+    the vendor's card). For a quantized local model, the full-precision model's scores: the factor
+    of its tag (optimize.capabilities.quantization) is applied to them."""
+
+    coding: float | None = Field(None, ge=0, le=1)
+    reasoning: float | None = Field(None, ge=0, le=1)
+    creative: float | None = Field(None, ge=0, le=1)
+    instruction_following: float | None = Field(None, ge=0, le=1)
+    context: float | None = Field(None, ge=0, le=1)
+    speed: float | None = Field(None, ge=0, le=1)
+    # The quantization tag (Q4_K_M) when the model's name does not carry it (Ollama's `:latest`).
+    quantization: str | None = None
+
+
 class ModelConfig(_Strict):
     provider: str
     # The model's name at the provider, when it differs from the name clients use.
@@ -79,6 +94,8 @@ class ModelConfig(_Strict):
     mlx_path: str | None = None
     # Models to try, in order, when this one fails (see tm_gateway/fallback.py for what each failure does).
     fallbacks: list[str] = Field(default_factory=list)
+    # Seed capability scores (0..1) until the loop has evidence of its own (tm_resources/capabilities.py).
+    capabilities: ModelCapabilities = ModelCapabilities()
 
 
 class GatewayConfig(_Strict):
@@ -387,6 +404,50 @@ def _check_agents(agents: dict[str, AgentConfig], dispatch: DispatchConfig) -> N
                          f"({', '.join(sorted(agents)) or 'none defined'})")
 
 
+class CapabilityScoring(_Strict):
+    """How capability scores are learned (tm_resources/capabilities.py)."""
+
+    # Quality a quantization keeps of the full-precision model, by the tag in a local model's name
+    # (llama3.1:8b-instruct-q4_K_M); matched without regard to case, longest tag first.
+    quantization: dict[str, float] = Field(default_factory=lambda: {
+        "Q8_0": 0.99, "Q6_K": 0.97, "Q5_K_M": 0.95, "Q4_K_M": 0.92, "Q3_K_M": 0.85})
+    # Which capability the loop's task types show (types not listed show none).
+    task_types: dict[str, Literal["coding", "reasoning", "creative", "instruction_following"]] = Field(
+        default_factory=lambda: {"coding": "coding", "math": "reasoning", "reasoning": "reasoning",
+                                 "writing": "creative", "chat": "instruction_following",
+                                 "extraction": "instruction_following", "summarization": "instruction_following"})
+    # A seeded score counts as this many scored requests against the loop's own evidence.
+    prior_weight: float = Field(10.0, ge=0)
+    # Output tokens per second that score 0.5 for speed (faster approaches 1).
+    speed_half_tps: float = Field(40.0, gt=0)
+
+    @field_validator("quantization")
+    @classmethod
+    def _factors(cls, value: dict[str, float]) -> dict[str, float]:
+        for tag, factor in value.items():
+            if not 0 < factor <= 1:
+                raise ValueError(f"{tag}: a quantization factor is in (0, 1], not {factor}")
+        return value
+
+
+class OptimizeConfig(_Strict):
+    """`tm analyze` / `tm optimize`: which work a cheaper model serves as well (tm_resources/optimize.py)."""
+
+    # Days of scored requests read.
+    window_days: float = Field(7.0, gt=0)
+    # A group (agent or user) needs this many requests of a task type on one model to be worth a rule.
+    min_requests: int = Field(5, ge=1)
+    # A cheaper model needs this many scored answers of the type to be compared at all ...
+    min_samples: int = Field(5, ge=1)
+    # ... and this many for --safe-only, with its quality's lower bound (confidence_z standard
+    # errors) no more than max_quality_drop under the current model's average.
+    safe_min_samples: int = Field(20, ge=1)
+    confidence_z: float = Field(1.0, ge=0)
+    # "As well": the cheaper model's average quality at most this far under the current one's.
+    max_quality_drop: float = Field(0.02, ge=0, le=1)
+    capabilities: CapabilityScoring = CapabilityScoring()
+
+
 class Config(_Strict):
     gateway: GatewayConfig = GatewayConfig()
     log: LogConfig = LogConfig()
@@ -401,6 +462,7 @@ class Config(_Strict):
     users: dict[str, UserConfig] = Field(default_factory=dict)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     dispatch: DispatchConfig = DispatchConfig()
+    optimize: OptimizeConfig = OptimizeConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
     defaults: Defaults
