@@ -91,6 +91,7 @@ def _until(client: openai.OpenAI, model: str) -> tuple[str, str]:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # a gateway with the embedding model: over 20 s
 def test_optimize_applies_rules_the_gateway_obeys_and_revert_undoes_them(db_url, env, capsys, upstreams):
     anthropic, local = upstreams
     config = ops_config(anthropic.url, local.openai_url)

@@ -84,9 +84,9 @@ class ToolServer:
         @mcp.tool(description="Providers and their models: tier, price per million tokens, and capability"
                   " scores 0-1 (coding, reasoning, creative, instruction_following, context, speed), with where"
                   " each score comes from (learned from the loop's evidence, or seeded from tm.yaml).")
-        def providers(ctx: Context) -> list:
+        def providers(ctx: Context) -> dict:
             with self.session(ctx) as s:
-                return _plain(ops.providers_report(s.conn, s.config))
+                return {"providers": _plain(ops.providers_report(s.conn, s.config))}
 
         @mcp.tool(description="Which agents and users send work a cheaper model serves as well: per agent or"
                   " user and task type, the model used now, the cheaper one, the quality evidence on both, and"
