@@ -118,3 +118,13 @@ def test_nothing_found_and_bad_ports(tmp_path, capsys):
     assert "no local model server answers" in capsys.readouterr().out
     assert main(["detect-local", "--config", str(config), "--ports", "11434,abc"]) == 2
     assert "--ports '11434,abc'" in capsys.readouterr().err
+
+
+def test_write_needs_a_config_file_of_ones_own(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TM_CONFIG", raising=False)
+    with fake_ollama() as ollama:
+        # without a tm.yaml the shipped example answers; it is package data, never written to
+        assert main(["detect-local", "--ports", str(ollama.port), "--write"]) == 2
+    assert "tm init" in capsys.readouterr().err
+    assert not (tmp_path / "tm.yaml").exists()
