@@ -54,7 +54,14 @@ def _plain(value: object) -> object:
 class ToolServer:
     """The MCP server and what each tool call needs: a connection, the configuration read afresh (the
     operator may have edited tm.yaml), and the caller's key, checked on every call so a revoked key
-    stops working at once. Adding a tool is a function under `build` that opens `self.session(ctx)`."""
+    stops working at once. Adding a tool is a function under `build` that opens `self.session(ctx)`
+    (`admin=True` when it changes anything), e.g.
+
+        @mcp.tool(description="Each provider's quota: usage, rate, state, forecast.")
+        def status(ctx: Context, provider: str | None = None) -> dict:
+            with self.session(ctx) as s:
+                return _plain(quotas.status(s.conn, s.config, provider))
+    """
 
     def __init__(self, database_url: str, config_file: Path):
         self.database_url = database_url
