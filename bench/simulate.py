@@ -286,7 +286,7 @@ def make_team(n: int, evals: list[str], rng: random.Random) -> list[User]:
     team = []
     for i, name in enumerate(names):
         activity = rng.gammavariate(1.0, 1.0)  # some people send far more than others
-        mix = dict(zip(evals, np.random.default_rng(rng.randrange(2**31)).dirichlet([1.0] * len(evals))))
+        mix = dict(zip(evals, np.random.default_rng(rng.randrange(2**31)).dirichlet([1.0] * len(evals)), strict=True))
         team.append(User(name, sdk="openai" if i % 2 == 0 else "anthropic", mix=mix, rate=0.5 + activity,
                          role=roles.get(i, "member") if n >= 4 else "member"))
     return team

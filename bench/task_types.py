@@ -105,7 +105,7 @@ def score(pred: np.ndarray, truth: np.ndarray, english: np.ndarray) -> dict:
 
 
 def confusion(pred: np.ndarray, truth: np.ndarray, columns: list[str]) -> dict:
-    counts = Counter(zip(truth, pred))
+    counts = Counter(zip(truth, pred, strict=True))
     return {t: {p: counts[(t, p)] for p in columns} for t in THREE}
 
 

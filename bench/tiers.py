@@ -297,7 +297,7 @@ def main() -> int:
     for name, labelled in (("fit", FIT + SEEN), ("held_out", HELD_OUT)):
         decisions = [clf.rules(p) for p, _ in labelled]
         calibration[name] = calibration_report(decisions, [t for _, t in labelled])
-        calibration[name]["confusion"] = {t.value: dict(Counter(d.tier.value for d, (_, tt) in zip(decisions, labelled)
+        calibration[name]["confusion"] = {t.value: dict(Counter(d.tier.value for d, (_, tt) in zip(decisions, labelled, strict=True)
                                                               if tt == t)) for t in Tier}
 
     figures = {

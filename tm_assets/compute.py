@@ -122,7 +122,7 @@ def score_hour(requests: pd.DataFrame, hour: datetime, config: Config, *, prompt
     if config.loop.judge_model and answered.any():
         t0 = time.perf_counter()
         conversations = [quality.judge_prompt(p or "", a or "") for p, a in
-                         zip(requests.loc[answered, "prompt"], requests.loc[answered, "response_text"])]
+                         zip(requests.loc[answered, "prompt"], requests.loc[answered, "response_text"], strict=True)]
         verdicts = judge_completion(conversations)
         judge = np.full(len(requests), np.nan)
         judge[answered] = [np.nan if v is None else v for v in verdicts]

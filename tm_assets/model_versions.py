@@ -173,7 +173,7 @@ def _newest(postgres: PostgresResource) -> list[dict]:
         cur = conn.execute("SELECT * FROM model_versions WHERE created_at = (SELECT max(created_at)"
                            " FROM model_versions) ORDER BY version")
         cols = [d.name for d in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 @dg.asset_check(asset=model_versions, metadata={"severity": dg.AssetCheckSeverity.ERROR.value},

@@ -71,7 +71,7 @@ class LearnedRouter:
 
     def __post_init__(self) -> None:
         r = self.router
-        known = frozenset(a for a, ok in zip(r.arms, r.known) if ok) if r is not None else frozenset()
+        known = frozenset(a for a, ok in zip(r.arms, r.known, strict=True) if ok) if r is not None else frozenset()
         object.__setattr__(self, "_known", known)
 
     @property

@@ -328,7 +328,7 @@ class KnnRouter:
 
     def choose_many(self, vecs: np.ndarray, **kwargs) -> list[Choice]:
         qs, cs = self.predict(vecs)
-        return [self._pick(q, c, **kwargs) for q, c in zip(qs, cs)]
+        return [self._pick(q, c, **kwargs) for q, c in zip(qs, cs, strict=True)]
 
     def _pick(self, q: np.ndarray, c: np.ndarray, *, cost_weight: float = 0.0, min_quality: float | None = None,
               allowed: Sequence[str] | None = None, explain: bool = False) -> Choice:

@@ -132,16 +132,16 @@ def load_routerbench(data_dir: str | os.PathLike) -> RouterBenchData:
         raise RouterBenchError(f"{files[0]}: not RouterBench format: column '{unscored[0]}' is missing "
                                f"(the 0/1 correctness of the model that has '{unscored[0]}{COST_SUFFIX}')")
     models = [c for c in first if f"{c}{COST_SUFFIX}" in first]
-    for f, frame in zip(files[1:], frames[1:]):
+    for f, frame in zip(files[1:], frames[1:], strict=True):
         missing = [c for c in ("prompt", *(x for m in models for x in (m, f"{m}{COST_SUFFIX}")))
                    if c not in frame.columns]
         if missing:
             raise RouterBenchError(f"{f}: column '{missing[0]}' is missing"
                                    f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                                    f"every CSV of a folder needs the models of {files[0].name}")
-    quality = np.vstack([np.column_stack([_numeric(f, fr, m) for m in models]) for f, fr in zip(files, frames)])
+    quality = np.vstack([np.column_stack([_numeric(f, fr, m) for m in models]) for f, fr in zip(files, frames, strict=True)])
     cost = np.vstack([np.column_stack([_numeric(f, fr, f"{m}{COST_SUFFIX}") for m in models])
-                      for f, fr in zip(files, frames)])
+                      for f, fr in zip(files, frames, strict=True)])
     df = pd.concat(frames, ignore_index=True)
     complete = ~(np.isnan(quality).any(axis=1) | np.isnan(cost).any(axis=1) | df["prompt"].isna().to_numpy())
     if not complete.any():
@@ -206,8 +206,8 @@ def evaluate_split(train: RouterBenchData, test: RouterBenchData, train_vecs: np
     replayed for these rows ({"train": (q, c), "test": (q, c)}) so sweeps do not replay them again."""
     models = train.models
     q_tr, c_tr = train.quality, train.cost
-    mean_q = dict(zip(models, q_tr.mean(axis=0)))
-    mean_c = dict(zip(models, c_tr.mean(axis=0)))
+    mean_q = dict(zip(models, q_tr.mean(axis=0), strict=True))
+    mean_c = dict(zip(models, c_tr.mean(axis=0), strict=True))
     reference_model = max(models, key=lambda m: (mean_q[m], -mean_c[m]))
     r = models.index(reference_model)
     reference = (float(test.quality[:, r].mean()), float(test.cost[:, r].mean()))

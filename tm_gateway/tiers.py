@@ -450,10 +450,10 @@ def calibration_report(decisions: Sequence[TierDecision], truth: Sequence[Tier |
     """Accuracy, mean confidence and expected calibration error (ECE) over labelled prompts."""
     truth = [Tier(t) for t in truth]
     conf = np.array([d.confidence for d in decisions])
-    right = np.array([d.tier == t for d, t in zip(decisions, truth)], dtype=float)
+    right = np.array([d.tier == t for d, t in zip(decisions, truth, strict=True)], dtype=float)
     edges = np.linspace(0, 1, bins + 1)
     ece, table = 0.0, []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         m = (conf >= lo) & ((conf < hi) if hi < 1 else (conf <= hi))
         if m.any():
             ece += m.mean() * abs(conf[m].mean() - right[m].mean())

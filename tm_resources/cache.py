@@ -298,7 +298,7 @@ def replace_entries(conn: psycopg.Connection, hour: datetime, config: Config) ->
           AND coalesce(r.prompt_embedding, s.prompt_embedding) IS NOT NULL"""
     candidates = conn.execute("SELECT r.id, r.prompt" + servable, params).fetchall()
     whole = fits_window([prompt or "" for _, prompt in candidates])
-    params["ids"] = [rid for (rid, _), ok in zip(candidates, whole) if ok]
+    params["ids"] = [rid for (rid, _), ok in zip(candidates, whole, strict=True) if ok]
     with conn.transaction():
         conn.execute("DELETE FROM cache_entries WHERE hour = %s OR ts < %s", (hour, hour - KEEP_ENTRIES))
         cur = conn.execute(

@@ -277,7 +277,7 @@ def fits_window(texts: list[str], max_tokens: int = DEFAULT_MAX_TOKENS) -> list[
     if len(short) == 1:  # the gateway's case: encode_batch would wake the tokenizer's thread pool
         out[short[0]] = len(tok.encode(texts[short[0]]).ids) < max_tokens
     elif short:
-        for i, enc in zip(short, tok.encode_batch([texts[i] for i in short])):
+        for i, enc in zip(short, tok.encode_batch([texts[i] for i in short]), strict=True):
             out[i] = len(enc.ids) < max_tokens
     return out
 

@@ -523,8 +523,8 @@ def score_requests(df: pd.DataFrame, prompt_vecs: np.ndarray | None, answer_vecs
     answers = df["response_text"].tolist() if "response_text" in df else [None] * n
     # A cache hit bills no output tokens but still hands the user a whole answer: measure that.
     billed = df["output_tokens"].astype("float64").tolist() if "output_tokens" in df else [np.nan] * n
-    out_tokens = [t if t == t and t > 0 else (estimate_tokens(a) if isinstance(a, str) else t) for t, a in zip(billed, answers)]
-    res["brevity"] = [brevity(t, p) for t, p in zip(out_tokens, prompts)]
+    out_tokens = [t if t == t and t > 0 else (estimate_tokens(a) if isinstance(a, str) else t) for t, a in zip(billed, answers, strict=True)]
+    res["brevity"] = [brevity(t, p) for t, p in zip(out_tokens, prompts, strict=True)]
     res["reprompt"] = reprompt_signal(df.reset_index(drop=True), prompt_vecs, reprompt_window_s).to_numpy()
 
     for col in ("coherence", "completion", "brevity", "reprompt"):

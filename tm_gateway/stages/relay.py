@@ -198,7 +198,7 @@ class _StreamRelay:
             "response_text": acc.log_text(),
             "finish_reason": acc.stop_reason if self.kind == "anthropic" else acc.finish_reason,
             "ttft_ms": self.ttft_ms,
-            **dict(zip(("cost_usd", "baseline_cost_usd"), costs(self.proxy.config, self.model, usage))),
+            **dict(zip(("cost_usd", "baseline_cost_usd"), costs(self.proxy.config, self.model, usage), strict=True)),
             **usage_fields(usage),
         }
         if not self.completed:
