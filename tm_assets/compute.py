@@ -16,6 +16,7 @@ import psycopg
 from tm_assets import decisions
 from tm_resources import grading, quality, tasks
 from tm_resources.config import Config
+from tm_resources.db import one
 from tm_resources.embedder import DIM, Embedder
 from tm_resources.events import EventSink, event_uuid
 from tm_resources.redact import redact
@@ -57,8 +58,8 @@ def read_requests_for_scoring(conn: psycopg.Connection, start: datetime, end: da
 
 def count_other_rows(conn: psycopg.Connection, hour: datetime) -> int:
     """Rows of the hour that are no model call (a models listing, a token count): logged, never scored."""
-    return conn.execute("SELECT count(*) FROM requests WHERE ts >= %s AND ts < %s AND NOT endpoint = ANY(%s)",
-                        (hour, hour + timedelta(hours=1), list(COMPLETION_ENDPOINTS))).fetchone()[0]
+    return one(conn.execute("SELECT count(*) FROM requests WHERE ts >= %s AND ts < %s AND NOT endpoint = ANY(%s)",
+                            (hour, hour + timedelta(hours=1), list(COMPLETION_ENDPOINTS))))[0]
 
 
 def _prompt_vectors(df: pd.DataFrame, embedder: Embedder) -> np.ndarray:
@@ -234,7 +235,7 @@ def read_decision_inputs(conn: psycopg.Connection, hour: datetime, config: Confi
     costs = read_df(conn, "SELECT user_id, ts, cost_usd FROM requests WHERE ts >= %s AND ts < %s",
                     (end - timedelta(days=8), end))
     versions = None
-    if conn.execute("SELECT to_regclass('model_versions')").fetchone()[0] is not None:
+    if one(conn.execute("SELECT to_regclass('model_versions')"))[0] is not None:
         versions = read_df(conn, "SELECT version AS model, base_model, task_type, eval_score, base_eval_score"
                                  " FROM model_versions WHERE status IN ('won', 'lost') ORDER BY version")
     return {"patterns": pats, "grades": grade_rows, "user_hour_costs": grading.user_hour_costs(costs),

@@ -138,7 +138,7 @@ def _completion_rule(task_type: str, g: pd.DataFrame, frontier: pd.DataFrame, ta
     seen = f"The judge found {kept}'s answers on {task_type} complete {local:.0%} of {n_local} times"
     seen += f", {target or 'the frontier'}'s {top:.0%} of {n_top}" if known else " (too few frontier verdicts to compare)"
     # The frontier's own rate comes first: no bar sends a type to a frontier that does no better on it.
-    if known and round(gap + margin, _EPS_DIGITS) > t.completion_max_gap:
+    if gap is not None and round(gap + margin, _EPS_DIGITS) > t.completion_max_gap:
         behind = (f"{gap:.0%} behind" if gap >= 0 else f"{-gap:.0%} ahead") + (f" (up to {gap + margin:.0%} on this evidence)" if gap <= t.completion_max_gap else "")
         # The gateway explores the local model (loop.thresholds.explore_share) only while the gap
         # could still be within the allowance: one far behind is not worth its wrong answers.
@@ -146,11 +146,11 @@ def _completion_rule(task_type: str, g: pd.DataFrame, frontier: pd.DataFrame, ta
         return Decision(f"escalate:{task_type}", "escalate", task_type, None, explore, target,
                         f"{seen}: {behind}, more than the {t.completion_max_gap:.0%} allowed; route {task_type} to "
                         f"{target or 'the frontier model'}.", ev | {"gap_margin": _r(margin), "explore_model": explore})
-    if (known and gap <= t.completion_lock_gap) or (not known and local > t.completion_lock_above):
+    if (gap is not None and gap <= t.completion_lock_gap) or (gap is None and local > t.completion_lock_above):
         why = f"no more than {t.completion_lock_gap:.0%} behind the frontier" if known else f"over {t.completion_lock_above:.0%}"
         # The gateway explores the frontier only while it could still be more than the lock gap
         # ahead: a local model right every time leaves nothing to measure.
-        could_be = gap + margin if known else 1 - (local - t.completion_confidence_z * float(np.sqrt(local * (1 - local) / n_local)))
+        could_be = gap + margin if gap is not None else 1 - (local - t.completion_confidence_z * float(np.sqrt(local * (1 - local) / n_local)))
         explore = target if round(could_be, _EPS_DIGITS) > t.completion_lock_gap else None
         return Decision(f"lock_local:{task_type}", "lock_local", task_type, None, explore, kept,
                         f"{seen}: {why}; keep {task_type} on {kept}.", ev | {"explore_model": explore})

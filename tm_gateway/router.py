@@ -148,7 +148,8 @@ def replay(plan: Plan, prompt: str, answers: Mapping[str, str | None],
             return [a.model for a in attempts], step.model
         answer = answers.get(step.model)
         if step.model not in verdicts:
-            verdicts[step.model] = tuple(gate(prompt, answer))
+            ok, reasons = gate(prompt, answer)
+            verdicts[step.model] = (ok, reasons)
         attempts.append(Attempt(step.model, answer, verdict=verdicts[step.model]))
 
 

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -185,10 +186,11 @@ def cached_vectors(texts: Sequence[str], embed: Embed | None = None, cache_dir: 
 
 
 def _figures(quality: np.ndarray, cost: np.ndarray, reference: tuple[float, float] | None = None) -> dict:
-    out = {"accuracy": round(float(np.mean(quality)), 4), "cost_per_query": float(np.mean(cost))}
+    accuracy, cost_per_query = round(float(np.mean(quality)), 4), float(np.mean(cost))
+    out: dict[str, float | None] = {"accuracy": accuracy, "cost_per_query": cost_per_query}
     if reference is not None:
-        out["accuracy_vs_reference"] = round(out["accuracy"] / reference[0], 4) if reference[0] else None
-        out["cost_vs_reference"] = round(out["cost_per_query"] / reference[1], 4) if reference[1] else None
+        out["accuracy_vs_reference"] = round(accuracy / reference[0], 4) if reference[0] else None
+        out["cost_vs_reference"] = round(cost_per_query / reference[1], 4) if reference[1] else None
     return out
 
 
@@ -301,7 +303,7 @@ def run_router_bench(data_dir: str | os.PathLike, test_dir: str | os.PathLike | 
                 "text": {"last-paragraphs": "last paragraphs (at least 120 chars, at most the last 1000)",
                          "prompt": "the whole prompt, cut to its first 128 tokens (the gateway's vector)"}[text],
                 "embedder": "all-MiniLM-L6-v2 fp32, 128 tokens"}
-    params = dict(k=k, temperature=temperature, prior_weight=prior_weight, cost_weight=cost_weight,
+    params: dict[str, Any] = dict(k=k, temperature=temperature, prior_weight=prior_weight, cost_weight=cost_weight,
                   min_quality=min_quality, cascades=cascades)
     out: dict = {"data": {"dir": str(data_dir), "rows": len(data), "dropped_incomplete": data.dropped,
                           "models": data.models, "evals": dict(Counter(data.eval_names))},

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -432,18 +432,12 @@ def calibrate(labelled: Sequence[tuple[str, Tier | str]], weights: TierWeights =
     best = weights
     for _ in range(4):
         if fit_bars:
-            best = min((_with(best, simple_bar=b) for b in bars if b < best.complex_bar), key=nll)
-            best = min((_with(best, complex_bar=b) for b in bars if b > best.simple_bar), key=nll)
-            best = min((_with(best, reasoning_bar=b) for b in bars), key=nll)
-        best = min((_with(best, complexity_slope=a) for a in slopes), key=nll)
-        best = min((_with(best, reasoning_slope=b) for b in slopes), key=nll)
+            best = min((replace(best, simple_bar=b) for b in bars if b < best.complex_bar), key=nll)
+            best = min((replace(best, complex_bar=b) for b in bars if b > best.simple_bar), key=nll)
+            best = min((replace(best, reasoning_bar=b) for b in bars), key=nll)
+        best = min((replace(best, complexity_slope=a) for a in slopes), key=nll)
+        best = min((replace(best, reasoning_slope=b) for b in slopes), key=nll)
     return best
-
-
-def _with(w: TierWeights, **changes: float) -> TierWeights:
-    from dataclasses import replace
-
-    return replace(w, **changes)
 
 
 def calibration_report(decisions: Sequence[TierDecision], truth: Sequence[Tier | str], bins: int = 5) -> dict:

@@ -188,7 +188,7 @@ def expected_output_tokens(prompt: str | None) -> float:
         return float(BREVITY_TERSE_TOKENS)
     asks = len(_QUESTION.findall(text)) + len(_BULLET.findall(text)) + len(_IMPERATIVE.findall(text))
     asks = max(1, min(asks, 20))
-    expected = BREVITY_BASE_TOKENS + BREVITY_PER_EXTRA_ASK * (asks - 1)
+    expected: float = BREVITY_BASE_TOKENS + BREVITY_PER_EXTRA_ASK * (asks - 1)
     if _CODE_REQUEST.search(text):
         expected += BREVITY_CODE_TOKENS
     if _DETAIL_REQUEST.search(text):

@@ -217,7 +217,7 @@ def candidate_types(vecs: np.ndarray, texts: list[str], labels: list[str], confi
 
     words = [_words(t) for t in texts]
     df_all = Counter(w for ws in words for w in ws)
-    out = []
+    out: list[dict] = []
     for members in groups:
         rows = pool[members]
         centroid = _unit(pool_vecs[members].mean(axis=0))

@@ -70,7 +70,7 @@ class AnthropicToOpenAIStream:
         self.stop_reason: str | None = None
         self._started = False
         self._done = False
-        self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
+        self._tools: dict[int | None, int] = {}  # Anthropic block index (as sent) -> OpenAI tool_calls index
         self._head = {"id": id, "object": "chat.completion.chunk", "created": self.created, "model": model}
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
