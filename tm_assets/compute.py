@@ -227,7 +227,8 @@ def grades_table(window: pd.DataFrame, hour: datetime, config: Config) -> pd.Dat
 def read_decision_inputs(conn: psycopg.Connection, hour: datetime, config: Config) -> dict[str, Any]:
     end = hour + timedelta(hours=1)
     pats = read_df(conn, "SELECT task_type, model, tier, requests, samples, avg_quality, total_cost_usd,"
-                         " avg_cost_usd, escalations, judged, avg_completion FROM patterns WHERE hour = %s AND scope = 'type_model'"
+                         " avg_cost_usd, escalations, judged, avg_completion FROM patterns"
+                         " WHERE hour = %s AND scope = 'type_model'"
                          " ORDER BY task_type, model", (hour,))
     grade_rows = read_df(conn, f"SELECT {', '.join(GRADE_COLUMNS)} FROM grades WHERE hour = %s ORDER BY user_id",
                          (hour,))

@@ -140,7 +140,8 @@ def load_routerbench(data_dir: str | os.PathLike) -> RouterBenchData:
             raise RouterBenchError(f"{f}: column '{missing[0]}' is missing"
                                    f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                                    f"every CSV of a folder needs the models of {files[0].name}")
-    quality = np.vstack([np.column_stack([_numeric(f, fr, m) for m in models]) for f, fr in zip(files, frames, strict=True)])
+    quality = np.vstack([np.column_stack([_numeric(f, fr, m) for m in models])
+                         for f, fr in zip(files, frames, strict=True)])
     cost = np.vstack([np.column_stack([_numeric(f, fr, f"{m}{COST_SUFFIX}") for m in models])
                       for f, fr in zip(files, frames, strict=True)])
     df = pd.concat(frames, ignore_index=True)
@@ -260,7 +261,8 @@ def _target(result: dict) -> dict:
     for name in ("router", "router_cascade"):
         if name in result:
             r = result[name]
-            out[f"{name}_met"] = bool(r["accuracy"] >= ref["accuracy"] and r["cost_per_query"] <= ref["cost_per_query"] / 2)
+            out[f"{name}_met"] = bool(r["accuracy"] >= ref["accuracy"]
+                                      and r["cost_per_query"] <= ref["cost_per_query"] / 2)
     return out
 
 
@@ -365,7 +367,8 @@ def _mean_of(splits: list[dict]) -> dict:
     """Mean and standard deviation over splits of the headline figures."""
     def stat(get) -> dict:
         values = np.array([get(s) for s in splits], dtype=float)
-        return {"mean": round(float(values.mean()), 6), "sd": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 6)}
+        return {"mean": round(float(values.mean()), 6),
+                "sd": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 6)}
 
     out: dict = {"reference_model": Counter(s["reference_model"] for s in splits).most_common(1)[0][0]}
     for name in ("router", "router_cascade", "random", "oracle"):

@@ -142,7 +142,8 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
             return explored
     if rule is not None:
         if rule.action == "escalate":
-            target = rule.target_model if rule.target_model and known(rule.target_model) else config.defaults.frontier_model
+            target = rule.target_model if rule.target_model and known(rule.target_model) \
+                else config.defaults.frontier_model
             if target and known(target):
                 return Route(target, f"rule:{rule.rule_id}", rule.reason)
         elif rule.action == "cascade":
@@ -215,12 +216,14 @@ def auto_route(route: Route, *, tier: tuple[str, float, str] | None, task_type: 
         route = Route(learned[0], "learned", learned[1])
     elif tier is not None and config.routing.tiers.enabled:
         name, confidence, source = tier
-        chain = config.routing.tiers.chains.get(name)  # type: ignore[call-overload]  # a Tier value: a TierName
+        # A tier's value is a TierName; mypy sees the str of the classifier's tuple.
+        chain = config.routing.tiers.chains.get(name)  # type: ignore[call-overload]
         if chain:
             route = Route(chain[0], f"tier:{name}", f"tier {name} ({source}, confidence {confidence:.2f})",
                           chain=tuple(chain[1:]))
     cascade = config.routing.cascade
-    wants = (tier is not None and tier[0] in cascade.tiers) or (task_type is not None and task_type in cascade.task_types)
+    wants = (tier is not None and tier[0] in cascade.tiers) \
+        or (task_type is not None and task_type in cascade.task_types)
     if not wants:
         return route
     first = cascade.first or config.defaults.model

@@ -419,7 +419,8 @@ class _AnthropicAnswer(TypedDict):
     usage: NotRequired[dict[str, Any] | None]
 
 
-_ANSWERS: dict[str, TypeAdapter[Any]] = {"openai": TypeAdapter(_OpenAIAnswer), "anthropic": TypeAdapter(_AnthropicAnswer)}
+_ANSWERS: dict[str, TypeAdapter[Any]] = {"openai": TypeAdapter(_OpenAIAnswer),
+                                         "anthropic": TypeAdapter(_AnthropicAnswer)}
 
 
 @with_config(_OPEN)

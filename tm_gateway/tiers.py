@@ -452,6 +452,7 @@ def calibration_report(decisions: Sequence[TierDecision], truth: Sequence[Tier |
         if m.any():
             ece += m.mean() * abs(conf[m].mean() - right[m].mean())
             table.append({"confidence": f"{lo:.1f}-{hi:.1f}", "n": int(m.sum()),
-                          "mean_confidence": round(float(conf[m].mean()), 3), "accuracy": round(float(right[m].mean()), 3)})
+                          "mean_confidence": round(float(conf[m].mean()), 3),
+                          "accuracy": round(float(right[m].mean()), 3)})
     return {"n": len(truth), "accuracy": round(float(right.mean()), 4), "mean_confidence": round(float(conf.mean()), 4),
             "ece": round(float(ece), 4), "bins": table}

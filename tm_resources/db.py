@@ -64,7 +64,8 @@ def with_database(url: str, dbname: str) -> str:
 
 
 def psycopg2_url(url: str) -> str:
-    """The URL as SQLAlchemy must see it for dagster-postgres (psycopg2 named: with psycopg 3 its first event write fails on NOTIFY)."""
+    """The URL as SQLAlchemy must see it for dagster-postgres (psycopg2 named: with psycopg 3 its first
+    event write fails on NOTIFY)."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
 

@@ -53,7 +53,8 @@ async def cache_lookup(gw: Proxy, ctx: Ctx, body: dict) -> cache.Hit | None:
         return None
     try:
         async with asyncio.timeout(config.cache.lookup_timeout_s):
-            if similar and vec is None and gw.embed is not None:  # a named model's prompt (semantic.named_models): embedded
+            # A named model's prompt (semantic.named_models): embedded
+            if similar and vec is None and gw.embed is not None:
                 # before a pooled connection is taken, not while holding one
                 vec = await asyncio.get_running_loop().run_in_executor(None, gw.embed, r["prompt"])
                 r["prompt_embedding"] = vec

@@ -235,7 +235,8 @@ def openai_request_to_anthropic(body: dict, *, model: str, default_max_tokens: i
         for i, t in enumerate(tools):
             fn = t.get("function") if isinstance(t, dict) else None
             if not isinstance(fn, dict) or t.get("type", "function") != "function":
-                raise FormatError(f"tools[{i}] must be a function tool ({{\"type\": \"function\", \"function\": {{...}}}})")
+                raise FormatError(
+                    f"tools[{i}] must be a function tool ({{\"type\": \"function\", \"function\": {{...}}}})")
             name = fn.get("name")
             if not isinstance(name, str) or not name:
                 raise FormatError(f"tools[{i}].function.name must be a non-empty string")
@@ -459,7 +460,8 @@ def anthropic_request_to_openai(body: dict, *, model: str) -> dict:
                 all_text = all_text and p["type"] == "text"
                 parts.append(p)
             else:
-                raise FormatError(f"{bp}: content blocks of type {t!r} are not supported in {role} messages by this provider")
+                raise FormatError(
+                    f"{bp}: content blocks of type {t!r} are not supported in {role} messages by this provider")
 
         if role == "assistant":
             text = "".join(p["text"] for p in parts)

@@ -213,7 +213,8 @@ class OpenAIToAnthropicStream:
         if err:
             self._done = True
             msg = err.get("message") if isinstance(err, dict) else str(err)
-            return [("error", {"type": "error", "error": {"type": "api_error", "message": msg or "upstream stream error"}})]
+            return [("error", {"type": "error",
+                               "error": {"type": "api_error", "message": msg or "upstream stream error"}})]
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue
