@@ -6,6 +6,9 @@ folder; after that only onnxruntime, `tokenizers` and numpy are needed: they loa
 on two cores, embed short prompts about 2x faster than sentence-transformers (one prompt in about
 6 ms instead of 17) with the same vectors. Tokenization, mean pooling and normalization follow sentence-transformers'
 own pipeline for this model, so the vectors match its output (cosine > 0.9999 for fp32).
+sentence-transformers' own ONNX backend (backend="onnx", and its int8 export) was measured against this
+path (bench/embedder_backends.py, docs/benchmarks.md): 20-25 % slower for one prompt, the gateway's
+case, and it needs optimum-onnx, whose transformers pin does not fit the one installed.
 """
 
 from __future__ import annotations
