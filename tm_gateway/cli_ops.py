@@ -10,6 +10,7 @@ import getpass
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -138,7 +139,8 @@ def cmd_detect_local(args: argparse.Namespace) -> int:
     servers = asyncio.run(detect_local.detect(where, timeout=args.timeout))
     added = detect_local.additions(servers, config)
     lines = detect_local.yaml_lines(added)
-    report = {"probed": [f"{h}:{p}" for h, p in where], "servers": [s.as_dict() for s in servers],
+    probed = [f"{h}:{p}" for h, p in where]
+    report: dict[str, Any] = {"probed": probed, "servers": [s.as_dict() for s in servers],
               "add": added, "yaml": lines, "written": None}
     if args.write and lines:
         if path.resolve() == EXAMPLE_CONFIG.resolve():
@@ -146,12 +148,11 @@ def cmd_detect_local(args: argparse.Namespace) -> int:
         detect_local.write_additions(Path(path), added)
         report["written"] = str(path)
     if not servers:
-        text = (f"no local model server answers on {', '.join(report['probed'])}: start Ollama, LM Studio's server,"
+        text = (f"no local model server answers on {', '.join(probed)}: start Ollama, LM Studio's server,"
                 " vLLM, llama-server or mlx_lm.server, or name other hosts with --hosts")
     else:
         rows = [{"server": s.as_dict()["name"], "url": s.base_url, "version": s.version, "model": m.upstream,
-                 "context": m.context_window, "quant": m.quantization} for s in servers for m in s.models or [None]
-                if m is not None]
+                 "context": m.context_window, "quant": m.quantization} for s in servers for m in s.models]
         text = console.table(rows, ["server", "url", "version", "model", "context", "quant"])
         if not lines:
             text += "\ntm.yaml already serves all of them"

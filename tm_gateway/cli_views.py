@@ -67,7 +67,7 @@ def cmd_grades(args: argparse.Namespace) -> int:
 
     url = _database(tm_home())
     with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
-        hour = conn.execute("SELECT max(hour) AS h FROM grades").fetchone()["h"]
+        hour = db.one(conn.execute("SELECT max(hour) AS h FROM grades"))["h"]
         if hour is None:
             print("no grades yet: the loop has not run (tm loop run, or wait for the hourly run)")
             return 0

@@ -90,10 +90,11 @@ async def probe(host: str, port: int, *, timeout: float = 1.0) -> LocalServer | 
             models = []
             for m in tags["models"]:
                 if isinstance(m, dict) and isinstance(m.get("name"), str):
-                    details = m.get("details") if isinstance(m.get("details"), dict) else {}
+                    details = m["details"] if isinstance(m.get("details"), dict) else {}
                     models.append(LocalModel(m["name"], await _ollama_context(client, root, m["name"]),
                                              details.get("quantization_level")))
-            return LocalServer("ollama", host, port, (version or {}).get("version"), models)
+            return LocalServer("ollama", host, port, version.get("version") if isinstance(version, dict) else None,
+                               models)
         lms = _data(await _json(client, f"{root}/api/v0/models"))
         if lms:
             return LocalServer("lmstudio", host, port, None, [
@@ -107,12 +108,13 @@ async def probe(host: str, port: int, *, timeout: float = 1.0) -> LocalServer | 
                                [LocalModel(m["id"], m.get("max_model_len")) for m in listing])
         props = await _json(client, f"{root}/props")
         if "llamacpp" in owners or (isinstance(props, dict) and "default_generation_settings" in props):
-            settings = (props or {}).get("default_generation_settings") or {}
+            props = props if isinstance(props, dict) else {}
+            settings = props.get("default_generation_settings") or {}
             n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
             models = [LocalModel(m["id"], n_ctx or (m.get("meta") or {}).get("n_ctx_train")) for m in listing]
             if not models and isinstance(props.get("model_path"), str):
                 models = [LocalModel(Path(props["model_path"]).name, n_ctx)]
-            return LocalServer("llamacpp", host, port, (props or {}).get("build_info"), models)
+            return LocalServer("llamacpp", host, port, props.get("build_info"), models)
         health = await _json(client, f"{root}/health")
         if listing or (isinstance(health, dict) and health.get("status") == "ok"):
             # mlx_lm.server's /v1/models lists its Hugging Face cache; without one, it fails: then it

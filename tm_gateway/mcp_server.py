@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from mcp.server.mcpserver import Context, MCPServer
@@ -46,7 +47,7 @@ def _caller_key(ctx: Context) -> str | None:
     return headers.get("x-api-key")
 
 
-def _plain(value: object) -> object:
+def _plain(value: Any) -> Any:
     """What a tool returns: plain JSON (times as ISO 8601), the same shape `tm ... --json` prints."""
     return json.loads(console.dumps(value))
 

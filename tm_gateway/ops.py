@@ -10,6 +10,7 @@ import psycopg
 from tm_resources import operator_rules
 from tm_resources.capabilities import CAPABILITIES, model_scores, read_evidence
 from tm_resources.config import Config
+from tm_resources.db import one
 from tm_resources.optimize import KINDS, proposals, run_analysis
 
 
@@ -72,14 +73,15 @@ def optimize_report(conn: psycopg.Connection, config: Config, *, apply: bool = F
 def rules_report(conn: psycopg.Connection, *, include_inactive: bool = False) -> dict:
     """The loop's rules of its newest hour (active and proposed; with include_inactive, manual mode's
     too) and the operator's rules in force (with include_inactive, the reverted ones too)."""
-    hour = conn.execute("SELECT max(hour) FROM routing_rules").fetchone()[0]
+    hour = one(conn.execute("SELECT max(hour) FROM routing_rules"))[0]
     statuses = ["active", "proposed", "inactive"] if include_inactive else ["active", "proposed"]
     loop = []
     if hour is not None:
         cur = conn.execute(
             "SELECT rule_id, action, status, task_type, user_id, model, target_model, reason, evidence"
             " FROM routing_rules WHERE hour = %s AND status = ANY(%s) ORDER BY action, rule_id", (hour, statuses))
-        loop = [dict(zip([d.name for d in cur.description], r)) for r in cur.fetchall()]
+        names = [d.name for d in cur.description or []]
+        loop = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     ops = [r.as_dict() for r in operator_rules.list_rules(conn, include_reverted=include_inactive)]
     return {"hour": hour, "loop_rules": loop, "operator_rules": ops}
 

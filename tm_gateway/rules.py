@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,7 @@ import psycopg
 from tm_gateway.tiers import TierClassifier
 from tm_resources import operator_rules
 from tm_resources.config import Config, Tier
+from tm_resources.db import one
 
 if TYPE_CHECKING:
     from tm_gateway.learned import LearnedRouter
@@ -47,7 +48,7 @@ class RuleBook:
     throttled: dict[str, Rule] = field(default_factory=dict)
     hour: object = None
     # Operator overrides: ("agent" | "user", name, task type or None for every type) -> rule.
-    overrides: dict[tuple[str, str, str | None], Rule] = field(default_factory=dict)
+    overrides: dict[tuple[str, str | None, str | None], Rule] = field(default_factory=dict)
 
     def override_for(self, agent: str | None, user_id: str, task_type: str | None) -> Rule | None:
         """The operator's override for this request: an agent's before its user's (the agent is the
@@ -63,7 +64,7 @@ class RuleBook:
         return None
 
     @classmethod
-    def from_rules(cls, rules: list[Rule], hour: object = None, overrides: list[Rule] = ()) -> RuleBook:
+    def from_rules(cls, rules: list[Rule], hour: object = None, overrides: Sequence[Rule] = ()) -> RuleBook:
         by_type: dict[str, Rule] = {}
         swaps: dict[tuple[str, str], Rule] = {}
         throttled: dict[str, Rule] = {}
@@ -91,7 +92,7 @@ RULE_COLUMNS = "rule_id, action, task_type, user_id, model, target_model, reason
 def load_rulebook(conn: psycopg.Connection) -> RuleBook:
     overrides = [Rule(r.rule_id, r.action, r.task_type, r.user_id, r.model, r.target_model, r.reason, r.agent)
                  for r in operator_rules.list_rules(conn)]
-    hour = conn.execute("SELECT max(hour) FROM routing_rules").fetchone()[0]
+    hour = one(conn.execute("SELECT max(hour) FROM routing_rules"))[0]
     if hour is None:
         return RuleBook.from_rules([], overrides=overrides)
     rows = conn.execute(
@@ -153,14 +154,14 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
             return Route(requested, "requested", f"user throttled to local; '{requested}' is local")
         rule = book.by_type.get(task_type) if task_type else None
         local = rule.target_model if rule is not None and rule.action == "lock_local" else None
-        target = local if local and known(local) else _local_default(config, requested)
-        return _swapped(Route(target, f"rule:{throttle.rule_id}", throttle.reason), task_type, book, known)
+        kept = local if local and known(local) else _local_default(config, requested)
+        return _swapped(Route(kept, f"rule:{throttle.rule_id}", throttle.reason), task_type, book, known)
     if not auto:
         return Route(requested, "requested", "the client named the model")
     # An operator's override is a deliberate choice for this agent's or user's work: it beats the
     # loop's type rules (which the operator can still read in `tm rules`), not a throttle.
     override = book.override_for(agent, user_id, task_type)
-    if override is not None and known(override.target_model):
+    if override is not None and override.target_model and known(override.target_model):
         return _swapped(Route(override.target_model, f"rule:{override.rule_id}", override.reason), task_type,
                         book, known)
     rule = book.by_type.get(task_type) if task_type else None
@@ -169,7 +170,8 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
             return explored
     if rule is not None:
         if rule.action == "escalate":
-            target = rule.target_model if rule.target_model and known(rule.target_model) else config.defaults.frontier_model
+            target = rule.target_model if rule.target_model and known(rule.target_model) \
+                else config.defaults.frontier_model
             if target and known(target):
                 return Route(target, f"rule:{rule.rule_id}", rule.reason)
         elif rule.action == "cascade":
@@ -212,7 +214,7 @@ def _explored(rule: Rule, book: RuleBook, config: Config, known: Callable[[str],
 
 def _swapped(route: Route, task_type: str | None, book: RuleBook, known: Callable[[str], bool]) -> Route:
     swap = book.swaps.get((task_type, route.model)) if task_type else None
-    if swap is None or not known(swap.target_model):
+    if swap is None or not swap.target_model or not known(swap.target_model):
         return route
     return Route(swap.target_model, f"rule:{swap.rule_id}", swap.reason)
 
@@ -242,12 +244,14 @@ def auto_route(route: Route, *, tier: tuple[str, float, str] | None, task_type: 
         route = Route(learned[0], "learned", learned[1])
     elif tier is not None and config.routing.tiers.enabled:
         name, confidence, source = tier
-        chain = config.routing.tiers.chains.get(name)
+        # A tier's value is a TierName; mypy sees the str of the classifier's tuple.
+        chain = config.routing.tiers.chains.get(name)  # type: ignore[call-overload]
         if chain:
             route = Route(chain[0], f"tier:{name}", f"tier {name} ({source}, confidence {confidence:.2f})",
                           chain=tuple(chain[1:]))
     cascade = config.routing.cascade
-    wants = (tier is not None and tier[0] in cascade.tiers) or (task_type is not None and task_type in cascade.task_types)
+    wants = (tier is not None and tier[0] in cascade.tiers) \
+        or (task_type is not None and task_type in cascade.task_types)
     if not wants:
         return route
     first = cascade.first or config.defaults.model

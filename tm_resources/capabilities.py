@@ -71,10 +71,10 @@ def context_score(window: int) -> float:
 
 
 def _blend(learned: tuple[int, float] | None, seed: float | None, prior_weight: float) -> Score:
-    n, avg = learned if learned else (0, None)
-    if n and seed is not None:
-        return Score((n * avg + prior_weight * seed) / (n + prior_weight), "learned+seeded", n)
-    if n:
+    if learned and learned[0]:
+        n, avg = learned
+        if seed is not None:
+            return Score((n * avg + prior_weight * seed) / (n + prior_weight), "learned+seeded", n)
         return Score(avg, "learned", n)
     return Score(seed, "seeded" if seed is not None else "none", 0)
 

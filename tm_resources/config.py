@@ -188,9 +188,9 @@ class TierRouting(_Strict):
     # goes to defaults.model.
     chains: dict[TierName, list[str]] = Field(default_factory=dict)
     # The loop's task types mapped to tiers, for prompts the rules are unsure about.
-    task_type_tiers: dict[str, TierName] = Field(default_factory=lambda: {
+    task_type_tiers: dict[str, TierName] = Field(default_factory=lambda: dict[str, TierName]({
         "chat": "SIMPLE", "extraction": "SIMPLE", "summarization": "MEDIUM", "writing": "MEDIUM",
-        "coding": "COMPLEX", "math": "REASONING", "reasoning": "REASONING"})
+        "coding": "COMPLEX", "math": "REASONING", "reasoning": "REASONING"}))
     # Optionally, when neither the signals nor the task type clear min_confidence: ask this
     # configured (cheap, local) model for the tier, waiting at most llm_timeout_s; no answer in time
     # (or not one of the four words) keeps what the signals said.
@@ -404,6 +404,12 @@ def _check_agents(agents: dict[str, AgentConfig], dispatch: DispatchConfig) -> N
                          f"({', '.join(sorted(agents)) or 'none defined'})")
 
 
+QualityCapability = Literal["coding", "reasoning", "creative", "instruction_following"]
+_TASK_CAPABILITIES: dict[str, QualityCapability] = {
+    "coding": "coding", "math": "reasoning", "reasoning": "reasoning", "writing": "creative",
+    "chat": "instruction_following", "extraction": "instruction_following", "summarization": "instruction_following"}
+
+
 class CapabilityScoring(_Strict):
     """How capability scores are learned (tm_resources/capabilities.py)."""
 
@@ -412,10 +418,7 @@ class CapabilityScoring(_Strict):
     quantization: dict[str, float] = Field(default_factory=lambda: {
         "Q8_0": 0.99, "Q6_K": 0.97, "Q5_K_M": 0.95, "Q4_K_M": 0.92, "Q3_K_M": 0.85})
     # Which capability the loop's task types show (types not listed show none).
-    task_types: dict[str, Literal["coding", "reasoning", "creative", "instruction_following"]] = Field(
-        default_factory=lambda: {"coding": "coding", "math": "reasoning", "reasoning": "reasoning",
-                                 "writing": "creative", "chat": "instruction_following",
-                                 "extraction": "instruction_following", "summarization": "instruction_following"})
+    task_types: dict[str, QualityCapability] = Field(default_factory=lambda: dict(_TASK_CAPABILITIES))
     # A seeded score counts as this many scored requests against the loop's own evidence.
     prior_weight: float = Field(10.0, ge=0)
     # Output tokens per second that score 0.5 for speed (faster approaches 1).

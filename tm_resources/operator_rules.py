@@ -10,6 +10,8 @@ from datetime import datetime
 
 import psycopg
 
+from tm_resources.db import one
+
 COLUMNS = ("id, created_at, created_by, action, agent, user_id, task_type, model, target_model, reason, evidence,"
            " reverted_at, reverted_by")
 
@@ -69,11 +71,11 @@ def apply_override(conn: psycopg.Connection, *, by: str, target_model: str, reas
             "UPDATE operator_rules SET reverted_at = now(), reverted_by = %s WHERE reverted_at IS NULL"
             " AND agent IS NOT DISTINCT FROM %s AND user_id IS NOT DISTINCT FROM %s"
             " AND task_type IS NOT DISTINCT FROM %s", (f"{by} (replaced)", agent, user_id, task_type))
-        row = conn.execute(
+        row = one(conn.execute(
             "INSERT INTO operator_rules (created_by, action, agent, user_id, task_type, model, target_model, reason,"
             f" evidence) VALUES (%s, 'override', %s, %s, %s, %s, %s, %s, %s) RETURNING {COLUMNS}",
             (by, agent, user_id, task_type, model, target_model, reason, json.dumps(evidence or {}, default=str)),
-        ).fetchone()
+        ))
     return OperatorRule(*row)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import psycopg
@@ -15,6 +15,7 @@ from tm_resources.capabilities import ModelScores, model_scores, read_evidence, 
 from tm_resources.config import Config, Tier
 
 Kind = Literal["agent", "user"]
+Basis = Literal["evidence", "capabilities"]
 KINDS: dict[str, tuple[Kind, ...]] = {"all": ("agent", "user"), "agents": ("agent",), "users": ("user",)}
 _MONTH_DAYS = 30.0
 
@@ -31,7 +32,7 @@ class Opportunity:
     proposed_cost_usd: float   # the same tokens at the proposed model's prices
     saving_usd: float
     monthly_saving_usd: float
-    basis: Literal["evidence", "capabilities"]   # measured quality on the type, or capability scores
+    basis: Basis                # measured quality on the type, or capability scores
     safe: bool                 # the evidence says quality holds (enough samples, lower bound within the drop)
     reason: str
     evidence: dict = field(default_factory=dict)
@@ -72,7 +73,7 @@ WHERE s.ts >= %s AND s.ts <= %s AND s.quality IS NOT NULL AND r.served AND r.cac
 
 def read_scored(conn: psycopg.Connection, since: datetime, until: datetime) -> pd.DataFrame:
     cur = conn.execute(SCORED_SQL, (since, until))
-    return pd.DataFrame(cur.fetchall(), columns=[d.name for d in cur.description])
+    return pd.DataFrame(cur.fetchall(), columns=[d.name for d in cur.description or []])
 
 
 def _machine_routed(requested: str | None, config: Config) -> bool:
@@ -153,11 +154,11 @@ def analyze(df: pd.DataFrame, config: Config, *, kinds: tuple[Kind, ...] = ("age
 
 
 def _cheaper(config: Config, stats: dict, by_model: dict[str, ModelScores], task_type: str, model: str,
-             g: pd.DataFrame) -> tuple[str, float, str, bool, dict] | None:
+             g: pd.DataFrame) -> tuple[str, float, Basis, bool, dict[str, Any]] | None:
     s = config.optimize
     cost = float(g["cost_usd"].sum())
     current = stats.get((task_type, model))
-    found = []
+    found: list[tuple[float, float, str, Basis, bool, dict[str, Any]]] = []
     for name, m in config.models.items():
         if name == model or m.tier is Tier.premium:
             continue
@@ -174,7 +175,7 @@ def _cheaper(config: Config, stats: dict, by_model: dict[str, ModelScores], task
                 continue
             safe = theirs["samples"] >= s.safe_min_samples and \
                 theirs["avg_quality"] - s.confidence_z * theirs["se"] >= bar
-            evidence = {"current": _public(current), "proposed": _public(theirs)}
+            evidence: dict[str, Any] = {"current": _public(current), "proposed": _public(theirs)}
             found.append((proposed_cost, -theirs["avg_quality"], name, "evidence", safe, evidence))
             continue
         mine_s, theirs_s = by_model.get(model), by_model.get(name)
