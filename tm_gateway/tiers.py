@@ -30,6 +30,8 @@ from enum import Enum
 
 import numpy as np
 
+from tm_resources.code_ask import CODE_TERMS
+
 
 class Tier(str, Enum):
     SIMPLE = "SIMPLE"
@@ -65,15 +67,7 @@ _KEYWORDS: dict[str, tuple[str, ...]] = {
         "minimize", "maximize", "calculate", "compute", "sequence", "function's", "ln", "sin", "cos", "tan",
         "mph", "percent", "ratio", "odds", "expected", "increasing", "decreasing", "bounded", "infinitely",
     ),
-    "code": (
-        "function", "functions", "class", "method", "implement", "implementation", "refactor", "debug", "bug",
-        "compile", "compiler", "api", "regex", "sql", "python", "javascript", "typescript", "rust", "golang",
-        "go", "java", "kotlin", "swift", "ruby", "php", "bash", "script", "code", "codebase", "algorithm",
-        "recursion", "recursive", "async", "await", "thread", "thread-safe", "docker", "kubernetes",
-        "stacktrace", "traceback", "exception", "endpoint", "library", "module", "package", "unittest",
-        "pytest", "tests", "repository", "git", "html", "css", "react", "node", "django", "flask", "numpy",
-        "pandas", "struct", "pointer", "runtime", "terraform", "cli", "extension", "query",
-    ),
+    "code": CODE_TERMS,
     "technical": (
         "architecture", "distributed", "latency", "throughput", "scalability", "scalable", "database",
         "schema", "microservice", "microservices", "concurrency", "concurrent", "encryption", "protocol",

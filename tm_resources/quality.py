@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from tm_resources.code_ask import asks_for_code
 from tm_resources.config import ScoringWeights
 
 SIGNALS = ("coherence", "completion", "brevity", "reprompt", "cost_efficiency")
@@ -145,9 +146,6 @@ _IMPERATIVE = re.compile(
     r"build|design|generate|summari[sz]e|translate|rewrite|refactor|convert|show|find|calculate|"
     r"make|draft|outline|analy[sz]e|review|suggest|propose|define|prove|solve|derive|tell|compute|evaluate|"
     r"estimate|determine|simplify|imagine|invent)\b", re.I)
-_CODE_REQUEST = re.compile(
-    r"```|\b(function|script|class|method|implement|code|program|sql|query|regex|python|javascript|"
-    r"typescript|java|rust|golang|c\+\+|bash|api|unit tests?|refactor)\b", re.I)
 _DETAIL_REQUEST = re.compile(
     r"\b(in detail|detailed|step[- ]by[- ]step|comprehensive|thorough(ly)?|in depth|in-depth|essay|"
     r"elaborate|walk me through|full (?:guide|tutorial|implementation)|long[- ]form|\d{3,}\s+words)\b", re.I)
@@ -189,7 +187,7 @@ def expected_output_tokens(prompt: str | None) -> float:
     asks = len(_QUESTION.findall(text)) + len(_BULLET.findall(text)) + len(_IMPERATIVE.findall(text))
     asks = max(1, min(asks, 20))
     expected = BREVITY_BASE_TOKENS + BREVITY_PER_EXTRA_ASK * (asks - 1)
-    if _CODE_REQUEST.search(text):
+    if asks_for_code(text):
         expected += BREVITY_CODE_TOKENS
     if _DETAIL_REQUEST.search(text):
         expected += BREVITY_DETAIL_TOKENS

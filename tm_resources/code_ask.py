@@ -1,0 +1,40 @@
+"""Whether a prompt asks for code, and the words that make it about code: one definition for the
+cascade's gate, the loop's brevity budget and the tier classifier's code signal."""
+
+from __future__ import annotations
+
+import re
+
+# Words that make a prompt about code: the tier classifier counts them (tm_gateway/tiers.py), so a
+# prompt full of them is more complex whether or not it asks for code itself.
+CODE_TERMS: tuple[str, ...] = (
+    "function", "functions", "class", "method", "implement", "implementation", "refactor", "debug", "bug",
+    "compile", "compiler", "api", "regex", "sql", "python", "javascript", "typescript", "rust", "golang",
+    "go", "java", "kotlin", "swift", "ruby", "php", "bash", "script", "code", "codebase", "algorithm",
+    "recursion", "recursive", "async", "await", "thread", "thread-safe", "docker", "kubernetes",
+    "stacktrace", "traceback", "exception", "endpoint", "library", "module", "package", "unittest",
+    "pytest", "tests", "repository", "git", "html", "css", "react", "node", "django", "flask", "numpy",
+    "pandas", "struct", "pointer", "runtime", "terraform", "cli", "extension", "query",
+)
+
+# Cheap substring tests first: most prompts contain none of these, and `in` runs at C speed.
+_NOUNS = ("function", "method", "class", "script", "program", "snippet", "code", "query", "regex",
+          "algorithm", "implement")
+# Kept narrow: a cheap answer without code fails the gate when its prompt asks for code, so a false
+# "code asked" costs a frontier call. Nouns that also mean other things ("a class schedule", "a query
+# letter", "a code of conduct", "a conference program") count only with words that make them code.
+_ASKS = re.compile(
+    r"\b(?:write|implement|create|give me|generate|fix|refactor|show me)\b[^.?!\n]{0,60}?"
+    r"\b(?:function|method|script|snippet|regex|algorithm|implementation|code\b(?! of)|sql query"
+    r"|program (?:that|to|which)|class (?:that|which|to))"
+    r"|\b(?:in|using)\s+(?:python|javascript|typescript|java|rust|go|golang|c\+\+|c#|ruby|php|bash|sql|kotlin|swift)\b"
+    r"[^.?!\n]{0,40}?\b(?:write|implement|function|code|script|program)\b",
+    re.IGNORECASE,
+)
+
+
+def asks_for_code(prompt: str) -> bool:
+    """Whether the prompt asks for code to be written ("write a function ...", "in Python, implement
+    ..."); mentioning code, or pasting it, is not asking for it."""
+    low = prompt.lower()
+    return any(n in low for n in _NOUNS) and _ASKS.search(low) is not None
