@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from tm_resources.code_ask import asks_for_code
+from tm_resources.code_ask import involves_code
 from tm_resources.config import ScoringWeights
 
 SIGNALS = ("coherence", "completion", "brevity", "reprompt", "cost_efficiency")
@@ -173,7 +173,7 @@ def expected_output_tokens(prompt: str | None) -> float:
     """How many output tokens a right-sized answer to this prompt needs, estimated from the prompt alone.
 
     asks = questions + bullets/numbered items + imperative sentences (at least 1, at most 20);
-    expected = 60 + 45 per extra ask, + 110 if code is asked for, + 350 if detail is asked for,
+    expected = 60 + 45 per extra ask, + 110 if code is asked for or shown, + 350 if detail is asked for,
                + 40 x log2(1 + prompt_tokens / 100) (long pasted context needs somewhat more),
                at most 4000; a prompt asking for a terse answer ("one letter", "briefly",
                "without explanation") gets 12 whatever else it says.
@@ -187,7 +187,7 @@ def expected_output_tokens(prompt: str | None) -> float:
     asks = len(_QUESTION.findall(text)) + len(_BULLET.findall(text)) + len(_IMPERATIVE.findall(text))
     asks = max(1, min(asks, 20))
     expected = BREVITY_BASE_TOKENS + BREVITY_PER_EXTRA_ASK * (asks - 1)
-    if asks_for_code(text):
+    if involves_code(text):
         expected += BREVITY_CODE_TOKENS
     if _DETAIL_REQUEST.search(text):
         expected += BREVITY_DETAIL_TOKENS
