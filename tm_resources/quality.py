@@ -315,7 +315,10 @@ def reprompt_signal(df: pd.DataFrame, prompt_vecs: np.ndarray | None = None, rep
     escalation = is_escalation(df)
     if "parent_id" in df:
         parents = set(df.loc[df["parent_id"].notna(), "parent_id"].astype(str))
-        out[df["id"].astype(str).isin(parents)] = np.nan
+        attempt = df["id"].astype(str).isin(parents)
+        out[attempt] = np.nan
+        # An attempt the gateway made is not the user asking again, whenever it was logged.
+        escalation = escalation | attempt
     session = df["session_id"] if "session_id" in df else pd.Series(None, index=df.index)
     # A request rejected before it had a prompt (bad JSON, no messages) says nothing about the answer before it.
     has_prompt = df["prompt"].map(lambda p: bool(text_or_empty(p).strip())) if "prompt" in df else True
