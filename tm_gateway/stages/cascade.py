@@ -94,7 +94,7 @@ async def _run(gw: Proxy, ctx: Ctx, plain: dict, t: _Try, chain: list[str]) -> N
 def _attempt(t: _Try, tries: list[_Try], gate, prompt: str) -> Attempt:
     if t.got is None:
         t.verdict = GateVerdict(False, [f"no answer ({t.row.data.get('error_class')})"])
-    elif any(o is not t and o.got is not None and o.name == t.name for o in tries):
+    elif any(o.got is not None and o.name == t.name for o in tries[:tries.index(t)]):
         # A fallback landed on a model that already answered: agreeing with itself proves nothing.
         t.verdict = GateVerdict(False, [f"fell back to {t.name}, which answered already"])
     else:
