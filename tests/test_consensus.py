@@ -168,3 +168,27 @@ def test_a_loop_cascade_rule_runs_as_a_consensus_too(gw):
     assert raw.headers["x-tm-route"] == "rule:cascade:math"
     assert raw.headers["x-tm-plan"] == "local-test+local-b>claude-test" and raw.headers["x-tm-model"] == "claude-test"
     assert len(chain_of(gw.rows(), raw.headers["x-tm-request-id"])) == 3
+
+
+def test_a_partner_that_falls_back_to_the_first_model_does_not_agree_with_it(db_url, upstreams, tmp_path):
+    anth, local = upstreams
+    local.responder = by_model({"tiny-local": "B", "tiny-b": "B"})
+    data = make_config(anth.url, local.openai_url).model_dump(mode="json")
+    data["models"]["local-b"] = {"provider": "local", "upstream": "tiny-b", "tier": "local", "context_window": 8192,
+                                 "price": LOCAL_PRICE, "fallbacks": ["local-test"]}
+    data["routing"] = {"cascade": {"task_types": [], "tiers": ["SIMPLE", "MEDIUM", "COMPLEX", "REASONING"],
+                                   "consensus": ["local-b"]}}
+    with psycopg.connect(db_url) as conn:
+        key = keys.create_key(conn, "staff")[0]
+    app, served = start_gateway(parse_config(data), db_url, tmp_path)
+    try:
+        local.fail(503, model="tiny-b")
+        raw = openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0).chat.completions \
+            .with_raw_response.create(model="auto", messages=[{"role": "user", "content": QUESTION}])
+        assert raw.headers["x-tm-model"] == "claude-test"
+        assert raw.headers["x-tm-cascade"] == "escalated: local-b: fell back to local-test, which answered already"
+        app.state.proxy.request_log.flush()
+        first, partner, answer = chain_of(query(db_url, "SELECT * FROM requests"), raw.headers["x-tm-request-id"])
+        assert (first["model"], partner["model"], answer["model"]) == ("local-test", "local-test", "claude-test")
+    finally:
+        served.stop()
