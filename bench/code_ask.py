@@ -42,7 +42,8 @@ def shares(prompts: list[str]) -> dict:
     return {"prompts": len(prompts), "flagged_before": round(float(before.mean()), 3),
             "asks_for_code": round(float(asks.mean()), 3), "involves_code": round(float(now.mean()), 3),
             "median_budget_tokens": round(float(np.median(budget)), 1),
-            "budget_lowered": round(float((before & ~now).mean()), 3), "budget_raised": round(float((now & ~before).mean()), 3)}
+            "budget_lowered": round(float((before & ~now).mean()), 3),
+            "budget_raised": round(float((now & ~before).mean()), 3)}
 
 
 def main() -> int:
@@ -57,7 +58,8 @@ def main() -> int:
     out["arena_hard_coding"], out["arena_hard_other"] = shares(coding), shares(other)
     data = load_routerbench(args.routerbench)
     for name in sorted(set(data.eval_names)):
-        out[f"routerbench_{name}"] = shares([p for p, e in zip(data.prompts, data.eval_names) if e == name])
+        texts = [p for p, e in zip(data.prompts, data.eval_names, strict=True) if e == name]
+        out[f"routerbench_{name}"] = shares(texts)
     print(json.dumps(out, indent=2))
     return 0
 

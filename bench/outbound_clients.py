@@ -70,7 +70,8 @@ async def run(base: str, n: int) -> dict:
         figures["httpx (TextClient), OpenAI-compatible"] = await timed(
             lambda: httpx_client.complete("fake-model", MESSAGES, 16), n)
     async with TextClient(anthropic_ep) as sdk:
-        figures["anthropic SDK (TextClient), Anthropic"] = await timed(lambda: sdk.complete("fake-model", MESSAGES, 16), n)
+        figures["anthropic SDK (TextClient), Anthropic"] = await timed(
+            lambda: sdk.complete("fake-model", MESSAGES, 16), n)
     return figures
 
 

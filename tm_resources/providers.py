@@ -81,4 +81,3 @@ class SecretScrubber:
     @classmethod
     def for_config(cls, config: Config) -> SecretScrubber:
         return cls([k for p in config.providers.values() for k in p.api_keys()])
-
