@@ -61,7 +61,7 @@ def test_each_request_is_an_ai_generation_matching_its_row_without_its_text(db_u
         assert app.state.proxy.request_log.flush()
         cached = oa.chat.completions.with_raw_response.create(
             model="local-test", messages=[{"role": "user", "content": PROMPT}],
-            extra_headers={"x-tm-session": "sess-42"})
+            extra_headers={"x-tm-session": "sess-42", "x-tm-agent": "planner"})
         assert cached.headers["x-tm-cache"] == "exact"
         assert app.state.proxy.request_log.flush()
         rows = {str(r["id"]): r for r in query(db_url, "SELECT * FROM requests")}
@@ -82,7 +82,8 @@ def test_each_request_is_an_ai_generation_matching_its_row_without_its_text(db_u
         assert p["$ai_trace_id"] == (row["session_id"] or rid)
         assert "$ai_input" not in p and "$ai_output_choices" not in p
 
-    answered = next(e["properties"] for e in gens.values() if e["properties"].get("tm_agent") == "planner")
+    answered = next(e["properties"] for e in gens.values()
+                    if e["properties"]["tm_agent"] == "planner" and not e["properties"]["tm_cache_hit"])
     assert answered["$ai_model"] == "local-test" and answered["$ai_provider"] == "local"
     assert answered["$ai_trace_id"] == "sess-42" and answered["$ai_session_id"] == "sess-42"
     assert answered["$ai_input_tokens"] > 0 and answered["$ai_output_tokens"] > 0
