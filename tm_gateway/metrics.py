@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import logging
 import os
+from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import orjson
@@ -98,43 +99,43 @@ class GatewayMetrics:
         self.rules = Gauge("tm_routing_rules_in_force", "Routing rules the gateway obeys (the newest hour's "
                            "active rules)", multiprocess_mode="livemostrecent", registry=r)
         self._log_seen = dict.fromkeys(_LOG_OUTCOMES, 0)
-        # Children looked up once per label set: the writer thread pays a dict lookup per row, not a
-        # label validation.
-        self._children: dict[tuple, tuple] = {}
+        self._counters = {"tokens": self.tokens, "cost": self.cost, "baseline": self.baseline,
+                          "cache_hits": self.cache_hits, "fallbacks": self.fallbacks}
+        self._histograms: dict[tuple[str, str], tuple] = {}
 
     # -- the writer thread -----------------------------------------------------------------------
 
-    def _child(self, model: str, provider: str) -> tuple:
-        key = (model, provider)
-        got = self._children.get(key)
-        if got is None:
-            got = (self.cost.labels(model, provider), self.baseline.labels(model, provider),
-                   self.duration.labels(model, provider), self.ttft.labels(model, provider),
-                   tuple(self.tokens.labels(model, provider, d) for d, _ in _TOKEN_COLUMNS))
-            self._children[key] = got
-        return got
-
     def observe(self, request_log: RequestLog, rows: list[dict]) -> None:
-        """Count a batch of rows (called by the request log's writer thread after storing it)."""
+        """Count a batch of rows (called by the request log's writer thread after storing it). Counters are
+        summed over the batch first: in multiprocess mode each increment is a locked write to a file."""
+        requests: dict[tuple, int] = defaultdict(int)
+        sums: dict[tuple, float] = defaultdict(float)  # (counter name, *labels) -> amount
         for row in rows:
             model, provider = row.get("model") or "none", row.get("provider") or "none"
-            self.requests.labels(model, provider, _route_kind(row.get("route")), str(row.get("status"))).inc()
-            cost, baseline, duration, ttft, tokens = self._child(model, provider)
-            for counter, (_, column) in zip(tokens, _TOKEN_COLUMNS, strict=True):
+            requests[(model, provider, _route_kind(row.get("route")), str(row.get("status")))] += 1
+            for direction, column in _TOKEN_COLUMNS:
                 if n := row.get(column):
-                    counter.inc(n)
+                    sums[("tokens", model, provider, direction)] += n
             if c := row.get("cost_usd"):
-                cost.inc(c)
+                sums[("cost", model, provider)] += c
             if b := row.get("baseline_cost_usd"):
-                baseline.inc(b)
+                sums[("baseline", model, provider)] += b
+            histograms = self._histograms.get((model, provider))
+            if histograms is None:
+                histograms = self._histograms[(model, provider)] = (self.duration.labels(model, provider),
+                                                                    self.ttft.labels(model, provider))
             if (ms := row.get("latency_ms")) is not None:
-                duration.observe(ms / 1000)
+                histograms[0].observe(ms / 1000)
             if (ms := row.get("ttft_ms")) is not None:
-                ttft.observe(ms / 1000)
+                histograms[1].observe(ms / 1000)
             if kind := row.get("cache_hit"):
-                self.cache_hits.labels(kind).inc()
+                sums[("cache_hits", kind)] += 1
             for failure in _fallbacks(row.get("attempts")):
-                self.fallbacks.labels(failure).inc()
+                sums[("fallbacks", failure)] += 1
+        for labels, n in requests.items():
+            self.requests.labels(*labels).inc(n)
+        for (name, *labels), amount in sums.items():
+            self._counters[name].labels(*labels).inc(amount)
         self._sync_gauges(request_log)
 
     def _sync_gauges(self, request_log: RequestLog) -> None:
