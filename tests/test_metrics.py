@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anthropic
@@ -125,6 +127,7 @@ def test_metrics_count_what_the_rows_say_after_real_traffic(served, db_url):
     assert total(m["tm_log_rows"], "tm_log_rows_total", outcome="written") == len(rows)
     assert total(m["tm_log_rows"], "tm_log_rows_total", outcome="spooled") == 0
     assert total(m["tm_log_queue_rows"], "tm_log_queue_rows") == 0
+    assert total(m["tm_log_spool_bytes"], "tm_log_spool_bytes") == 0
     assert total(m["tm_routing_rules_in_force"], "tm_routing_rules_in_force") == 0
 
     # The example Grafana dashboard asks only for what the gateway exposes.
@@ -211,3 +214,29 @@ def _up(url: str) -> bool:
         return httpx.get(url + "/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_rows_spooled_while_postgres_is_down_show_in_the_metrics(pg_server, tmp_path: Path):
+    from types import SimpleNamespace
+
+    from tm_gateway.metrics import GatewayMetrics
+    from tm_gateway.requestlog import RequestLog
+    from tm_resources import db
+
+    down = db.with_database(pg_server, "t_down_metrics")  # no such database: every connection fails
+    request_log = RequestLog(down, spool_dir=tmp_path / "spool", flush_interval_s=0.01).start()
+    metrics = GatewayMetrics(SimpleNamespace(request_log=request_log, shared=SimpleNamespace(rules=[])))
+    request_log.observers.append(metrics.observe)
+    try:
+        for i in range(3):
+            request_log.write({"id": uuid.uuid4(), "ts": datetime.now(UTC), "user_id": "alice", "api_format": "openai",
+                               "endpoint": "/v1/chat/completions", "model": "local-test", "provider": "local",
+                               "status": 200, "latency_ms": 5.0, "input_tokens": 7})
+        assert request_log.flush()
+        m = {f.name: f.samples for f in text_string_to_metric_families(metrics.exposition().decode())}
+    finally:
+        request_log.close()
+    assert total(m["tm_requests"], "tm_requests_total", model="local-test", status="200") == 3
+    assert total(m["tm_log_rows"], "tm_log_rows_total", outcome="spooled") == 3
+    assert total(m["tm_log_rows"], "tm_log_rows_total", outcome="written") == 0
+    assert total(m["tm_log_spool_bytes"], "tm_log_spool_bytes") > 0

@@ -96,6 +96,10 @@ class GatewayMetrics:
                                 ["outcome"], registry=r)
         self.queue = Gauge("tm_log_queue_rows", "Rows waiting for the request log's writer thread",
                            multiprocess_mode="livesum", registry=r)
+        self.spooled = Gauge("tm_log_spool_bytes", "Bytes of rows on disk waiting for Postgres (spool folder, "
+                             "shared by the workers)", multiprocess_mode="livemostrecent", registry=r)
+        self.rejected = Gauge("tm_log_rejected_bytes", "Bytes of rows Postgres refused, waiting for "
+                              "`tm log replay-rejected`", multiprocess_mode="livemostrecent", registry=r)
         self.rules = Gauge("tm_routing_rules_in_force", "Routing rules the gateway obeys (the newest hour's "
                            "active rules)", multiprocess_mode="livemostrecent", registry=r)
         self._log_seen = dict.fromkeys(_LOG_OUTCOMES, 0)
@@ -150,7 +154,11 @@ class GatewayMetrics:
     # -- the scrape ------------------------------------------------------------------------------
 
     def exposition(self) -> bytes:
-        self._sync_gauges(self.proxy.request_log)
+        request_log = self.proxy.request_log
+        self._sync_gauges(request_log)
+        # Read at scrape time: the folders are shared, so any worker's reading is everyone's.
+        self.spooled.set(request_log.spooled_on_disk())
+        self.rejected.set(request_log.rejected_on_disk())
         if self.dir is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()

@@ -514,6 +514,10 @@ class RequestLog:
             except Exception:  # noqa: BLE001 - an observer's fault must not stop the log
                 log.exception("request log: observer %s failed", getattr(observe, "__qualname__", observe))
 
+    def spooled_on_disk(self) -> int:
+        """Bytes of rows waiting in the spool folder for Postgres to come back."""
+        return _folder_bytes(self.spool_dir, "*.jsonl")
+
     def queued(self) -> int:
         """Rows (and markers) waiting for the writer thread."""
         return self._queue.qsize()
