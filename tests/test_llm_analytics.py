@@ -141,6 +141,13 @@ def test_llm_analytics_can_be_turned_off(db_url, upstreams, tmp_path, posthog):
     assert [e["event"] for e in posthog.events] == []
 
 
+def test_trace_ids_keep_to_the_characters_posthog_accepts():
+    from tm_gateway.analytics import trace_id
+
+    assert trace_id("d9222e05-8708-41b8-98ea-d4a21849e761") == "d9222e05-8708-41b8-98ea-d4a21849e761"
+    assert trace_id("team/alpha session #3") == "team_alpha_session__3"
+
+
 def test_grades_are_sent_once_per_user_and_hour_without_prompt_text(posthog):
     hour = datetime(2026, 11, 30, 9, tzinfo=UTC)
     table = pd.DataFrame([

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 # The endpoints whose rows are model calls; a model listing or a count is not a generation.
 GENERATION_ENDPOINTS = frozenset(("/v1/chat/completions", "/chat/completions", "/v1/messages"))
+_NOT_IN_TRACE_ID = re.compile(r"[^A-Za-z0-9\-_~.@()!':|]")
 
 
 def _without_credentials(url: str) -> str:
@@ -25,6 +27,11 @@ def _without_credentials(url: str) -> str:
     host = parts.hostname or ""
     netloc = host + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def trace_id(text: str) -> str:
+    # PostHog accepts only these characters in a trace id; a client's session header may hold any.
+    return _NOT_IN_TRACE_ID.sub("_", text)
 
 
 def _seconds(ms: float | None) -> float | None:
@@ -67,7 +74,7 @@ class LlmAnalytics:
         rid = str(row["id"])
         input_cost, output_cost = self._costs(row)
         props: dict[str, Any] = {
-            "$ai_trace_id": row.get("session_id") or rid,
+            "$ai_trace_id": trace_id(row.get("session_id") or rid),
             "$ai_span_id": rid,
             "$ai_model": row.get("model") or row.get("requested_model"),
             "$ai_provider": row.get("provider"),
@@ -128,8 +135,8 @@ class LlmAnalytics:
                                   event_id=event_uuid("cache_hit", rid), properties={
                     "kind": kind, "request_id": rid, "source_request_id": str(row.get("cache_source_id")),
                     "similarity": row.get("cache_similarity"), "model": row.get("model"),
-                    "saved_frontier_cost_usd": row.get("baseline_cost_usd"), "$ai_trace_id":
-                    row.get("session_id") or rid})
+                    "saved_frontier_cost_usd": row.get("baseline_cost_usd"),
+                    "$ai_trace_id": trace_id(row.get("session_id") or rid)})
 
 
 def attach(proxy: Proxy) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import logging
 import os
+import threading
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -103,6 +104,7 @@ class GatewayMetrics:
         self.rules = Gauge("tm_routing_rules_in_force", "Routing rules the gateway obeys (the newest hour's "
                            "active rules)", multiprocess_mode="livemostrecent", registry=r)
         self._log_seen = dict.fromkeys(_LOG_OUTCOMES, 0)
+        self._sync_lock = threading.Lock()
         self._counters = {"tokens": self.tokens, "cost": self.cost, "baseline": self.baseline,
                           "cache_hits": self.cache_hits, "fallbacks": self.fallbacks}
         self._histograms: dict[tuple[str, str], tuple] = {}
@@ -143,11 +145,12 @@ class GatewayMetrics:
         self._sync_gauges(request_log)
 
     def _sync_gauges(self, request_log: RequestLog) -> None:
-        for outcome in _LOG_OUTCOMES:
-            now = getattr(request_log, f"rows_{outcome}")
-            if now != self._log_seen[outcome]:
-                self.log_rows.labels(outcome).inc(now - self._log_seen[outcome])
-                self._log_seen[outcome] = now
+        with self._sync_lock:  # the writer thread and a scrape's thread both come here
+            for outcome in _LOG_OUTCOMES:
+                now = getattr(request_log, f"rows_{outcome}")
+                if now != self._log_seen[outcome]:
+                    self.log_rows.labels(outcome).inc(now - self._log_seen[outcome])
+                    self._log_seen[outcome] = now
         self.queue.set(request_log.queued())
         self.rules.set(len(self.proxy.shared.rules))
 
@@ -194,7 +197,8 @@ async def metrics_endpoint(request: Request) -> Response:
 
     if not _authorized(request):
         return error_response(caller_format(request), 401,
-                              f"GET /metrics wants `Authorization: Bearer <token>` ({TOKEN_ENV} is set)", {})
+                              f"GET /metrics wants `Authorization: Bearer <token>` ({TOKEN_ENV} is set)",
+                              {"www-authenticate": "Bearer"})
     proxy: Proxy = request.state.proxy
     body = await asyncio.to_thread(proxy.metrics.exposition)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
