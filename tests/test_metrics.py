@@ -240,3 +240,16 @@ def test_rows_spooled_while_postgres_is_down_show_in_the_metrics(pg_server, tmp_
     assert total(m["tm_log_rows"], "tm_log_rows_total", outcome="spooled") == 3
     assert total(m["tm_log_rows"], "tm_log_rows_total", outcome="written") == 0
     assert total(m["tm_log_spool_bytes"], "tm_log_spool_bytes") > 0
+
+
+def test_the_rules_in_force_are_a_gauge(served, db_url):
+    app, server, _, _ = served
+    with psycopg.connect(db_url) as conn:
+        for rule_id, action, task_type, user, status in (("escalate:coding", "escalate", "coding", None, "active"),
+                                                         ("throttle:bob", "throttle", None, "bob", "active"),
+                                                         ("escalate:math", "escalate", "math", None, "proposed")):
+            conn.execute("INSERT INTO routing_rules (hour, rule_id, action, task_type, user_id, model, target_model,"
+                         " status, reason, evidence) VALUES (date_trunc('hour', now()), %s, %s, %s, %s, NULL,"
+                         " 'claude-test', %s, 'test', '{}')", (rule_id, action, task_type, user, status))
+    _wait(lambda: len(app.state.proxy.shared.rules) == 2, 10, "the gateway to read the rules")
+    assert total(scrape(server.url)["tm_routing_rules_in_force"], "tm_routing_rules_in_force") == 2
