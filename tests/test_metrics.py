@@ -228,7 +228,7 @@ def test_rows_spooled_while_postgres_is_down_show_in_the_metrics(pg_server, tmp_
     metrics = GatewayMetrics(SimpleNamespace(request_log=request_log, shared=SimpleNamespace(rules=[])))
     request_log.observers.append(metrics.observe)
     try:
-        for i in range(3):
+        for _ in range(3):
             request_log.write({"id": uuid.uuid4(), "ts": datetime.now(UTC), "user_id": "alice", "api_format": "openai",
                                "endpoint": "/v1/chat/completions", "model": "local-test", "provider": "local",
                                "status": 200, "latency_ms": 5.0, "input_tokens": 7})

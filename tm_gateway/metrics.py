@@ -140,8 +140,8 @@ class GatewayMetrics:
                 sums[("fallbacks", failure)] += 1
         for labels, n in requests.items():
             self.requests.labels(*labels).inc(n)
-        for (name, *labels), amount in sums.items():
-            self._counters[name].labels(*labels).inc(amount)
+        for key, amount in sums.items():
+            self._counters[key[0]].labels(*key[1:]).inc(amount)
         self._sync_gauges(request_log)
 
     def _sync_gauges(self, request_log: RequestLog) -> None:
