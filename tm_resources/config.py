@@ -453,6 +453,14 @@ class OptimizeConfig(_Strict):
     # "As well": the cheaper model's average quality at most this far under the current one's.
     max_quality_drop: float = Field(0.02, ge=0, le=1)
     capabilities: CapabilityScoring = CapabilityScoring()
+class PostHogConfig(_Strict):
+    """What the gateway sends PostHog (with POSTHOG_API_KEY set): each request as PostHog's LLM analytics
+    event `$ai_generation`, and cache hits as `tm_cache_hit`."""
+
+    llm_analytics: bool = True
+    # Prompts and answers ($ai_input, $ai_output_choices), redacted as log.redact says; off, PostHog sees
+    # models, tokens, cost, latency and status only.
+    capture_content: bool = False
 
 
 class Config(_Strict):
@@ -470,6 +478,7 @@ class Config(_Strict):
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     dispatch: DispatchConfig = DispatchConfig()
     optimize: OptimizeConfig = OptimizeConfig()
+    posthog: PostHogConfig = PostHogConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
     defaults: Defaults
