@@ -27,6 +27,7 @@ from tm_gateway.learned import RouterSettings
 from tm_gateway.openapi import openapi_description
 from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
+from tm_gateway.stages.limits import Limits
 from tm_gateway.state import SharedState
 from tm_resources import cache
 from tm_resources.config import Config
@@ -135,6 +136,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             dispatcher=dispatcher,
             events=EventSink.from_env(),
         )
+        proxy.limits = await Limits.open(config, settings.database_url)
         app.state.proxy = proxy  # for tests that reach in
         # What start-up loaded (the model, the libraries) lives as long as the process: moving it out
         # of the collector's reach keeps full collections from pausing requests for 100+ ms under load.
@@ -144,6 +146,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
             yield {"proxy": proxy}
         finally:
             await shared.stop()
+            if proxy.limits is not None:
+                await proxy.limits.close()
             await session.close()
             if cache_pool is not None:
                 await cache_pool.close()

@@ -13,6 +13,7 @@ import orjson
 from starlette.responses import Response
 
 from tm_gateway import fallback, schemas
+from tm_gateway.stages import prompt_cache
 from tm_gateway.stages.context import JSON, SSE, BadRequest, Ctx, error_response
 from tm_gateway.stages.log import answered
 from tm_gateway.stages.relay import relay
@@ -199,6 +200,8 @@ def _upstream_body(gw: Proxy, fmt: str, ep: Endpoint, body: dict, upstream_model
             out = fm.anthropic_request_to_openai(body, model=upstream_model)
     except fm.FormatError as err:
         raise BadRequest(400, "invalid_request", str(err)) from None
+    if ep.kind == "anthropic":
+        out = prompt_cache.add_breakpoints(gw.config, out)
     return orjson.dumps(out)
 
 

@@ -1,0 +1,257 @@
+"""Rate limits through the official SDKs against real Postgres: requests per minute per key, tokens per
+turn, turns per hour and turns in flight per agent; each a 429 in the caller's format with retry-after,
+held across two gateways on one database, and free when nothing is configured."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import psycopg
+import pytest
+
+from tests.conftest import Gateway, make_config, start_gateway
+from tests.fakes import FakeUpstream
+from tm_gateway import keys
+
+NO_LOOP = {"loop": {"repeats": 0}}
+
+
+def serve(db_url: str, upstreams, home: Path, limits: dict, user: str = "alice") -> Gateway:
+    anthropic_fake, local = upstreams
+    with psycopg.connect(db_url) as conn:
+        key, _ = keys.create_key(conn, user)
+    app, served = start_gateway(make_config(anthropic_fake.url, local.openai_url, limits=limits), db_url, home)
+    return Gateway(url=served.url, key=key, user=user, db_url=db_url, app=app, served=served)
+
+
+@pytest.fixture
+def limited(request, db_url, upstreams, tmp_path):
+    """A gateway with the limits the test's `limits` marker names."""
+    gws: list[Gateway] = []
+
+    def start(limits: dict, home: str = "a") -> Gateway:
+        gw = serve(db_url, upstreams, tmp_path / home, limits)
+        gws.append(gw)
+        return gw
+
+    yield start
+    for gw in gws:
+        gw.served.stop()
+
+
+def oa(gw: Gateway, **headers) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.key, max_retries=0, default_headers=headers)
+
+
+def an(gw: Gateway, **headers) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gw.url, api_key=gw.key, max_retries=0, default_headers=headers)
+
+
+def ask_openai(gw: Gateway, model: str = "local-test", max_tokens: int = 50, **headers):
+    return oa(gw, **headers).chat.completions.create(
+        model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": "hello there"}])
+
+
+def ask_anthropic(gw: Gateway, model: str = "claude-test", max_tokens: int = 50, **headers):
+    return an(gw, **headers).messages.create(
+        model=model, max_tokens=max_tokens, messages=[{"role": "user", "content": "hello there"}])
+
+
+def refused_rows(gw: Gateway) -> list[dict]:
+    return gw.rows("error_class = 'rate_limited'")
+
+
+def test_requests_per_minute_per_key_in_both_formats(limited, upstreams):
+    gw = limited({"requests_per_minute": 3, **NO_LOOP})
+    for _ in range(3):
+        ask_openai(gw)
+    with pytest.raises(openai.RateLimitError) as caught:
+        ask_openai(gw)
+    err = caught.value
+    assert err.code == "rate_limit_exceeded"
+    assert "3 requests a minute" in err.message and "limits.requests_per_minute" in err.message
+    wait = int(err.response.headers["retry-after"])
+    assert 1 <= wait <= 60
+    with pytest.raises(anthropic.RateLimitError) as caught_a:
+        ask_anthropic(gw)
+    assert caught_a.value.body["error"]["type"] == "rate_limit_error"
+    assert "3 requests a minute" in caught_a.value.body["error"]["message"]
+    assert 1 <= int(caught_a.value.response.headers["retry-after"]) <= 60
+    # Refused before any provider: the fakes saw only the three that passed.
+    anthropic_fake, local = upstreams
+    assert len(local.requests) == 3 and not anthropic_fake.requests
+    rows = refused_rows(gw)
+    assert [(r["status"], r["api_format"]) for r in rows] == [(429, "openai"), (429, "anthropic")]
+    assert all("3 requests a minute" in r["error_message"] for r in rows)
+
+
+def test_a_second_key_has_its_own_minute(limited, db_url):
+    gw = limited({"requests_per_minute": 1, **NO_LOOP})
+    ask_openai(gw)
+    with psycopg.connect(db_url) as conn:
+        other, _ = keys.create_key(conn, "bob")
+    time.sleep(0.3)  # the gateway re-reads its keys
+    bob = Gateway(url=gw.url, key=other, user="bob", db_url=db_url, app=gw.app, served=gw.served)
+    ask_openai(bob)
+    with pytest.raises(openai.RateLimitError):
+        ask_openai(gw)
+
+
+def test_tokens_per_turn_counts_input_and_max_tokens(limited):
+    gw = limited({"tokens_per_turn": 500, **NO_LOOP})
+    ask_openai(gw, max_tokens=400)
+    with pytest.raises(openai.RateLimitError) as caught:
+        ask_openai(gw, max_tokens=495)
+    assert "limits.tokens_per_turn" in caught.value.message and "max_tokens 495" in caught.value.message
+    assert caught.value.response.headers["retry-after"]
+    with pytest.raises(anthropic.RateLimitError) as caught_a:
+        an(gw).messages.create(model="claude-test", max_tokens=100,
+                               messages=[{"role": "user", "content": "word " * 2000}])
+    assert caught_a.value.body["error"]["type"] == "rate_limit_error"
+    assert "over the 500" in caught_a.value.body["error"]["message"]
+    assert len(refused_rows(gw)) == 2
+
+
+def test_turns_per_hour_per_agent_with_overrides(limited):
+    gw = limited({"turns_per_hour": 2, "agents": {"reviewer": {"turns_per_hour": 4}}, **NO_LOOP})
+    for _ in range(2):
+        ask_anthropic(gw, **{"x-tm-agent": "coder"})
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        ask_anthropic(gw, **{"x-tm-agent": "coder"})
+    message = caught.value.body["error"]["message"]
+    assert "agent 'coder' may take 2 turns an hour" in message
+    assert 1 <= int(caught.value.response.headers["retry-after"]) <= 3600
+    for _ in range(4):  # its own window, and its own limit
+        ask_openai(gw, **{"x-tm-agent": "reviewer"})
+    with pytest.raises(openai.RateLimitError) as caught_o:
+        ask_openai(gw, **{"x-tm-agent": "reviewer"})
+    assert "4 turns an hour" in caught_o.value.message
+
+
+def test_a_refused_request_spends_nothing(limited):
+    # Refused by the hourly limit, the request gives back the minute it took: the key still has it.
+    gw = limited({"requests_per_minute": 2, "turns_per_hour": 1, **NO_LOOP})
+    ask_openai(gw, **{"x-tm-agent": "a"})
+    with pytest.raises(openai.RateLimitError):
+        ask_openai(gw, **{"x-tm-agent": "a"})
+    ask_openai(gw, **{"x-tm-agent": "b"})
+
+
+def test_concurrent_turns_per_agent_freed_when_answers_end(limited, upstreams):
+    anthropic_fake, local = upstreams
+    gw = limited({"concurrent_turns": 2, **NO_LOOP})
+    local.stall(1.5, times=2)
+    agent = {"x-tm-agent": "builder"}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(ask_openai, gw, **agent) for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while len(local.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError) as caught:
+            ask_openai(gw, **agent)
+        assert "already has 2 turns in flight" in caught.value.message
+        assert caught.value.response.headers["retry-after"] == "1"
+        ask_openai(gw, **{"x-tm-agent": "someone-else"})
+        for f in slow:
+            f.result()
+    ask_openai(gw, **agent)  # both ended: their places are free again
+
+
+def test_a_cut_stream_frees_its_turn(limited, upstreams):
+    anthropic_fake, local = upstreams
+    local.chunk_delay = 0.2
+    local.responder = lambda fmt, body: "word " * 50
+    gw = limited({"concurrent_turns": 1, **NO_LOOP})
+    body = {"model": "local-test", "stream": True, "max_tokens": 100,
+            "messages": [{"role": "user", "content": "tell me a long story"}]}
+    headers = {"authorization": f"Bearer {gw.key}", "x-tm-agent": "teller"}
+    with httpx.Client(timeout=10) as client:
+        with client.stream("POST", gw.url + "/v1/chat/completions", json=body, headers=headers) as resp:
+            assert resp.status_code == 200
+            chunks = resp.iter_bytes()  # held: a dropped iterator closes the stream
+            next(chunks)
+            busy = client.post(gw.url + "/v1/chat/completions", json={**body, "stream": False}, headers=headers)
+            assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded"
+        # The client hung up mid-stream: its turn is given back.
+        deadline = time.monotonic() + 5
+        while True:
+            again = client.post(gw.url + "/v1/chat/completions", json={**body, "stream": False}, headers=headers)
+            if again.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert again.status_code == 200
+    assert [r["status"] for r in gw.rows("status = 499")] == [499]
+
+
+def test_limits_hold_across_two_gateways_on_one_database(limited, upstreams):
+    """Two gateways (each its own pool and event loop, like two worker processes) share one key's minute:
+    of 40 requests sent at once, split between them, exactly the limit pass."""
+    first = limited({"requests_per_minute": 15, **NO_LOOP}, "one")
+    second = limited({"requests_per_minute": 15, **NO_LOOP}, "two")
+    second = Gateway(url=second.url, key=first.key, user=first.user, db_url=first.db_url, app=second.app,
+                     served=second.served)
+    outcomes: list[int] = []
+    lock = threading.Lock()
+
+    def one(gw: Gateway) -> None:
+        try:
+            ask_openai(gw)
+            status = 200
+        except openai.RateLimitError:
+            status = 429
+        with lock:
+            outcomes.append(status)
+
+    # Wait for the second gateway to know the first's key.
+    deadline = time.monotonic() + 5
+    while second.app.state.proxy.authenticate(None, {"authorization": f"Bearer {first.key}"}) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        list(pool.map(one, [first, second] * 20))
+    assert sorted(outcomes).count(200) == 15, outcomes
+    assert outcomes.count(429) == 25
+    _, local = upstreams
+    assert len(local.requests) == 15
+
+
+def test_turns_in_flight_across_two_gateways(limited, upstreams):
+    _, local = upstreams
+    first = limited({"concurrent_turns": 3, **NO_LOOP}, "one")
+    second = limited({"concurrent_turns": 3, **NO_LOOP}, "two")
+    local.stall(1.0, times=10)
+    agent = {"x-tm-agent": "swarm"}
+    statuses: list[int] = []
+
+    def one(gw: Gateway) -> None:
+        try:
+            ask_openai(gw, **agent)
+            statuses.append(200)
+        except openai.RateLimitError:
+            statuses.append(429)
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        list(pool.map(one, [first, second] * 5))
+    assert statuses.count(200) == 3 and statuses.count(429) == 7
+
+
+def test_nothing_configured_costs_no_query(gateway, upstreams):
+    # Loop detection is on by default, so a limits object exists, but a plain request takes no query.
+    limits = gateway.app.state.proxy.limits
+    assert limits is not None
+    before = limits.pool.get_stats().get("requests_num", 0)
+    ask_openai(gateway)
+    ask_anthropic(gateway)
+    assert limits.pool.get_stats().get("requests_num", 0) == before
+
+
+def test_no_limits_and_no_loop_detection_opens_nothing(limited):
+    gw = limited(NO_LOOP)
+    assert gw.app.state.proxy.limits is None
+    ask_openai(gw)
