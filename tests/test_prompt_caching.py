@@ -64,7 +64,7 @@ def test_auto_adds_a_breakpoint_to_a_long_system_prompt_and_prices_the_cache(cac
     bodies = sent_bodies(upstreams)
     assert bodies[0]["system"] == [{"type": "text", "text": LONG_SYSTEM, "cache_control": {"type": "ephemeral"}}]
     # The client sees Anthropic's own usage: a write on the first turn, a read on the second.
-    assert first.usage.cache_creation_input_tokens > 1000 and not first.usage.cache_read_input_tokens
+    assert first.usage.cache_creation_input_tokens > 500 and not first.usage.cache_read_input_tokens
     assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
     one, two = gw.rows()
     assert one["cache_write_tokens"] == first.usage.cache_creation_input_tokens and one["cache_read_tokens"] == 0
@@ -84,7 +84,7 @@ def test_auto_caches_an_openai_callers_system_prompt_on_a_claude_model(caching, 
     bodies = sent_bodies(upstreams)
     assert bodies[0]["system"][-1]["cache_control"] == {"type": "ephemeral"}
     one, two = gw.rows()
-    assert one["cache_write_tokens"] > 1000 and two["cache_read_tokens"] == one["cache_write_tokens"]
+    assert one["cache_write_tokens"] > 500 and two["cache_read_tokens"] == one["cache_write_tokens"]
 
 
 def test_auto_puts_the_breakpoint_on_a_long_tool_list_without_a_system_prompt(caching, upstreams):
