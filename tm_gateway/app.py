@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tm_gateway.keepwarm import KeepWarm
 from tm_gateway.learned import RouterSettings
 from tm_gateway.openapi import openapi_description
 from tm_gateway.proxy import Proxy, error_response
@@ -137,6 +138,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             events=EventSink.from_env(),
         )
         proxy.limits = await Limits.open(config, settings.database_url)
+        proxy.keep_warm = KeepWarm.start(proxy, settings.database_url)
         app.state.proxy = proxy  # for tests that reach in
         # What start-up loaded (the model, the libraries) lives as long as the process: moving it out
         # of the collector's reach keeps full collections from pausing requests for 100+ ms under load.
@@ -148,6 +150,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
             await shared.stop()
             if proxy.limits is not None:
                 await proxy.limits.close()
+            if proxy.keep_warm is not None:
+                await proxy.keep_warm.close()
             await session.close()
             if cache_pool is not None:
                 await cache_pool.close()

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from tm_gateway import fallback
 from tm_gateway.dispatch import Dispatcher
 from tm_gateway.ids import uuid7
+from tm_gateway.keepwarm import KeepWarm
 from tm_gateway.logins import LoginGuard
 from tm_gateway.requestlog import RequestLog
 from tm_gateway.stages import auth, cache, call, cascade, classify, count, limits, parse, route
@@ -83,6 +84,8 @@ class Proxy:
         self.events = events or EventSink(None)
         # Rate limits and loop detection (None: nothing to enforce); opened in the app's lifespan.
         self.limits: limits.Limits | None = None
+        # Anthropic prompt prefixes re-sent before their cache expires (None: cache.keep_warm is off).
+        self.keep_warm: KeepWarm | None = None
         self.logins = LoginGuard(free=config.gateway.login_free_failures,
                                  max_backoff_s=config.gateway.login_backoff_max_s)
 

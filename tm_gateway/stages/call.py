@@ -119,6 +119,8 @@ async def call(gw: Proxy, ctx: Ctx, body: dict, model: str, stream: bool, preset
                                  "outcome": f"not translatable: {err.message}"})
                 last = (err.status, err.error_class, err.message)
                 continue
+            if gw.keep_warm is not None and ep.kind == "anthropic":
+                gw.keep_warm.saw(ctx.row.data, name, payloads[key])
         n_keys = max(1, len(ep.keys))
         key_index, retried, waited = 0, False, False
         while True:

@@ -33,16 +33,19 @@ CREATE INDEX tool_call_sightings_recent ON tool_call_sightings (session, fingerp
 -- Prompt prefixes (tools and system, with their cache breakpoints) recently sent to Anthropic-kind
 -- models, per agent: what keep-warm re-sends before the provider's cache forgets them.
 CREATE TABLE warm_prefixes (
-    agent      text NOT NULL,
-    model      text NOT NULL,
+    agent      text NOT NULL,            -- x-tm-agent, else 'user:<id>'
+    model      text NOT NULL,            -- the configured model it was sent to
     prefix_key text NOT NULL,            -- a hash of the prefix
+    user_id    text NOT NULL,            -- whose spend a ping counts in (the last to use it)
     prefix     jsonb NOT NULL,           -- {"system": ..., "tools": ...} exactly as sent
-    tokens     integer NOT NULL,
+    tokens     integer NOT NULL,         -- estimated
+    first_used timestamptz NOT NULL,
     last_used  timestamptz NOT NULL,
-    uses       integer NOT NULL DEFAULT 1,
+    uses       integer NOT NULL,
     warmed_at  timestamptz,
     PRIMARY KEY (agent, model, prefix_key)
 );
+CREATE INDEX warm_prefixes_last_used ON warm_prefixes (last_used);
 
 -- Take one unit from every window (names[i], windows_s[i], limits[i]) and, when holder is given,
 -- a lease among at most lease_limit; all or nothing. Returns (0, 0) when taken, else the 1-based
