@@ -1,7 +1,9 @@
 -- Rate limits, loop detection and keep-warm, shared by every gateway worker and replica.
 -- Counters: one row per (limit subject, fixed window); a request takes one unit from each of its
 -- windows in tm_take_limits, all or none, so two workers can never both spend the last unit.
-CREATE TABLE limit_counters (
+-- The three tables of live counts are UNLOGGED (no write-ahead log, so a commit waits for no disk
+-- flush); a database crash empties them, which only restarts the windows.
+CREATE UNLOGGED TABLE limit_counters (
     name         text NOT NULL,          -- 'rpm:key:<key id>', 'tph:agent:<agent>'
     window_start timestamptz NOT NULL,
     n            integer NOT NULL,
@@ -10,7 +12,7 @@ CREATE TABLE limit_counters (
 
 -- Turns in flight per agent: a lease per request, deleted when its answer ends; a worker that dies
 -- mid-answer leaves its lease until expires_at.
-CREATE TABLE limit_leases (
+CREATE UNLOGGED TABLE limit_leases (
     request_id uuid PRIMARY KEY,
     holder     text NOT NULL,            -- 'agent:<agent>'
     expires_at timestamptz NOT NULL
@@ -20,7 +22,7 @@ CREATE INDEX limit_leases_holder ON limit_leases (holder);
 -- Tool calls the gateway has seen answered, per session: the same call (name and arguments) seen
 -- under several tool-call ids within the window is an agent going round in circles. Keyed by the
 -- call's id so a retried request is not counted twice.
-CREATE TABLE tool_call_sightings (
+CREATE UNLOGGED TABLE tool_call_sightings (
     session     text NOT NULL,
     call_id     text NOT NULL,
     fingerprint text NOT NULL,
