@@ -113,7 +113,7 @@ async def run(args: argparse.Namespace, ports: dict[str, int], key: str) -> dict
                 done = 0
                 deadline = time.perf_counter() + args.duration
 
-                async def worker(url: str = url, make=make) -> None:
+                async def worker(url: str = url, make=make, deadline: float = deadline) -> None:
                     nonlocal done
                     while time.perf_counter() < deadline:
                         await one(session, url, headers, make())
@@ -125,6 +125,31 @@ async def run(args: argparse.Namespace, ports: dict[str, int], key: str) -> dict
         throughput = {name: {"req_per_s": [round(r) for r in v], "mean": round(sum(v) / len(v))}
                       for name, v in rates.items()}
     return {"c1_ms": c1, f"c{args.concurrency}": throughput}
+
+
+def round_trips(url: str, n: int = 2000) -> dict:
+    """One connection, alternating: what a bare `SELECT 1` and the gateway's limits call each take,
+    so the hot-path figures can be read as round trips plus work in Postgres."""
+    import uuid
+
+    import psycopg
+
+    from tm_gateway.stages.limits import _TAKE
+
+    times: dict[str, list[float]] = {"select 1": [], "tm_take_limits": [], "release": []}
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(n):
+            rid = uuid.uuid4()
+            for name, sql, params in (
+                ("select 1", "SELECT 1", None),
+                ("tm_take_limits", _TAKE, (["rpm:key:bench", "tph:agent:bench"], [60, 3600], [10**9, 10**9],
+                                           "agent:bench", 10**6, rid, 900)),
+                ("release", "DELETE FROM limit_leases WHERE request_id = %s", (rid,)),
+            ):
+                t = time.perf_counter_ns()
+                conn.execute(sql, params)
+                times[name].append((time.perf_counter_ns() - t) / 1e6)
+    return {name: summary(v[n // 10:]) for name, v in times.items()}
 
 
 def main() -> int:
@@ -165,7 +190,8 @@ def main() -> int:
             children.append(gw)
             wait_http(f"http://127.0.0.1:{port}/healthz", gw, 90)
             ports[name] = port
-        report = {"machine": machine_info(), "args": vars(args), **asyncio.run(run(args, ports, key))}
+        report = {"machine": machine_info(), "args": vars(args), **asyncio.run(run(args, ports, key)),
+                  "round_trip_ms": round_trips(url)}
         print(json.dumps(report, indent=2))
         return 0
     finally:

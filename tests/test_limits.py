@@ -255,3 +255,17 @@ def test_no_limits_and_no_loop_detection_opens_nothing(limited):
     gw = limited(NO_LOOP)
     assert gw.app.state.proxy.limits is None
     ask_openai(gw)
+
+
+def test_an_agents_limits_beat_its_users_which_beat_the_defaults():
+    from tm_gateway.stages.limits import effective
+
+    config = make_config("http://127.0.0.1:9", "http://127.0.0.1:9/v1", limits={
+        "requests_per_minute": 100, "turns_per_hour": 50,
+        "users": {"intern": {"requests_per_minute": 10, "turns_per_hour": 5}},
+        "agents": {"ci-bot": {"turns_per_hour": 500}}})
+    assert effective(config, "alice", None).requests_per_minute == 100
+    intern = effective(config, "intern", None)
+    assert (intern.requests_per_minute, intern.turns_per_hour) == (10, 5)
+    bot = effective(config, "intern", "ci-bot")
+    assert (bot.requests_per_minute, bot.turns_per_hour, bot.concurrent_turns) == (10, 500, None)
