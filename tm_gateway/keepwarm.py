@@ -128,8 +128,8 @@ class KeepWarm:
                 await self._flush()
                 if await self._lead():
                     await self._warm()
-            except (psycopg.Error, OSError) as err:
-                log.warning("keep-warm skipped a round: %s", err)
+            except Exception as err:  # a background task: it must outlive any one bad round
+                log.warning("keep-warm skipped a round: %s: %s", type(err).__name__, err)
                 if self._leader is not None and self._leader.closed:
                     self._leader = None
 
@@ -193,13 +193,16 @@ class KeepWarm:
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError) as err:
             status, data = 502, orjson.dumps({"error": {"message": type(err).__name__}})
-        if status == 200:
-            usage = fm.usage_from_anthropic(orjson.loads(data).get("usage"))
+        answer: Any = None
+        with contextlib.suppress(ValueError):
+            answer = orjson.loads(data)
+        if status == 200 and isinstance(answer, dict):
+            usage = fm.usage_from_anthropic(answer.get("usage"))
             cost_usd, baseline = costs(config, model, usage)
             row.update(status=200, cost_usd=cost_usd, baseline_cost_usd=baseline, **usage_fields(usage))
             self.pings += 1
         else:
-            row.update(status=status, error_class="keep_warm_failed",
+            row.update(status=502 if status == 200 else status, error_class="keep_warm_failed",
                        error_message=gw.scrub(fm.error_message_from_body(data)))
         row["latency_ms"] = (time.perf_counter() - started) * 1000
         gw.request_log.write(row)
