@@ -146,7 +146,8 @@ class KeepWarm:
         if self._leader is None:
             conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
             cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK,))
-            if not (await cur.fetchone())[0]:
+            got = await cur.fetchone()
+            if not (got and got[0]):
                 await conn.close()
                 return False
             self._leader = conn

@@ -101,7 +101,8 @@ def answered_tool_calls(fmt: str, messages: list[dict]) -> list[ToolCall]:
     content = turn.get("content")
     for j, b in enumerate(content if isinstance(content, list) else ()):
         if isinstance(b, dict) and b.get("type") == "tool_use" and isinstance(b.get("name"), str):
-            calls.append(ToolCall(str(b.get("id") or f"m{last}.{j}"), b["name"], _fingerprint(b["name"], b.get("input"))))
+            calls.append(ToolCall(str(b.get("id") or f"m{last}.{j}"), b["name"],
+                                  _fingerprint(b["name"], b.get("input"))))
     return calls
 
 
@@ -163,12 +164,13 @@ class Limits:
                    request_id: Any) -> tuple[int, float]:
         """Take one unit from each (name, window seconds, limit) and a lease among `lease_limit`,
         all or nothing: (0, 0) when taken, else (1-based index of the refusing limit, seconds to wait)."""
-        names, spans, caps = (list(x) for x in zip(*windows)) if windows else ([], [], [])
+        names, spans, caps = (list(x) for x in zip(*windows, strict=True)) if windows else ([], [], [])
         async with self.pool.connection() as conn:
             cur = await conn.execute(_TAKE, (names, spans, caps, holder, lease_limit, request_id,
                                              self.config.limits.lease_s))
-            refused, wait = await cur.fetchone()
-        return refused, wait
+            row = await cur.fetchone()
+        assert row is not None  # the function always returns its one row
+        return row[0], row[1]
 
     def release(self, request_id: Any) -> None:
         """Give back a turn's lease once its answer has ended (a whole answer, a stream, a cut stream)."""

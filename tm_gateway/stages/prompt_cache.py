@@ -40,7 +40,8 @@ def add_breakpoints(config: Config, body: dict) -> dict:
     if (system is None and tools is None) or estimate_tokens(system, tools) < cc.prompt_caching_min_tokens:
         return body
     if system is not None:
-        blocks = [{"type": "text", "text": system}] if isinstance(system, str) else [dict(b) for b in system]
+        blocks: list[dict[str, Any]] = ([{"type": "text", "text": system}] if isinstance(system, str)
+                                        else [dict(b) for b in system])
         blocks[-1] = {**blocks[-1], "cache_control": EPHEMERAL}
         return {**body, "system": blocks}
     return {**body, "tools": [*tools[:-1], {**tools[-1], "cache_control": EPHEMERAL}]}
