@@ -19,16 +19,17 @@ import yaml
 
 from tests.conftest import make_config
 from tests.fakes import free_port
+from tests.test_limits import clear_of_window_end
 from tm_gateway import keys
 
 pytestmark = pytest.mark.slow  # two worker processes to start: out of the fast tier
 
 
-def test_two_worker_processes_share_one_minute(db_url, upstreams, tmp_path: Path):
+def test_two_worker_processes_share_one_hour(db_url, upstreams, tmp_path: Path):
     anthropic_fake, local = upstreams
     local.stall(0.3, times=1000)  # answers overlap, so both workers hold requests at once
     config = make_config(anthropic_fake.url, local.openai_url, gateway={"classify_auto": False},
-                         limits={"requests_per_minute": 12, "loop": {"repeats": 0}})
+                         limits={"turns_per_hour": 12, "loop": {"repeats": 0}})
     cfg = tmp_path / "tm.yaml"
     cfg.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     with psycopg.connect(db_url) as conn:
@@ -52,7 +53,9 @@ def test_two_worker_processes_share_one_minute(db_url, upstreams, tmp_path: Path
             except httpx.HTTPError:
                 time.sleep(0.2)
         time.sleep(1)  # both workers up
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0,
+                               default_headers={"x-tm-agent": "crawler"})
+        clear_of_window_end(3600, 120)
 
         def one(i: int) -> int:
             try:
