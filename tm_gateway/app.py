@@ -154,6 +154,7 @@ def create_app(settings: GatewaySettings) -> HotPaths:
             if proxy.keep_warm is not None:
                 await proxy.keep_warm.close()
             await session.close()
+            await proxy.aclose()
             if cache_pool is not None:
                 await cache_pool.close()
             # Every row the gateway accepted is written (or spooled) before the process ends.
