@@ -87,6 +87,7 @@ class Proxy:
         self.limits: limits.Limits | None = None
         # Anthropic prompt prefixes re-sent before their cache expires (None: cache.keep_warm is off).
         self.keep_warm: KeepWarm | None = None
+        self.metrics: Any = None  # tm_gateway.metrics.GatewayMetrics, attached when the app starts
         self.logins = LoginGuard(free=config.gateway.login_free_failures,
                                  max_backoff_s=config.gateway.login_backoff_max_s)
         # Off the proxying path (the LLM tier classifier): a client per provider, opened at first use.

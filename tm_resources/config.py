@@ -434,6 +434,16 @@ class LimitsConfig(LimitValues):
     lease_s: int = Field(900, ge=1)
 
 
+class PostHogConfig(_Strict):
+    """What the gateway sends PostHog (with POSTHOG_API_KEY set): each request as PostHog's LLM analytics
+    event `$ai_generation`, and cache hits as `tm_cache_hit`."""
+
+    llm_analytics: bool = True
+    # Prompts and answers ($ai_input, $ai_output_choices), redacted as log.redact says; off, PostHog sees
+    # models, tokens, cost, latency and status only.
+    capture_content: bool = False
+
+
 class Config(_Strict):
     gateway: GatewayConfig = GatewayConfig()
     log: LogConfig = LogConfig()
@@ -449,6 +459,7 @@ class Config(_Strict):
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     dispatch: DispatchConfig = DispatchConfig()
     limits: LimitsConfig = LimitsConfig()
+    posthog: PostHogConfig = PostHogConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
     defaults: Defaults
