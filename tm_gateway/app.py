@@ -21,8 +21,9 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
+from tm_gateway.dashboard import Dashboard
 from tm_gateway.learned import RouterSettings
 from tm_gateway.openapi import openapi_description
 from tm_gateway.proxy import Proxy, error_response
@@ -65,6 +66,7 @@ def prompt_classifier(config: Config) -> Callable[[str], tuple[np.ndarray, str, 
 
 def create_app(settings: GatewaySettings) -> Starlette:
     config = settings.config
+    dashboard = Dashboard(config, settings.database_url, settings.home) if config.dashboard.enabled else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -150,6 +152,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
             # Every row the gateway accepted is written (or spooled) before the process ends.
             request_log.close()
             proxy.events.close()
+            if dashboard is not None:
+                await dashboard.close()
 
     async def chat_completions(request: Request) -> Response:
         return await request.state.proxy.handle(request, "openai")
@@ -225,6 +229,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        *([Mount("/dashboard", app=dashboard.app)] if dashboard is not None else []),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
