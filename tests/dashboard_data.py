@@ -86,13 +86,14 @@ def loop_tables(conn: psycopg.Connection, start: datetime, hours: int, *, users:
         for h in range(hours):
             hour = start + timedelta(hours=h)
             for k, user in enumerate(names):
-                q = min(0.95, 0.5 + 0.1 * k + 0.002 * h)
+                # spread across the grades, some people improving over the hours and some slipping
+                q = min(0.97, max(0.3, 0.45 + 0.5 * ((k * 37) % 100) / 100 + (0.0005 if k % 3 else -0.0003) * h))
                 conn.execute(
                     "INSERT INTO grades (hour, user_id, grade, avg_quality_score, samples, requests_today,"
                     " tokens_today, cost_today, wrong_model_rate, prompt_quality_avg, low_prompt_days,"
                     " coaching_example, prompt_weakness) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                     (hour, user, grade(q), q, 40, 50 + h,
-                     10_000 * (k + 1), 0.5 * (k + 1), 0.1 * k, 0.35 if k == 0 else 0.7, 3 if k == 0 else 0,
+                     10_000 * (k + 1), 0.5 * (k + 1), 0.05 * (k % 5), 0.35 if k == 0 else 0.7, 3 if k == 0 else 0,
                      "fix it" if k == 0 else None, "says what is wrong, not what is wanted" if k == 0 else None))
             for task in TASK_TYPES:
                 for model in MODELS:

@@ -4,7 +4,7 @@
   var data = JSON.parse(document.getElementById("tm-data").textContent || "{}");
   var money = function (v) { return "$" + Number(v).toLocaleString(undefined, {maximumFractionDigits: 2}); };
   var pct = function (v) { return (100 * v).toFixed(1) + "%"; };
-  var grid = {left: 56, right: 24, top: 36, bottom: 40, containLabel: true};
+  var grid = {left: 56, right: 72, top: 36, bottom: 40, containLabel: true};
   var hourLabel = function (iso) { return iso.slice(5, 13).replace("T", " ") + "h"; };
 
   function unique(rows, key) {
