@@ -9,6 +9,7 @@ drawn by headless Chromium (docs/dashboard-*.png).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -21,7 +22,7 @@ import psycopg
 
 from tests.conftest import ServedApp, make_config
 from tests.dashboard_data import loop_tables, request_rows
-from tm_assets.rollups import replace_usage_hour
+from tm_assets.rollups import replace_team_usage_hour, replace_usage_hour
 from tm_gateway import keys
 from tm_gateway.app import GatewaySettings, create_app
 from tm_gateway.requestlog import COLUMNS
@@ -79,13 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
         rolled = sum(replace_usage_hour(conn, start + timedelta(hours=h), config) for h in range(hours))
         roll_s = time.perf_counter() - t
+        t = time.perf_counter()
+        team_rows = sum(replace_team_usage_hour(conn, start + timedelta(hours=h)) for h in range(hours))
+        team_s = time.perf_counter() - t
         loop_tables(conn, start, hours, users=users)
         conn.execute("ANALYZE")
         total = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
         admin, _ = keys.create_key(conn, "root", admin=True)
         customer, _ = keys.create_key(conn, next(iter(users)))
     print(f"usage_hourly: {rolled:,} rows from {total:,} requests, {hours} hours rolled up in {roll_s:.1f} s "
-          f"({1000 * roll_s / hours:.0f} ms an hour)", file=sys.stderr)
+          f"({1000 * roll_s / hours:.0f} ms an hour); team_usage_hourly: {team_rows:,} rows in {team_s:.1f} s",
+          file=sys.stderr)
 
     served = ServedApp(create_app(GatewaySettings(config=config, database_url=url, home=home))).start()
     results = []
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         served.stop()
 
-    print(f"\n{total:,} rows in requests; usage_hourly {rolled:,} rows; {args.repeat} loads each\n")
+    print(f"\n{total:,} rows in requests; usage_hourly {rolled:,} rows, team_usage_hourly {team_rows:,}; "
+          f"{args.repeat} loads each; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print("| viewer | page | range | median ms | p95 ms | HTML bytes |")
     print("|---|---|---|---:|---:|---:|")
     for who, page, days, med, p95, size in results:

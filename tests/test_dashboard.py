@@ -18,7 +18,7 @@ from tests.conftest import make_config, query, start_gateway
 from tests.dashboard_data import TEAM, loop_tables, request_rows
 from tests.support import log_traffic
 from tests.traffic import past_hour
-from tm_assets.rollups import replace_usage_hour
+from tm_assets.rollups import replace_team_usage_hour, replace_usage_hour
 from tm_gateway import keys
 
 HOURS = 6
@@ -51,6 +51,7 @@ def seed(db_url: str, tmp_path, config, *, fallback_share: float = 0.08) -> list
     with psycopg.connect(db_url, autocommit=True) as conn:
         for h in range(HOURS):
             replace_usage_hour(conn, start + timedelta(hours=h), config)
+            replace_team_usage_hour(conn, start + timedelta(hours=h))
         loop_tables(conn, start, HOURS)
     return rows
 

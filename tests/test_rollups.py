@@ -15,7 +15,7 @@ from tests.support import log_traffic, write_config
 from tests.traffic import past_hour
 from tm_assets.assets import loop_assets, requests_source
 from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
-from tm_assets.rollups import replace_usage_hour
+from tm_assets.rollups import replace_team_usage_hour, replace_usage_hour
 from tm_gateway.ids import uuid7
 from tm_gateway.dashboard.queries import percentile_ms, rule_history
 from tm_resources.config import load_config
@@ -55,6 +55,16 @@ def test_an_hour_rolls_up_to_the_same_totals_as_its_rows(db_url, tmp_path, two_h
     assert all(sum(g["latency_buckets"]) == g["requests"] for g in got)
     by_model = {g["model"]: g["tier"] for g in got}
     assert by_model == {"local-test": "local", "claude-test": "included"}
+    # The team roll-up is the same hour added up over users and task types.
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        replace_team_usage_hour(conn, hour)
+    team = query(db_url, "SELECT * FROM team_usage_hourly")
+    assert len(team) < len(got)
+    for column in ("requests", "errors", "fallbacks", "cache_hits", "input_tokens", "output_tokens"):
+        assert sum(t[column] for t in team) == sum(g[column] for g in got), column
+    assert sum(t["cost_usd"] for t in team) == pytest.approx(sum(g["cost_usd"] for g in got))
+    assert [sum(b) for b in zip(*(t["latency_buckets"] for t in team))] == \
+        [sum(b) for b in zip(*(g["latency_buckets"] for g in got))]
     alice_storyboard = sum(g["requests"] for g in got if (g["user_id"], g["agent"]) == ("alice", "storyboard"))
     assert alice_storyboard == sum((r["user_id"], r["agent"]) == ("alice", "storyboard") for r in calls) > 0
 
@@ -88,7 +98,7 @@ def test_the_asset_writes_its_hour_and_records_its_run(db_url, tmp_path, two_hou
     hour, _ = two_hours
     result = dg.materialize(
         [requests_source, *loop_assets],
-        selection=["usage_hourly"],
+        selection=["usage_hourly", "team_usage_hourly"],
         resources={"postgres": PostgresResource(url=db_url),
                    "tm_config": TokenMachineConfig(path=str(write_config(tmp_path))),
                    "posthog": PostHogResource(api_key=None), **model_resources()},
@@ -98,8 +108,9 @@ def test_the_asset_writes_its_hour_and_records_its_run(db_url, tmp_path, two_hou
     (mat,) = result.asset_materializations_for_node("usage_hourly")
     rows = query(db_url, "SELECT count(*) AS n FROM usage_hourly WHERE hour = %s", (hour,))[0]["n"]
     assert mat.metadata["dagster/row_count"].value == rows > 0
-    runs = query(db_url, "SELECT table_name, hour, run_id FROM loop_runs")
-    assert runs == [{"table_name": "usage_hourly", "hour": hour, "run_id": result.run_id}]
+    runs = query(db_url, "SELECT table_name, hour, run_id FROM loop_runs ORDER BY table_name")
+    assert runs == [{"table_name": t, "hour": hour, "run_id": result.run_id}
+                    for t in ("team_usage_hourly", "usage_hourly")]
 
 
 def test_percentiles_come_from_the_buckets():

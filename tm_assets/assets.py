@@ -1,7 +1,7 @@
 """The loop's asset graph, one asset per table, hourly partitions:
 requests -> scored_requests -> task_types -> patterns -> grades -> routing_rules -> finetune_jobs,
 and scored_requests -> cache_entries (what the gateway's semantic cache may serve),
-and task_types -> usage_hourly (the dashboard's roll-up of the log).
+and task_types -> usage_hourly -> team_usage_hourly (the dashboard's roll-ups of the log).
 Each asset reads Postgres, calls the plain functions in `tm_assets.compute`, and replaces its hour."""
 
 
@@ -293,5 +293,15 @@ def usage_hourly(h: Hour) -> HourResult:
     return n, {"frontier_model": h.config.defaults.frontier_model}
 
 
+@hourly_table(
+    deps=[usage_hourly],
+    columns=None,
+    description="usage_hourly added up over users and task types (per hour x agent x model x route): what the "
+    "dashboard's team overview reads.",
+)
+def team_usage_hourly(h: Hour) -> HourResult:
+    return rollups.replace_team_usage_hour(h.conn, h.start), {}
+
+
 loop_assets = [scored_requests, task_types, patterns, grades, routing_rules, finetune_jobs, cache_entries,
-               usage_hourly]
+               usage_hourly, team_usage_hourly]

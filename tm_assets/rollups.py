@@ -40,6 +40,18 @@ GROUP BY user_id, agent, model, route, task_type
 """
 
 
+TEAM_USAGE_SQL = f"""
+INSERT INTO team_usage_hourly (hour, agent, model, tier, route, requests, errors, fallbacks, cache_hits, input_tokens,
+    output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, baseline_cost_usd, latency_ms_sum, latency_buckets)
+SELECT hour, agent, model, max(tier), route, sum(requests), sum(errors), sum(fallbacks), sum(cache_hits),
+    sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_usd),
+    sum(baseline_cost_usd), sum(latency_ms_sum),
+    ARRAY[{", ".join(f"sum(latency_buckets[{i + 1}])" for i in range(LATENCY_BUCKETS))}]::integer[]
+FROM usage_hourly WHERE hour = %(hour)s
+GROUP BY hour, agent, model, route
+"""
+
+
 def replace_usage_hour(conn: psycopg.Connection, hour: datetime, config: Config) -> int:
     """Roll up the model calls of `hour` into usage_hourly, replacing that hour whole; returns its row count."""
     tiers = {name: m.tier.value for name, m in config.models.items()}
@@ -55,3 +67,11 @@ def record_loop_run(conn: psycopg.Connection, table: str, hour: datetime, run_id
     conn.execute("INSERT INTO loop_runs (table_name, hour, run_id) VALUES (%s, %s, %s)"
                  " ON CONFLICT (table_name, hour) DO UPDATE SET run_id = EXCLUDED.run_id, written_at = now()",
                  (table, hour, run_id))
+
+
+def replace_team_usage_hour(conn: psycopg.Connection, hour: datetime) -> int:
+    """Add up usage_hourly's `hour` over users and task types into team_usage_hourly, replacing that hour."""
+    with conn.transaction():
+        conn.execute("DELETE FROM team_usage_hourly WHERE hour = %s", (hour,))
+        cur = conn.execute(TEAM_USAGE_SQL, {"hour": hour})
+    return cur.rowcount

@@ -113,7 +113,9 @@ class Dashboard:
     async def _pool(self) -> AsyncConnectionPool:
         if self.pool is None:
             self.pool = AsyncConnectionPool(self.database_url, min_size=1, max_size=4, open=False,
-                                            kwargs={"autocommit": True}, name="tm-dashboard")
+                                            # hours and days are UTC's, whatever the server's zone
+                                            kwargs={"autocommit": True, "options": "-c TimeZone=UTC"},
+                                            name="tm-dashboard")
             await self.pool.open(wait=True, timeout=10)
         return self.pool
 
@@ -284,6 +286,7 @@ class Dashboard:
         async with (await self._pool()).connection() as conn:
             data = await queries.usage(conn, scope, queries.since(days))
             grade = await queries.grade_of(conn, viewer.user_id)
+        del data["tokens_by"]  # the customer view draws no heat map
         top = data["agents"][0]["agent"] if data["agents"] else None
         return self._page(request, "customer.html", viewer=viewer, nav=await self._nav(viewer), page="me",
                           days=days, data=data, totals=data["totals"], grade=grade, top_agent=top, team=team,

@@ -53,8 +53,12 @@ def percentile_ms(buckets: list[int], q: float) -> float | None:
 
 
 def _usage_where(scope: Scope, start: datetime) -> tuple[str, dict[str, Any]]:
+    """The roll-up to read and its WHERE: everyone's usage from team_usage_hourly (no user column, a few times
+    fewer rows), a few users' from usage_hourly through its (user_id, hour) index."""
+    if scope.users is None:
+        return "team_usage_hourly WHERE hour >= %(since)s", {"since": start}
     clause, params = scope.sql()
-    return f"hour >= %(since)s AND {clause}", {"since": start, **params}
+    return f"usage_hourly WHERE hour >= %(since)s AND {clause}", {"since": start, **params}
 
 
 _TOKENS = "input_tokens + output_tokens + cache_read_tokens + cache_write_tokens"
@@ -71,27 +75,29 @@ def _rate(part: float, whole: float) -> float:
 async def usage(conn: psycopg.AsyncConnection, scope: Scope, start: datetime) -> dict[str, Any]:
     """Spend against the all-frontier baseline, tokens, cache, fallbacks, errors and routes of `scope` since
     `start`: what the team overview (scope: everyone) and the customer view (scope: their users) draw.
-    Three scans of the roll-up (by hour and model, by hour and agent, by route); the rest is added up here."""
+    One scan of the roll-up; the rest is added up here."""
     where, p = _usage_where(scope, start)
-    by_hour_model = await _all(conn, f"""
-        SELECT hour, model, max(tier) AS tier, sum(requests) AS requests, sum(errors) AS errors,
+    # One scan, three groupings: by hour and model, by agent and hour of the day, by route.
+    rows = await _all(conn, f"""
+        SELECT GROUPING(hour, model) = 0 AS by_hour_model, GROUPING(agent, hod) = 0 AS by_agent,
+               hour, model, agent, hod, route, max(tier) AS tier, sum(requests) AS requests, sum(errors) AS errors,
                sum(fallbacks) AS fallbacks, sum(cache_hits) AS cache_hits, sum({_TOKENS}) AS tokens,
                sum(cost_usd) AS cost, sum(baseline_cost_usd) AS baseline, sum(latency_ms_sum) AS latency_sum,
                {_BUCKET_SUMS}
-        FROM usage_hourly WHERE {where} GROUP BY hour, model ORDER BY hour, model""", p)
-    by_hour_agent = await _all(conn, f"""
-        SELECT hour, agent, sum(requests) AS requests, sum({_TOKENS}) AS tokens, sum(cost_usd) AS cost
-        FROM usage_hourly WHERE {where} GROUP BY hour, agent ORDER BY hour, agent""", p)
-    routes = [{"route": r["route"] or "(none)", "requests": int(r["requests"])} for r in await _all(conn, f"""
-        SELECT route, sum(requests) AS requests FROM usage_hourly WHERE {where}
-        GROUP BY route ORDER BY sum(requests) DESC""", p)]
+        FROM (SELECT *, extract(hour FROM hour AT TIME ZONE 'UTC')::int AS hod FROM {where}) u
+        GROUP BY GROUPING SETS ((hour, model), (agent, hod), (route))""", p)
+    by_hour_model = sorted((r for r in rows if r["by_hour_model"]), key=lambda r: (r["hour"], r["model"]))
+    by_agent = [r for r in rows if r["by_agent"]]
+    routes = sorted(({"route": r["route"] or "(none)", "requests": int(r["requests"])}
+                     for r in rows if not r["by_hour_model"] and not r["by_agent"]), key=lambda r: -r["requests"])
 
     def blank() -> dict[str, Any]:
         return {**dict.fromkeys(_COUNTS, 0), **dict.fromkeys(_SUMS, 0.0)}
 
     totals, hours, days, models, tiers = blank(), {}, {}, {}, {}
     buckets: dict[str, list[int]] = {}
-    tokens_by: dict[str, list[dict[str, Any]]] = {"agent": [], "model": []}
+    # Tokens by hour of the day (UTC), so a month's heat map stays 24 columns wide.
+    tokens_by: dict[str, dict[tuple[str, int], int]] = {"agent": {}, "model": {}}
     for r in by_hour_model:
         model = r["model"] or "(none: refused before a model)"
         hour, day = r["hour"].isoformat(), r["hour"].strftime("%Y-%m-%d")
@@ -106,15 +112,16 @@ async def usage(conn: psycopg.AsyncConnection, scope: Scope, start: datetime) ->
         b = buckets.setdefault(model, [0] * LATENCY_BUCKETS)
         for i in range(LATENCY_BUCKETS):
             b[i] += int(r[f"b{i}"] or 0)
-        tokens_by["model"].append({"name": model, "hour": hour, "tokens": int(r["tokens"])})
+        cell = (model, r["hour"].hour)
+        tokens_by["model"][cell] = tokens_by["model"].get(cell, 0) + int(r["tokens"])
     agents: dict[str, dict[str, Any]] = {}
-    for r in by_hour_agent:
+    for r in by_agent:
         name = r["agent"] or "(none)"
         a = agents.setdefault(name, {"agent": name, "requests": 0, "tokens": 0, "cost": 0.0})
         a["requests"] += int(r["requests"])
         a["tokens"] += int(r["tokens"])
         a["cost"] += float(r["cost"])
-        tokens_by["agent"].append({"name": name, "hour": r["hour"].isoformat(), "tokens": int(r["tokens"])})
+        tokens_by["agent"][(name, r["hod"])] = int(r["tokens"])
 
     totals["saving"] = totals["baseline"] - totals["cost"]
     totals["saving_pct"] = 100 * _rate(totals["saving"], totals["baseline"])
@@ -131,7 +138,8 @@ async def usage(conn: psycopg.AsyncConnection, scope: Scope, start: datetime) ->
         "by_hour": [{"hour": h, "cost": v["cost"], "baseline": v["baseline"]} for h, v in hours.items()],
         "by_day": [{"day": d, "cost": v["cost"], "baseline": v["baseline"], "requests": v["requests"],
                     "cache_hits": v["cache_hits"]} for d, v in days.items()],
-        "tokens_by": tokens_by,
+        "tokens_by": {dim: [{"name": name, "hour": h, "tokens": n} for (name, h), n in sorted(cells.items())]
+                      for dim, cells in tokens_by.items()},
         "models": sorted(models.values(), key=lambda m: -m["requests"]),
         "routes": routes,
         "agents": sorted(agents.values(), key=lambda a: -a["requests"]),

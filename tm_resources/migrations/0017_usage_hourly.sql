@@ -30,6 +30,29 @@ CREATE TABLE usage_hourly (
 );
 CREATE INDEX usage_hourly_user_hour ON usage_hourly (user_id, hour);
 
+-- The same per hour x agent x model x route, for everyone: what the team overview reads (a few times fewer
+-- rows than usage_hourly, whose users and task types it does not show).
+CREATE TABLE team_usage_hourly (
+    hour                timestamptz NOT NULL,
+    agent               text NOT NULL,
+    model               text NOT NULL,
+    tier                text NOT NULL,
+    route               text NOT NULL,
+    requests            integer NOT NULL,
+    errors              integer NOT NULL,
+    fallbacks           integer NOT NULL,
+    cache_hits          integer NOT NULL,
+    input_tokens        bigint NOT NULL,
+    output_tokens       bigint NOT NULL,
+    cache_read_tokens   bigint NOT NULL,
+    cache_write_tokens  bigint NOT NULL,
+    cost_usd            double precision NOT NULL,
+    baseline_cost_usd   double precision NOT NULL,
+    latency_ms_sum      double precision NOT NULL,
+    latency_buckets     integer[] NOT NULL,
+    PRIMARY KEY (hour, agent, model, route)
+);
+
 -- The Dagster run that last wrote each hour of each loop table.
 CREATE TABLE loop_runs (
     table_name  text NOT NULL,

@@ -6,6 +6,8 @@
   var pct = function (v) { return (100 * v).toFixed(1) + "%"; };
   var grid = {left: 56, right: 72, top: 36, bottom: 40, containLabel: true};
   var hourLabel = function (iso) { return iso.slice(5, 13).replace("T", " ") + "h"; };
+  var hourOfDay = function (h) { return (h < 10 ? "0" : "") + h + ":00"; };
+  var DAY = Array.from({length: 24}, function (_, h) { return h; });
 
   function unique(rows, key) {
     var seen = {}, out = [];
@@ -13,8 +15,9 @@
     return out;
   }
 
-  function heat(rows, xKey, yKey, vKey, xLabel, fmt) {
-    var xs = unique(rows, xKey).sort(), ys = unique(rows, yKey).sort();
+  function heat(rows, xKey, yKey, vKey, xLabel, fmt, xs) {
+    xs = xs || unique(rows, xKey).sort();
+    var ys = unique(rows, yKey).sort();
     var xi = {}, yi = {}, max = 0;
     xs.forEach(function (x, i) { xi[x] = i; });
     ys.forEach(function (y, i) { yi[y] = i; });
@@ -73,8 +76,8 @@
               series: [{name: "cache hit rate", type: "line", data: data.by_day.map(function (d) {
                 return d.requests ? d.cache_hits / d.requests : 0; })}]};
     },
-    "tokens-agent": function () { return heat(data.tokens_by.agent, "hour", "name", "tokens", hourLabel, Number); },
-    "tokens-model": function () { return heat(data.tokens_by.model, "hour", "name", "tokens", hourLabel, Number); },
+    "tokens-agent": function () { return heat(data.tokens_by.agent, "hour", "name", "tokens", hourOfDay, Number, DAY); },
+    "tokens-model": function () { return heat(data.tokens_by.model, "hour", "name", "tokens", hourOfDay, Number, DAY); },
     "rates-model": function () {
       var ms = data.models;
       return {tooltip: {trigger: "axis", valueFormatter: pct}, legend: {data: ["fallback rate", "error rate"]}, grid: grid,
