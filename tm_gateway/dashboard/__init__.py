@@ -3,11 +3,13 @@ every other key, signed in by a form and held by a signed, HttpOnly, SameSite=St
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -76,6 +78,20 @@ def _jsonable(data: Any) -> Any:
             return float(v)
         raise TypeError
     return orjson.loads(orjson.dumps(data, default=default, option=orjson.OPT_NON_STR_KEYS))
+
+
+Page = Callable[["Dashboard", Request, Viewer], Awaitable[Response]]
+
+
+def _signed_in(*, admin: bool) -> Callable[[Page], Callable[[Dashboard, Request], Awaitable[Response]]]:
+    """A page for a signed-in viewer (an admin one for the team pages): others are sent to sign in, or refused."""
+    def wrap(page: Page) -> Callable[[Dashboard, Request], Awaitable[Response]]:
+        @functools.wraps(page)
+        async def handler(self: Dashboard, request: Request) -> Response:
+            viewer = await self._viewer_or_refusal(request, admin=admin)
+            return viewer if isinstance(viewer, Response) else await page(self, request, viewer)
+        return handler
+    return wrap
 
 
 class Dashboard:
@@ -148,7 +164,7 @@ class Dashboard:
             return None
         return Viewer(kid, row[0], bool(row[1]))
 
-    async def _signed_in(self, request: Request, *, admin: bool) -> Viewer | Response:
+    async def _viewer_or_refusal(self, request: Request, *, admin: bool) -> Viewer | Response:
         viewer = await self._viewer(request)
         if viewer is None:
             return RedirectResponse(f"{request.scope.get('root_path', '').rstrip('/')}/login", status_code=303)
@@ -216,10 +232,8 @@ class Dashboard:
 
     # ------------------------------------------------------------------ pages
 
-    async def overview(self, request: Request) -> Response:
-        viewer = await self._signed_in(request, admin=True)
-        if isinstance(viewer, Response):
-            return viewer
+    @_signed_in(admin=True)
+    async def overview(self, request: Request, viewer: Viewer) -> Response:
         days = self._days(request)
         async with (await self._pool()).connection() as conn:
             data = await queries.usage(conn, Scope(None), queries.since(days))
@@ -230,10 +244,8 @@ class Dashboard:
                           days=days, data=data, totals=data["totals"], models=data["models"], alerts=alerts,
                           alert_rate=alert_rate)
 
-    async def quality(self, request: Request) -> Response:
-        viewer = await self._signed_in(request, admin=True)
-        if isinstance(viewer, Response):
-            return viewer
+    @_signed_in(admin=True)
+    async def quality(self, request: Request, viewer: Viewer) -> Response:
         days = self._days(request)
         async with (await self._pool()).connection() as conn:
             graded = await queries.grades(conn, Scope(None), queries.since(days))
@@ -243,10 +255,8 @@ class Dashboard:
         return self._page(request, "quality.html", viewer=viewer, nav=await self._nav(viewer), page="quality",
                           days=days, data=data, leaderboard=graded["leaderboard"], briefs=briefs)
 
-    async def decisions(self, request: Request) -> Response:
-        viewer = await self._signed_in(request, admin=True)
-        if isinstance(viewer, Response):
-            return viewer
+    @_signed_in(admin=True)
+    async def decisions(self, request: Request, viewer: Viewer) -> Response:
         days = self._days(request)
         async with (await self._pool()).connection() as conn:
             found = await queries.rules(conn, queries.since(days))
@@ -261,22 +271,18 @@ class Dashboard:
                           days=days, data=data, in_force=found["in_force"], history=found["history"][:200],
                           dagster_url=self.config.dashboard.dagster_url.rstrip("/"))
 
-    async def limits(self, request: Request) -> Response:
-        viewer = await self._signed_in(request, admin=True)
-        if isinstance(viewer, Response):
-            return viewer
+    @_signed_in(admin=True)
+    async def limits(self, request: Request, viewer: Viewer) -> Response:
         async with (await self._pool()).connection() as conn:
             tables = await queries.limits_tables(conn)
             alerts = await queries.alerts(conn)
         return self._page(request, "limits.html", viewer=viewer, nav=await self._nav(viewer), page="limits",
                           tables=tables, alerts=alerts)
 
-    async def customer(self, request: Request) -> Response:
+    @_signed_in(admin=False)
+    async def customer(self, request: Request, viewer: Viewer) -> Response:
         """A key holder's own usage, or their team's (`?scope=team`, users.<id>.team in tm.yaml): the users
         are chosen here from the signed session, so no parameter can widen them."""
-        viewer = await self._signed_in(request, admin=False)
-        if isinstance(viewer, Response):
-            return viewer
         days = self._days(request)
         me = self.config.users.get(viewer.user_id)
         team = me.team if me else None
