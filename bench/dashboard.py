@@ -3,7 +3,7 @@ loop's usage_hourly roll-up over every hour (the asset's own function), seeds gr
 those hours, serves the real gateway and times each page over HTTP; with --screenshots, saves each page as
 drawn by headless Chromium (docs/dashboard-*.png).
 
-    .venv/bin/python -m bench.dashboard [--rows 1000000] [--days 30] [--screenshots docs]
+    .venv/bin/python -m bench.dashboard [--rows 1000000] [--days 30] [--screenshots docs] [--home DIR]
 """
 
 from __future__ import annotations
@@ -66,31 +66,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=40)
     ap.add_argument("--repeat", type=int, default=15, help="timed loads of each page")
     ap.add_argument("--screenshots", type=Path, help="save docs/dashboard-<page>.png here (needs chromium)")
+    ap.add_argument("--home", type=Path, help="the folder of a database an earlier run seeded: time it again")
     args = ap.parse_args(argv)
 
-    home = Path(tempfile.mkdtemp(prefix="tm-bench-dashboard-"))
+    home = args.home or Path(tempfile.mkdtemp(prefix="tm-bench-dashboard-"))
     url = db.ensure_database(db.start_embedded(home), "bench_dashboard")
     db.migrate(url)
     users = team(args.users)
     config = make_config("http://127.0.0.1:9", "http://127.0.0.1:9/v1",
                          users={u: {"team": t} for u, (t, _) in users.items()})
-    start, hours = seed(url, args.rows, args.days, users)
-
-    t = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
-        rolled = sum(replace_usage_hour(conn, start + timedelta(hours=h), config) for h in range(hours))
-        roll_s = time.perf_counter() - t
+        seeded = conn.execute("SELECT EXISTS (SELECT FROM usage_hourly)").fetchone()[0]
+    if not seeded:
+        start, hours = seed(url, args.rows, args.days, users)
         t = time.perf_counter()
-        team_rows = sum(replace_team_usage_hour(conn, start + timedelta(hours=h)) for h in range(hours))
-        team_s = time.perf_counter() - t
-        loop_tables(conn, start, hours, users=users)
-        conn.execute("ANALYZE")
-        total = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+        with psycopg.connect(url, autocommit=True) as conn:
+            rolled = sum(replace_usage_hour(conn, start + timedelta(hours=h), config) for h in range(hours))
+            roll_s = time.perf_counter() - t
+            t = time.perf_counter()
+            team_rows = sum(replace_team_usage_hour(conn, start + timedelta(hours=h)) for h in range(hours))
+            print(f"usage_hourly: {rolled:,} rows, {hours} hours rolled up in {roll_s:.1f} s "
+                  f"({1000 * roll_s / hours:.0f} ms an hour); team_usage_hourly: {team_rows:,} rows in "
+                  f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
+            loop_tables(conn, start, hours, users=users)
+            conn.execute("ANALYZE")
+    print(f"database in {home} (--home {home} times the pages again without seeding)", file=sys.stderr)
+    with psycopg.connect(url, autocommit=True) as conn:
+        total, rolled, team_rows = conn.execute(
+            "SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM usage_hourly),"
+            " (SELECT count(*) FROM team_usage_hourly)").fetchone()
         admin, _ = keys.create_key(conn, "root", admin=True)
         customer, _ = keys.create_key(conn, next(iter(users)))
-    print(f"usage_hourly: {rolled:,} rows from {total:,} requests, {hours} hours rolled up in {roll_s:.1f} s "
-          f"({1000 * roll_s / hours:.0f} ms an hour); team_usage_hourly: {team_rows:,} rows in {team_s:.1f} s",
-          file=sys.stderr)
 
     served = ServedApp(create_app(GatewaySettings(config=config, database_url=url, home=home))).start()
     results = []
