@@ -75,21 +75,23 @@ def _rate(part: float, whole: float) -> float:
 async def usage(conn: psycopg.AsyncConnection, scope: Scope, start: datetime) -> dict[str, Any]:
     """Spend against the all-frontier baseline, tokens, cache, fallbacks, errors and routes of `scope` since
     `start`: what the team overview (scope: everyone) and the customer view (scope: their users) draw.
-    One scan of the roll-up; the rest is added up here."""
+    Two scans of the roll-up; the rest is added up here."""
     where, p = _usage_where(scope, start)
-    # One scan, three groupings: by hour and model, by agent and hour of the day, by route.
-    rows = await _all(conn, f"""
-        SELECT GROUPING(hour, model) = 0 AS by_hour_model, GROUPING(agent, hod) = 0 AS by_agent,
-               hour, model, agent, hod, route, max(tier) AS tier, sum(requests) AS requests, sum(errors) AS errors,
+    by_hour_model = await _all(conn, f"""
+        SELECT hour, model, max(tier) AS tier, sum(requests) AS requests, sum(errors) AS errors,
                sum(fallbacks) AS fallbacks, sum(cache_hits) AS cache_hits, sum({_TOKENS}) AS tokens,
                sum(cost_usd) AS cost, sum(baseline_cost_usd) AS baseline, sum(latency_ms_sum) AS latency_sum,
                {_BUCKET_SUMS}
+        FROM {where} GROUP BY hour, model ORDER BY hour, model""", p)
+    # One scan, two groupings, without the latency buckets (they would double its cost).
+    rows = await _all(conn, f"""
+        SELECT GROUPING(agent, hod) = 0 AS by_agent, agent, hod, route, sum(requests) AS requests,
+               sum({_TOKENS}) AS tokens, sum(cost_usd) AS cost
         FROM (SELECT *, extract(hour FROM hour AT TIME ZONE 'UTC')::int AS hod FROM {where}) u
-        GROUP BY GROUPING SETS ((hour, model), (agent, hod), (route))""", p)
-    by_hour_model = sorted((r for r in rows if r["by_hour_model"]), key=lambda r: (r["hour"], r["model"]))
+        GROUP BY GROUPING SETS ((agent, hod), (route))""", p)
     by_agent = [r for r in rows if r["by_agent"]]
     routes = sorted(({"route": r["route"] or "(none)", "requests": int(r["requests"])}
-                     for r in rows if not r["by_hour_model"] and not r["by_agent"]), key=lambda r: -r["requests"])
+                     for r in rows if not r["by_agent"]), key=lambda r: -r["requests"])
 
     def blank() -> dict[str, Any]:
         return {**dict.fromkeys(_COUNTS, 0), **dict.fromkeys(_SUMS, 0.0)}
