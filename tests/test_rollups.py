@@ -16,8 +16,8 @@ from tests.traffic import past_hour
 from tm_assets.assets import loop_assets, requests_source
 from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig, model_resources
 from tm_assets.rollups import replace_team_usage_hour, replace_usage_hour
-from tm_gateway.ids import uuid7
 from tm_gateway.dashboard.queries import percentile_ms, rule_history
+from tm_gateway.ids import uuid7
 from tm_resources.config import load_config
 
 
@@ -63,8 +63,8 @@ def test_an_hour_rolls_up_to_the_same_totals_as_its_rows(db_url, tmp_path, two_h
     for column in ("requests", "errors", "fallbacks", "cache_hits", "input_tokens", "output_tokens"):
         assert sum(t[column] for t in team) == sum(g[column] for g in got), column
     assert sum(t["cost_usd"] for t in team) == pytest.approx(sum(g["cost_usd"] for g in got))
-    assert [sum(b) for b in zip(*(t["latency_buckets"] for t in team))] == \
-        [sum(b) for b in zip(*(g["latency_buckets"] for g in got))]
+    assert [sum(b) for b in zip(*(t["latency_buckets"] for t in team), strict=True)] == \
+        [sum(b) for b in zip(*(g["latency_buckets"] for g in got), strict=True)]
     alice_storyboard = sum(g["requests"] for g in got if (g["user_id"], g["agent"]) == ("alice", "storyboard"))
     assert alice_storyboard == sum((r["user_id"], r["agent"]) == ("alice", "storyboard") for r in calls) > 0
 

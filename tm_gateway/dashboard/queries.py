@@ -90,13 +90,18 @@ async def usage(conn: psycopg.AsyncConnection, scope: Scope, start: datetime) ->
         FROM (SELECT *, extract(hour FROM hour AT TIME ZONE 'UTC')::int AS hod FROM {where}) u
         GROUP BY GROUPING SETS ((agent, hod), (route))""", p)
     by_agent = [r for r in rows if r["by_agent"]]
-    routes = sorted(({"route": r["route"] or "(none)", "requests": int(r["requests"])}
-                     for r in rows if not r["by_agent"]), key=lambda r: -r["requests"])
+    routes: list[dict[str, Any]] = sorted(
+        ({"route": r["route"] or "(none)", "requests": int(r["requests"])} for r in rows if not r["by_agent"]),
+        key=lambda r: -r["requests"])
 
     def blank() -> dict[str, Any]:
         return {**dict.fromkeys(_COUNTS, 0), **dict.fromkeys(_SUMS, 0.0)}
 
-    totals, hours, days, models, tiers = blank(), {}, {}, {}, {}
+    totals = blank()
+    hours: dict[str, dict[str, Any]] = {}
+    days: dict[str, dict[str, Any]] = {}
+    models: dict[str, dict[str, Any]] = {}
+    tiers: dict[tuple[str, str], float] = {}
     buckets: dict[str, list[int]] = {}
     # Tokens by hour of the day (UTC), so a month's heat map stays 24 columns wide.
     tokens_by: dict[str, dict[tuple[str, int], int]] = {"agent": {}, "model": {}}
