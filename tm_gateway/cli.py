@@ -147,6 +147,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  gateway   http://{host}:{port}  (OpenAI: /v1/chat/completions, Anthropic: /v1/messages)")
     print(f"  Claude Code: ANTHROPIC_BASE_URL=http://{host}:{port} ANTHROPIC_AUTH_TOKEN=<key> claude --model auto"
           "  (README: Claude Code)")
+    print(f"  dashboard http://{host}:{port}/dashboard  (sign in with a key; the team pages need an admin key)")
     loop: list = []
     if not args.no_loop:
         loop = loopctl.start_loop(loopctl.dagster_env(home, url, cfg_path), host, args.ui_port, home / "dagster.log")

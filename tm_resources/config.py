@@ -334,6 +334,18 @@ class LoopConfig(_Strict):
     start: datetime | None = None
 
 
+class DashboardConfig(_Strict):
+    """The read-only dashboard the gateway serves at /dashboard (tm_gateway/dashboard)."""
+
+    enabled: bool = True
+    # Where the Dagster UI is, so a routing rule links to the run that wrote it (`tm up --ui-port`).
+    dagster_url: str = "http://127.0.0.1:3000"
+    # A model whose share of answers that needed a fallback passes this is flagged on the overview.
+    fallback_alert_rate: float = Field(0.05, ge=0, le=1)
+    # How long a sign-in lasts before the key must be entered again.
+    session_hours: float = Field(12, gt=0)
+
+
 class UserConfig(_Strict):
     # Premium models cost extra: only users allowed them may use them (others get a 403, never a bill).
     premium: bool = False
@@ -524,6 +536,7 @@ class Config(_Strict):
     dispatch: DispatchConfig = DispatchConfig()
     optimize: OptimizeConfig = OptimizeConfig()
     limits: LimitsConfig = LimitsConfig()
+    dashboard: DashboardConfig = DashboardConfig()
     posthog: PostHogConfig = PostHogConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
