@@ -144,6 +144,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
             yield {"proxy": proxy}
         finally:
             await shared.stop()
+            await proxy.budgets.close()
             await session.close()
             if cache_pool is not None:
                 await cache_pool.close()

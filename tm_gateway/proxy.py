@@ -20,7 +20,7 @@ from tm_gateway.dispatch import Dispatcher
 from tm_gateway.ids import uuid7
 from tm_gateway.logins import LoginGuard
 from tm_gateway.requestlog import RequestLog
-from tm_gateway.stages import auth, cache, call, cascade, classify, count, parse, route
+from tm_gateway.stages import auth, cache, call, cascade, classify, count, guard, parse, route
 from tm_gateway.stages.context import ApiFormat, BadRequest, Ctx, error_response
 from tm_gateway.stages.log import Row, log_bodiless
 from tm_gateway.state import SharedState
@@ -81,6 +81,7 @@ class Proxy:
         self.dispatcher = dispatcher
         # PostHog (alerts; a no-op without POSTHOG_API_KEY): the SDK queues and sends from its own thread.
         self.events = events or EventSink(None)
+        self.budgets = guard.Spend(config, shared, self.events)
         self.logins = LoginGuard(free=config.gateway.login_free_failures,
                                  max_backoff_s=config.gateway.login_backoff_max_s)
 
@@ -166,6 +167,8 @@ class Proxy:
         if ctx.fmt == "anthropic" and r["session_id"] is None:
             r["session_id"] = parse.claude_code_session(body.get("metadata"), ctx.client_headers)
         ctx.reply_headers["x-tm-route"] = chosen.route
+        if isinstance(chosen := await guard.guard(self, ctx, body, chosen), Response):
+            return chosen
         if self.cache_pool is not None:
             hit = await cache.cache_lookup(self, ctx, body)
             if hit is not None:

@@ -38,6 +38,7 @@ async def cascade(gw: Proxy, ctx: Ctx, body: dict, route: Route, prompt: str) ->
     row, headers = ctx.row, ctx.reply_headers
     first = Row({**row.data, "id": uuid7(), "served": False, "request_hash": None, "context_hash": None},
                 row.started, gw.request_log)
+    first.tally = row.tally  # the refused answer was paid for too
     scratch: dict[str, str] = {}
     plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
     tried = dataclasses.replace(ctx, row=first, reply_headers=scratch)

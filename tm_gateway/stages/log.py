@@ -20,19 +20,23 @@ from tm_resources.config import Config
 class Row:
     """The one row a request leaves; `done()` hands it to the log exactly once."""
 
-    __slots__ = ("data", "started", "log", "written")
+    __slots__ = ("data", "started", "log", "written", "tally")
 
     def __init__(self, data: dict, started: float, request_log: RequestLog):
         self.data = data
         self.started = started
         self.log = request_log
         self.written = False
+        # The guard's reservation (stages/guard.py): billed and settled as the row is written.
+        self.tally = None
 
     def done(self, **fields: Any) -> None:
         if self.written:
             return
         self.written = True
         self.data.update(fields)
+        if self.tally is not None:
+            self.tally.row_done(self.data)
         if isinstance(self.data.get("attempts"), list):
             self.data["attempts"] = orjson.dumps(self.data["attempts"]).decode()
         self.data["latency_ms"] = (time.perf_counter() - self.started) * 1000
