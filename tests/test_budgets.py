@@ -399,3 +399,35 @@ def test_no_budget_configured_costs_no_query(budgeted):
     assert proxy.budgets._pool is None  # never opened: no reservation was made
     [row] = b.rows()
     assert (row["billing"], row["billed_usd"]) == ("included", pytest.approx(row["cost_usd"]))
+
+
+@pytest.mark.parametrize("period,now,start,end", [
+    # Paris leaves summer time on Sunday 25 October 2026: that week is an hour longer, and still
+    # starts and ends at local midnight on Mondays.
+    ("week", "2026-10-25T12:00:00+01:00", "2026-10-19T00:00:00+02:00", "2026-10-26T00:00:00+01:00"),
+    ("day", "2026-11-30T23:30:00+01:00", "2026-11-30T00:00:00+01:00", "2026-12-01T00:00:00+01:00"),
+    ("month", "2026-12-31T23:59:00+01:00", "2026-12-01T00:00:00+01:00", "2027-01-01T00:00:00+01:00"),
+])
+def test_periods_follow_the_configured_calendar(period, now, start, end):
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from tm_gateway.budgets import period_bounds
+
+    got = period_bounds(period, datetime.fromisoformat(now), ZoneInfo("Europe/Paris"))
+    assert got == (datetime.fromisoformat(start), datetime.fromisoformat(end))
+
+
+@pytest.mark.parametrize("budgets,error", [
+    ({"timezone": "Mars/Olympus"}, "budgets.timezone: 'Mars/Olympus' is not a time zone"),
+    ({"billing": {"markup": [{"markup": 0.2}, {"up_to": 1, "markup": 0.3}]}}, "budgets.billing.markup"),
+    ({"billing": {"reference_model": "gpt-9"}}, "'gpt-9' is not one of the models"),
+    ({"users": {"alice": {"dya": 5}}}, "budgets.users.alice.dya: unknown key"),
+    ({"teams": {"design": {"month": -1}}}, "budgets.teams.design.month"),
+])
+def test_a_bad_budgets_section_is_refused_with_its_key(budgets, error):
+    from tm_resources.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        make_config("http://127.0.0.1:9", "http://127.0.0.1:9/v1", budgets=budgets)
+    assert error in str(caught.value)
