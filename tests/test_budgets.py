@@ -366,6 +366,10 @@ def test_tm_budgets_set_list_clear(budgeted, monkeypatch, capsys, tmp_path):
     b = budgeted({"teams": {"design": {"month": 100.0}}, "pools": {"design": 5_000_000}},
                  users={"alice": {"team": "design"}})
     monkeypatch.setenv("TM_DATABASE_URL", b.db_url)
+    assert main(["keys", "create", "--user", "bob", "--team", "design"]) == 0
+    assert "API key for user 'bob' of team 'design'" in capsys.readouterr().out
+    assert main(["keys", "list"]) == 0
+    assert "team design" in capsys.readouterr().out
     config = tmp_path / "tm.yaml"
     config.write_text(json.dumps(b.config.model_dump(mode="json")))  # JSON is YAML
     assert main(["budgets", "set", "user", "alice", "day", "0", "--json"]) == 0

@@ -220,10 +220,13 @@ async def guard(gw: Proxy, ctx: Ctx, body: dict, chosen: Route) -> Route | Respo
         models += [c for c in fallback.chain(m, config) if c not in models]
     if all(bg.free(config, m) for m in models):
         return chosen  # a free model is never blocked, and draws from no pool
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+    cap = next((v for v in (body.get("max_completion_tokens"), body.get("max_tokens"))
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+    if cap is None:
         # Bound what the answer may cost, as the reservation assumes.
-        body["max_tokens"] = config.gateway.default_max_tokens
-    out_tokens = body.get("max_completion_tokens") or body["max_tokens"]
+        cap = body["max_tokens"] = config.gateway.default_max_tokens
+    # Each of OpenAI's `n` choices may run to the cap.
+    out_tokens = cap * max(1, body.get("n") or 1)
     tools = orjson.dumps(body["tools"]).decode() if body.get("tools") else None
     system = r.get("system") if isinstance(r.get("system"), str) else None
     input_tokens = bg.estimate_input_tokens(r.get("messages"), system, tools)
