@@ -435,3 +435,14 @@ def test_a_bad_budgets_section_is_refused_with_its_key(budgets, error):
     with pytest.raises(ConfigError) as caught:
         make_config("http://127.0.0.1:9", "http://127.0.0.1:9/v1", budgets=budgets)
     assert error in str(caught.value)
+
+
+def test_the_reservation_bounds_what_a_request_can_cost():
+    from tm_gateway.budgets import estimate_input_tokens, max_cost
+
+    config = make_config("http://127.0.0.1:9", "http://127.0.0.1:9/v1", models={"claude-premium": PREMIUM})
+    # The priciest model of the chain sets it; no prompt counts past that model's context window.
+    assert max_cost(config, ["local-test", "claude-test"], 1000, 100) == pytest.approx(
+        (1000 * CLAUDE_PRICE["input"] + 100 * CLAUDE_PRICE["output"]) / 1e6)
+    huge = estimate_input_tokens("x" * 10_000_000)
+    assert max_cost(config, ["claude-test"], huge, 0) == pytest.approx(200_000 * CLAUDE_PRICE["input"] / 1e6)

@@ -161,8 +161,10 @@ def estimate_input_tokens(*texts: str | None) -> int:
 
 
 def max_cost(config: Config, models: list[str], input_tokens: int, max_tokens: int) -> float:
-    """The most a request may cost on any of `models` (what it may fall back to)."""
-    return max((config.models[m].price.cost(input_tokens, max_tokens) for m in models), default=0.0)
+    """The most a request may cost on any of `models` (what it may fall back to). No model reads more
+    than its context window: that bounds the estimate of a prompt of base64 images, say."""
+    return max((config.models[m].price.cost(min(input_tokens, config.models[m].context_window), max_tokens)
+                for m in models), default=0.0)
 
 
 def free(config: Config, model: str) -> bool:
