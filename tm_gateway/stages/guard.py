@@ -20,7 +20,7 @@ from tm_gateway.rules import Route, machine_chooses
 from tm_gateway.stages.context import JSON, Ctx
 from tm_resources import alerts
 from tm_resources import formats as fm
-from tm_resources.config import Config
+from tm_resources.config import Config, Tier
 from tm_resources.db import connect
 from tm_resources.events import EventSink
 
@@ -261,7 +261,7 @@ async def guard(gw: Proxy, ctx: Ctx, body: dict, chosen: Route) -> Route | Respo
     return chosen
 
 
-def _report_used(ctx: Ctx, config, fraction: float) -> None:
+def _report_used(ctx: Ctx, config: Config, fraction: float) -> None:
     alert_at = config.budgets.alert_at
     if alert_at and fraction >= alert_at[0]:
         ctx.reply_headers["x-tm-budget-used"] = f"{fraction:.2f}"
@@ -270,11 +270,11 @@ def _report_used(ctx: Ctx, config, fraction: float) -> None:
 def _spent(gw: Proxy, ctx: Ctx, chosen: Route, lim: bg.Limit, used: float, now: datetime) -> Route | Response:
     """No room on `lim`: a free model for a request that lets the machine choose, else a 429."""
     config, r = gw.config, ctx.row.data
-    _, reset = bg.period_bounds(lim.period, now, gw.budgets.book.zone)
+    start, reset = bg.period_bounds(lim.period, now, gw.budgets.book.zone)
     said = f"{lim.describe()} is spent (${used:,.2f} used, requests in flight included); it resets at " \
            f"{reset:%Y-%m-%d %H:%M %Z}"
     _report_used(ctx, config, max(used / lim.amount, 1.0) if lim.amount else 1.0)
-    gw.budgets.spent_later(lim, bg.period_bounds(lim.period, now, gw.budgets.book.zone)[0], used)
+    gw.budgets.spent_later(lim, start, used)
     requested = r.get("requested_model") or chosen.model
     if machine_chooses(requested, config):
         local = _free_model(config, chosen)
@@ -288,12 +288,12 @@ def _spent(gw: Proxy, ctx: Ctx, chosen: Route, lim: bg.Limit, used: float, now: 
                    " an admin to raise the budget (tm budgets set).")
 
 
-def _free_model(config, chosen: Route) -> str | None:
+def _free_model(config: Config, chosen: Route) -> str | None:
     """The first free model of the route's chain, else the default model if free, else any free local model."""
     for m in (chosen.model, *chosen.chain, config.defaults.model):
         if bg.free(config, m):
             return m
-    return next((m for m in config.models if bg.free(config, m) and config.models[m].tier.value == "local"), None)
+    return next((m for m in config.models if bg.free(config, m) and config.models[m].tier is Tier.local), None)
 
 
 def _refuse(ctx: Ctx, status: int, error_class: str, message: str) -> Response:
