@@ -446,3 +446,31 @@ def test_the_reservation_bounds_what_a_request_can_cost():
         (1000 * CLAUDE_PRICE["input"] + 100 * CLAUDE_PRICE["output"]) / 1e6)
     huge = estimate_input_tokens("x" * 10_000_000)
     assert max_cost(config, ["claude-test"], huge, 0) == pytest.approx(200_000 * CLAUDE_PRICE["input"] / 1e6)
+
+
+def test_a_reservation_a_dead_gateway_left_is_given_back_once_it_expires(budgeted, monkeypatch):
+    import uuid
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    from tm_gateway.budgets import period_bounds
+    from tm_gateway.stages import guard
+
+    monkeypatch.setattr(guard, "RELEASE_EVERY_S", 0.1)
+    b = budgeted({"users": {"alice": {"day": 1.0}}, "reservation_ttl_s": 0.2})
+    start = period_bounds("day", datetime.now(UTC), ZoneInfo("UTC"))[0]
+    # What a gateway killed in the middle of a request leaves: a reservation that will never settle.
+    with psycopg.connect(b.db_url, autocommit=True) as conn:
+        conn.execute("SELECT tm_budget_reserve(%s, %s, %s, %s, %s, 0.2)",
+                     (uuid.uuid4(), ["user:alice:day"], [start], [0.9], [1.0]))
+    with pytest.raises(openai.RateLimitError):  # $0.90 of $1 held: no room for this one
+        b.openai().chat.completions.create(model="claude-test", max_tokens=10_000,
+                                           messages=[{"role": "user", "content": PROMPT}])
+    # Another request opens the replica's connections, and with them its sweep of expired holds.
+    b.openai().chat.completions.create(model="claude-test", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    answered = [r for r in b.rows() if r["status"] == 200]
+    cost = sum(r["cost_usd"] for r in answered)
+    assert b.settled("user:alice:day", cost) == pytest.approx(cost)
+    assert query(b.db_url, "SELECT count(*) AS n FROM budget_holds")[0]["n"] == 0
+    b.openai().chat.completions.create(model="claude-test", max_tokens=10_000,
+                                       messages=[{"role": "user", "content": PROMPT}])

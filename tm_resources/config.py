@@ -445,6 +445,9 @@ class BudgetsConfig(_Strict):
     # Fractions of a budget or pool at which an alert fires, once per period; from the first, the
     # response header x-tm-budget-used says how much is used.
     alert_at: list[float] = Field(default_factory=lambda: [0.5, 0.75, 0.9, 1.0, 1.5])
+    # A reservation not settled within this long (its gateway died) is given back by another replica;
+    # a request still running then (a stream longer than this) is counted at its real cost all the same.
+    reservation_ttl_s: float = Field(900.0, gt=0)
     billing: BillingConfig = BillingConfig()
 
     @field_validator("timezone")

@@ -5,6 +5,7 @@ against its team's token pool; a spent budget sends `auto` to a free local model
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -30,8 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_RESERVE = "SELECT refused, used FROM tm_budget_reserve(%s, %s, %s, %s)"
-_SETTLE = "SELECT tm_budget_settle(%s, %s, %s, %s)"
+_RESERVE = "SELECT refused, used FROM tm_budget_reserve(%s, %s, %s, %s, %s, %s)"
+_SETTLE = "SELECT tm_budget_settle(%s, %s, %s, %s, %s)"
+_RELEASE_EXPIRED = "SELECT tm_budget_release_expired()"
+# How often a replica that reserves gives back the holds of gateways that died before settling.
+RELEASE_EVERY_S = 30.0
 _INF = float("inf")
 
 
@@ -46,6 +50,7 @@ class Spend:
         self.url = shared.url
         self.events = events
         self._pool: AsyncConnectionPool | None = None
+        self._releaser: asyncio.Task | None = None
         self._settling: set[asyncio.Task] = set()
         self._alerted: set[tuple[str, str, datetime]] = set()
         with connect(self.url) as conn:
@@ -63,7 +68,23 @@ class Spend:
             self._pool = AsyncConnectionPool(self.url, min_size=1, max_size=8, open=False, configure=_no_flush_wait,
                                              kwargs={"autocommit": True}, name="tm-budgets")
             await self._pool.open()
+            self._releaser = asyncio.get_running_loop().create_task(self._release_expired(), name="tm-budget-holds")
         return self._pool
+
+    async def _release_expired(self) -> None:
+        while True:
+            await asyncio.sleep(RELEASE_EVERY_S)
+            try:
+                async with self._pool.connection() as conn:
+                    n = 0
+                    while (await (await conn.execute(_RELEASE_EXPIRED)).fetchone())[0]:
+                        n += 1
+                if n:
+                    log.warning("gave back %d expired budget reservation(s) of requests that never settled", n)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - tried again next time
+                log.warning("releasing expired budget reservations failed (%s)", type(err).__name__)
 
     def settle_later(self, tally: Tally) -> None:
         self._later(self._settle(tally))
@@ -91,20 +112,26 @@ class Spend:
 
     async def close(self) -> None:
         await self.drain()
+        if self._releaser is not None:
+            self._releaser.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._releaser
         if self._pool is not None:
             await self._pool.close()
 
     async def _settle(self, tally: Tally) -> None:
         limits = tally.limits
-        deltas = [tally.std if lim.scope == "pool" else tally.cost - tally.reserved for lim in limits]
+        actual = [tally.std if lim.scope == "pool" else tally.cost for lim in limits]
         costs = [tally.cost] * len(limits)
         try:
             async with (await self.pool()).connection() as conn:
-                cur = await conn.execute(_SETTLE, ([lim.subject for lim in limits], tally.starts, deltas, costs))
+                cur = await conn.execute(_SETTLE, (tally.rid, [lim.subject for lim in limits], tally.starts, actual,
+                                                   costs))
                 (after,) = await cur.fetchone()
                 await self._alerts(conn, list(zip(limits, tally.starts, after, strict=True)))
         except Exception as err:  # noqa: BLE001 - the answer is sent; what is lost is logged
-            log.warning("budget settlement of request %s failed (%s): its reservation of $%.6f stays counted",
+            log.warning("budget settlement of request %s failed (%s): its reservation of $%.6f stays counted"
+                        " until it expires (budgets.reservation_ttl_s)",
                         tally.rid, type(err).__name__, tally.reserved)
 
     async def _alerts(self, conn: psycopg.AsyncConnection, counters: list[tuple[bg.Limit, datetime, float]],
@@ -238,9 +265,10 @@ async def guard(gw: Proxy, ctx: Ctx, body: dict, chosen: Route) -> Route | Respo
     starts = [bg.period_bounds(lim.period, now, spend.book.zone)[0] for lim in ordered]
     try:
         async with (await spend.pool()).connection() as conn:
-            cur = await conn.execute(_RESERVE, ([lim.subject for lim in ordered], starts,
+            cur = await conn.execute(_RESERVE, (r["id"], [lim.subject for lim in ordered], starts,
                                                 [0.0 if lim.scope == "pool" else amount for lim in ordered],
-                                                [_INF if lim.scope == "pool" else lim.amount for lim in ordered]))
+                                                [_INF if lim.scope == "pool" else lim.amount for lim in ordered],
+                                                config.budgets.reservation_ttl_s))
             refused, used = await cur.fetchone()
     except Exception as err:  # noqa: BLE001 - a limit that cannot be checked is not passed
         log.warning("budget reservation failed (%s)", type(err).__name__)
