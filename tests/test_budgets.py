@@ -187,14 +187,24 @@ def test_a_spent_budget_is_a_429_in_the_openai_format(budgeted, scope, period):
     assert b.anthropic.requests == []  # refused before any provider was called
 
 
-def test_a_spent_budget_is_a_rate_limit_error_in_the_anthropic_format(budgeted):
-    b = budgeted({"teams": {"design": {"month": 0}}}, users={"alice": {"team": "design"}})
+@pytest.mark.parametrize("scope", ["user", "team", "key"])
+def test_a_spent_budget_is_a_rate_limit_error_in_the_anthropic_format(budgeted, scope):
+    b = budgeted({}, users={"alice": {"team": "design"}})  # the team from tm.yaml, this time
+    name = {"user": "alice", "team": "design", "key": None}[scope]
+    b.key("alice")
+    name = name or b.key_ids["alice"]
+    with psycopg.connect(b.db_url) as conn:
+        conn.execute("INSERT INTO budgets (scope, subject, period, amount) VALUES (%s, %s, 'month', 0)",
+                     (scope, name))
+    time.sleep(0.5)
     with pytest.raises(anthropic.RateLimitError) as caught:
         b.anthropic_client().messages.create(model="claude-test", max_tokens=50,
                                              messages=[{"role": "user", "content": PROMPT}])
+    assert caught.value.status_code == 429
+    assert caught.value.response.headers["x-should-retry"] == "false"
     body = caught.value.body
     assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
-    assert "team design's monthly budget of $0.00 is spent" in body["error"]["message"]
+    assert f"{scope} {name}'s monthly budget of $0.00 is spent" in body["error"]["message"]
     [row] = b.rows()
     assert (row["status"], row["error_class"], row["team"]) == (429, "budget_exceeded", "design")
 
