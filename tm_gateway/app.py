@@ -250,7 +250,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
     fmt = caller_format(request)
     proxy: Proxy | None = getattr(request.state, "proxy", None)
     ident = proxy.authenticate(request) if proxy is not None else None
-    if ident is not None:  # a request with a valid key leaves its row, wherever it went
+    if proxy is not None and ident is not None:  # a request with a valid key leaves its row, wherever it went
         proxy.log_bodiless(request, fmt, ident, exc.status_code, error_message=message,
                            error_class="unknown_endpoint" if exc.status_code == 404 else "method_not_allowed")
     return error_response(fmt, exc.status_code, message, dict(exc.headers or {}))

@@ -9,6 +9,8 @@ from datetime import datetime
 
 import psycopg
 
+from tm_resources.db import one
+
 KEY_PREFIX = "tm-"
 
 
@@ -38,11 +40,11 @@ def create_key(conn: psycopg.Connection, user_id: str, *, admin: bool = False,
     team = team.strip() or None if team is not None else None
     key = KEY_PREFIX + secrets.token_urlsafe(30)
     key_id = "k_" + secrets.token_hex(4)
-    row = conn.execute(
+    row = one(conn.execute(
         "INSERT INTO api_keys (id, user_id, key_hash, prefix, admin, team) VALUES (%s, %s, %s, %s, %s, %s)"
         " RETURNING id, user_id, prefix, created_at, revoked_at, admin, team",
         (key_id, user_id, hash_key(key), key[:7], admin, team),
-    ).fetchone()
+    ))
     conn.commit()
     return key, KeyInfo(*row)
 
