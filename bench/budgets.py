@@ -106,7 +106,8 @@ async def run(args: argparse.Namespace, doors: list[Target]) -> dict[str, Any]:
                 gc.collect()
                 n, secs, _ = await load.for_duration(t, args.duration / 2, args.concurrency, False)
                 rps[t.name].append(n / secs)
-        out[f"concurrency_{args.concurrency}"] = {"requests_per_s": {k: round(sum(v) / len(v), 1) for k, v in rps.items()}}
+        out[f"concurrency_{args.concurrency}"] = {
+            "requests_per_s": {k: round(sum(v) / len(v), 1) for k, v in rps.items()}}
     return out
 
 

@@ -167,8 +167,9 @@ class Proxy:
         if ctx.fmt == "anthropic" and r["session_id"] is None:
             r["session_id"] = parse.claude_code_session(body.get("metadata"), ctx.client_headers)
         ctx.reply_headers["x-tm-route"] = chosen.route
-        if isinstance(chosen := await guard.guard(self, ctx, body, chosen), Response):
-            return chosen
+        if isinstance(guarded := await guard.guard(self, ctx, body, chosen), Response):
+            return guarded
+        chosen = guarded
         if self.cache_pool is not None:
             hit = await cache.cache_lookup(self, ctx, body)
             if hit is not None:

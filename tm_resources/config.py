@@ -423,7 +423,8 @@ class BillingConfig(_Strict):
         limits = [b.up_to for b in bands]
         if not bands or limits[-1] is not None or None in limits[:-1]:
             raise ValueError("bands in rising up_to order, the last without up_to (every price above)")
-        if limits[:-1] != sorted(limits[:-1]):
+        rising = [u for u in limits[:-1] if u is not None]
+        if rising != sorted(rising):
             raise ValueError("bands in rising up_to order")
         return bands
 

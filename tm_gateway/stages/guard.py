@@ -60,7 +60,7 @@ class Spend:
 
     async def _reload(self, conn: psycopg.AsyncConnection) -> None:
         stored = bg.stored_map(await (await conn.execute(bg.STORED_SQL)).fetchall())
-        teams = dict(await (await conn.execute(bg.KEY_TEAMS_SQL)).fetchall())
+        teams: dict[str, str] = dict(await (await conn.execute(bg.KEY_TEAMS_SQL)).fetchall())
         self.book.replace(stored, teams)
 
     async def pool(self) -> AsyncConnectionPool:
@@ -68,16 +68,17 @@ class Spend:
             self._pool = AsyncConnectionPool(self.url, min_size=1, max_size=8, open=False, configure=_no_flush_wait,
                                              kwargs={"autocommit": True}, name="tm-budgets")
             await self._pool.open()
-            self._releaser = asyncio.get_running_loop().create_task(self._release_expired(), name="tm-budget-holds")
+            self._releaser = asyncio.get_running_loop().create_task(self._release_expired(self._pool),
+                                                                    name="tm-budget-holds")
         return self._pool
 
-    async def _release_expired(self) -> None:
+    async def _release_expired(self, pool: AsyncConnectionPool) -> None:
         while True:
             await asyncio.sleep(RELEASE_EVERY_S)
             try:
-                async with self._pool.connection() as conn:
+                async with pool.connection() as conn:
                     n = 0
-                    while (await (await conn.execute(_RELEASE_EXPIRED)).fetchone())[0]:
+                    while (await _one(await conn.execute(_RELEASE_EXPIRED)))[0]:
                         n += 1
                 if n:
                     log.warning("gave back %d expired budget reservation(s) of requests that never settled", n)
@@ -127,7 +128,7 @@ class Spend:
             async with (await self.pool()).connection() as conn:
                 cur = await conn.execute(_SETTLE, (tally.rid, [lim.subject for lim in limits], tally.starts, actual,
                                                    costs))
-                (after,) = await cur.fetchone()
+                (after,) = await _one(cur)
                 await self._alerts(conn, list(zip(limits, tally.starts, after, strict=True)))
         except Exception as err:  # noqa: BLE001 - the answer is sent; what is lost is logged
             log.warning("budget settlement of request %s failed (%s): its reservation of $%.6f stays counted"
@@ -181,6 +182,14 @@ class Spend:
                 f" standard tokens; {used:,.0f} used). Requests continue, billed at overage rates (cost plus the"
                 f" markup of each model's price band) until the pool renews at {reset:%Y-%m-%d %H:%M %Z}. At the"
                 f" current rate this month's overage comes to about ${estimate:,.2f}.", data)
+
+
+async def _one(cur: psycopg.AsyncCursor) -> tuple:
+    """The row of a query that always returns one (these functions' results)."""
+    row = await cur.fetchone()
+    if row is None:
+        raise LookupError("the query returned no row")
+    return row
 
 
 async def _no_flush_wait(conn: psycopg.AsyncConnection) -> None:
@@ -269,11 +278,12 @@ async def guard(gw: Proxy, ctx: Ctx, body: dict, chosen: Route) -> Route | Respo
                                                 [0.0 if lim.scope == "pool" else amount for lim in ordered],
                                                 [_INF if lim.scope == "pool" else lim.amount for lim in ordered],
                                                 config.budgets.reservation_ttl_s))
-            refused, used = await cur.fetchone()
+            refused, used = await _one(cur)
     except Exception as err:  # noqa: BLE001 - a limit that cannot be checked is not passed
         log.warning("budget reservation failed (%s)", type(err).__name__)
         return _refuse(ctx, 503, "budget_unavailable",
-                       "the gateway cannot check your budget right now (its database is unreachable); try again shortly")
+                       "the gateway cannot check your budget right now (its database is unreachable);"
+                       " try again shortly")
     if refused:
         lim = ordered[refused - 1]
         return _spent(gw, ctx, chosen, lim, used[0], now)

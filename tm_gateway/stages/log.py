@@ -6,7 +6,7 @@ import dataclasses
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
@@ -15,6 +15,9 @@ from tm_gateway.ids import uuid7
 from tm_gateway.requestlog import RequestLog
 from tm_resources import formats as fm
 from tm_resources.config import Config
+
+if TYPE_CHECKING:
+    from tm_gateway.stages.guard import Tally
 
 
 class Row:
@@ -28,7 +31,7 @@ class Row:
         self.log = request_log
         self.written = False
         # The guard's reservation (stages/guard.py): billed and settled as the row is written.
-        self.tally = None
+        self.tally: Tally | None = None
 
     def done(self, **fields: Any) -> None:
         if self.written:
