@@ -50,6 +50,7 @@ class Spend:
         self.url = shared.url
         self.events = events
         self._pool: AsyncConnectionPool | None = None
+        self._opened: asyncio.Future | None = None
         self._releaser: asyncio.Task | None = None
         self._settling: set[asyncio.Task] = set()
         self._alerted: set[tuple[str, str, datetime]] = set()
@@ -64,12 +65,15 @@ class Spend:
         self.book.replace(stored, teams)
 
     async def pool(self) -> AsyncConnectionPool:
-        if self._pool is None:
+        if self._opened is None:
+            # Every request that arrives while the pool opens waits for that one opening.
             self._pool = AsyncConnectionPool(self.url, min_size=1, max_size=8, open=False, configure=_no_flush_wait,
                                              kwargs={"autocommit": True}, name="tm-budgets")
-            await self._pool.open()
+            self._opened = asyncio.ensure_future(self._pool.open())
             self._releaser = asyncio.get_running_loop().create_task(self._release_expired(self._pool),
                                                                     name="tm-budget-holds")
+        await self._opened
+        assert self._pool is not None
         return self._pool
 
     async def _release_expired(self, pool: AsyncConnectionPool) -> None:

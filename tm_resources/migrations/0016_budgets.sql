@@ -120,6 +120,4 @@ ALTER TABLE api_keys ADD COLUMN team text;
 
 -- Each row's team, and what it is billed: billing included (drawn from the team's pool) | overage
 -- (past the pool, at the price band's markup) | premium (metered outside the pool) | local.
-ALTER TABLE requests ADD COLUMN team text;
-ALTER TABLE requests ADD COLUMN billed_usd double precision;
-ALTER TABLE requests ADD COLUMN billing text;
+ALTER TABLE requests ADD COLUMN team text, ADD COLUMN billed_usd double precision, ADD COLUMN billing text;
