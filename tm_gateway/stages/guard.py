@@ -255,10 +255,13 @@ async def guard(gw: Proxy, ctx: Ctx, body: dict, chosen: Route) -> Route | Respo
     if not limits:
         return chosen
     config = gw.config
-    models = fallback.chain(chosen.model, config)
-    for m in (*chosen.chain, *((chosen.escalate_to,) if chosen.escalate_to else ())):
-        models += [c for c in fallback.chain(m, config) if c not in models]
-    if all(bg.free(config, m) for m in models):
+    first = fallback.chain(chosen.model, config)
+    for m in chosen.chain:
+        first += [c for c in fallback.chain(m, config) if c not in first]
+    # A cascade may pay for each cheap model (a consensus calls several) and then the escalation.
+    cascaded = [fallback.chain(m, config) for m in (*chosen.consensus, chosen.escalate_to)
+                if m] if chosen.escalate_to else []
+    if all(bg.free(config, m) for m in (*first, *(m for c in cascaded for m in c))):
         return chosen  # a free model is never blocked, and draws from no pool
     cap = next((v for v in (body.get("max_completion_tokens"), body.get("max_tokens"))
                 if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
@@ -270,9 +273,8 @@ async def guard(gw: Proxy, ctx: Ctx, body: dict, chosen: Route) -> Route | Respo
     tools = orjson.dumps(body["tools"]).decode() if body.get("tools") else None
     system = r.get("system") if isinstance(r.get("system"), str) else None
     input_tokens = bg.estimate_input_tokens(r.get("messages"), system, tools)
-    amount = bg.max_cost(config, models, input_tokens, out_tokens)
-    if chosen.escalate_to:  # a cascade may pay for the cheap answer and the escalation
-        amount += bg.max_cost(config, fallback.chain(chosen.model, config), input_tokens, out_tokens)
+    amount = bg.max_cost(config, first, input_tokens, out_tokens) \
+        + sum(bg.max_cost(config, c, input_tokens, out_tokens) for c in cascaded)
     now = datetime.now(UTC)
     ordered = sorted(limits, key=lambda lim: lim.subject)
     starts = [bg.period_bounds(lim.period, now, spend.book.zone)[0] for lim in ordered]
