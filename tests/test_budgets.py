@@ -44,8 +44,8 @@ class Budgeted:
         self.tmp_path = tmp_path
         # No prompt classifier: these tests route by configuration, and loading it takes seconds.
         config.setdefault("gateway", {"classify_auto": False})
+        config.setdefault("models", {"free-local": FREE, "claude-premium": PREMIUM})
         self.config = make_config(self.anthropic.url, self.local.openai_url, budgets=budgets,
-                                  models={"free-local": FREE, "claude-premium": PREMIUM},
                                   presets={"tm:basic": ["claude-test", "local-test"]}, **config)
         self.keys: dict[str, str] = {}
         self.key_ids: dict[str, str] = {}
@@ -348,14 +348,18 @@ def test_streams_and_cut_streams_settle_to_what_they_cost(budgeted, upstreams):
     assert b.settled("user:alice:day", total) == pytest.approx(total)
 
 
-def test_a_cascade_counts_both_answers(budgeted, upstreams):
+@pytest.mark.parametrize("consensus", [[], ["local-test-2"]])
+def test_a_cascade_counts_every_answer(budgeted, upstreams, consensus):
     anth, local = upstreams
     local.responder = lambda fmt, body: "I'm sorry, but I can't help with that."
     b = budgeted({"users": {"alice": {"day": 10.0}}},
-                 routing={"cascade": {"tiers": ["SIMPLE", "MEDIUM", "COMPLEX", "REASONING"]}})
+                 routing={"cascade": {"tiers": ["SIMPLE", "MEDIUM", "COMPLEX", "REASONING"], "consensus": consensus}},
+                 models={"free-local": FREE, "claude-premium": PREMIUM,
+                         "local-test-2": {"provider": "local", "upstream": "tiny-2", "price": {"input": 0.3, "output": 0.6}}})
     b.openai().chat.completions.create(model="auto", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
     rows = b.rows()
-    assert len(rows) == 2 and {r["served"] for r in rows} == {True, False}
+    # The cheap answers refused by the gate, then the frontier's: each paid for.
+    assert len(rows) == 2 + len(consensus) and [r["served"] for r in rows].count(True) == 1
     total = sum(r["cost_usd"] for r in rows)
     assert all(r["cost_usd"] > 0 for r in rows)
     assert b.settled("user:alice:day", total) == pytest.approx(total)
