@@ -20,6 +20,8 @@ from tests.fakes import FakePostHog
 from tm_gateway import keys
 from tm_gateway.cli import main
 
+pytestmark = pytest.mark.slow  # about a minute (35 gateways started): out of the fast tier
+
 FREE = {"provider": "local", "upstream": "tiny-free", "tier": "local", "price": {"input": 0, "output": 0}}
 PREMIUM = {"provider": "anthropic", "upstream": "claude-big", "tier": "premium", "context_window": 200000,
            "price": {"input": 15.0, "output": 75.0}}
