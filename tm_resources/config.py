@@ -472,6 +472,14 @@ class BudgetsConfig(_Strict):
         if any(v <= 0 for v in value):
             raise ValueError("fractions of a budget, above 0 (0.5 is half)")
         return sorted(set(value))
+class PostHogConfig(_Strict):
+    """What the gateway sends PostHog (with POSTHOG_API_KEY set): each request as PostHog's LLM analytics
+    event `$ai_generation`, and cache hits as `tm_cache_hit`."""
+
+    llm_analytics: bool = True
+    # Prompts and answers ($ai_input, $ai_output_choices), redacted as log.redact says; off, PostHog sees
+    # models, tokens, cost, latency and status only.
+    capture_content: bool = False
 
 
 class Config(_Strict):
@@ -489,6 +497,7 @@ class Config(_Strict):
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     dispatch: DispatchConfig = DispatchConfig()
     budgets: BudgetsConfig = BudgetsConfig()
+    posthog: PostHogConfig = PostHogConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
     defaults: Defaults
