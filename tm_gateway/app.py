@@ -158,6 +158,7 @@ def create_app(settings: GatewaySettings) -> HotPaths:
                 await proxy.limits.close()
             if proxy.keep_warm is not None:
                 await proxy.keep_warm.close()
+            await proxy.budgets.close()
             await session.close()
             await proxy.aclose()
             if cache_pool is not None:

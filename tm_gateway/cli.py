@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import psycopg.rows
 
-from tm_gateway import cli_ops, cli_savings, keys, loopctl
+from tm_gateway import cli_budgets, cli_ops, cli_savings, keys, loopctl
 from tm_gateway.cli_views import _database, cmd_grades, cmd_models, cmd_requests, cmd_rules
 from tm_resources import db
 from tm_resources.config import EXAMPLE_CONFIG, Config, ConfigError, config_path, load_config, tm_home
@@ -208,9 +208,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
     url = _database(tm_home())
     with psycopg.connect(url) as conn:
         if args.keys_cmd == "create":
-            key, info = keys.create_key(conn, args.user, admin=args.admin)
+            key, info = keys.create_key(conn, args.user, admin=args.admin, team=args.team)
             kind = "admin key" if info.admin else "API key"
-            print(f"{kind} for user '{info.user_id}' (id {info.id}); it is shown only this once:")
+            team = f" of team '{info.team}'" if info.team else ""
+            print(f"{kind} for user '{info.user_id}'{team} (id {info.id}); it is shown only this once:")
             print(key)
         elif args.keys_cmd == "list":
             rows = keys.list_keys(conn, include_revoked=args.all)
@@ -219,6 +220,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             for k in rows:
                 state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
                 state += ", admin" if k.admin else ""
+                state += f", team {k.team}" if k.team else ""
                 print(f"{k.id}  {k.user_id:<20} {k.prefix}…  created {k.created_at:%Y-%m-%d %H:%M}  {state}")
         elif args.keys_cmd == "revoke":
             gone = keys.revoke(conn, args.target)
@@ -356,11 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--user", required=True)
     kc.add_argument("--admin", action="store_true",
                     help="an admin key: the dashboard's team-wide pages and the MCP tools that change things")
+    kc.add_argument("--team", help="the team its requests count to (budgets, pools), over users.<id>.team")
     kl = ksub.add_parser("list", help="list keys (never the keys themselves)")
     kl.add_argument("--all", action="store_true", help="include revoked keys")
     kr = ksub.add_parser("revoke", help="revoke a key by id, or every key of a user")
     kr.add_argument("target", help="key id (k_...) or user name")
     k.set_defaults(func=cmd_keys)
+    cli_budgets.register(sub)
 
     lp = sub.add_parser("loop", help="the learning loop")
     lsub = lp.add_subparsers(dest="loop_cmd", required=True)

@@ -27,26 +27,30 @@ class KeyInfo:
     created_at: datetime
     revoked_at: datetime | None
     admin: bool = False
+    team: str | None = None
 
 
-def create_key(conn: psycopg.Connection, user_id: str, *, admin: bool = False) -> tuple[str, KeyInfo]:
-    """Make a new key for `user_id` (an admin key with `admin`); the plain key is returned here and never again."""
+def create_key(conn: psycopg.Connection, user_id: str, *, admin: bool = False,
+               team: str | None = None) -> tuple[str, KeyInfo]:
+    """Make a new key for `user_id` (an admin key with `admin`; its requests counted to `team`, over
+    the user's team in tm.yaml); the plain key is returned here and never again."""
     user_id = user_id.strip()
     if not user_id:
         raise ValueError("a key needs a user name")
+    team = team.strip() or None if team is not None else None
     key = KEY_PREFIX + secrets.token_urlsafe(30)
     key_id = "k_" + secrets.token_hex(4)
     row = one(conn.execute(
-        "INSERT INTO api_keys (id, user_id, key_hash, prefix, admin) VALUES (%s, %s, %s, %s, %s)"
-        " RETURNING id, user_id, prefix, created_at, revoked_at, admin",
-        (key_id, user_id, hash_key(key), key[:7], admin),
+        "INSERT INTO api_keys (id, user_id, key_hash, prefix, admin, team) VALUES (%s, %s, %s, %s, %s, %s)"
+        " RETURNING id, user_id, prefix, created_at, revoked_at, admin, team",
+        (key_id, user_id, hash_key(key), key[:7], admin, team),
     ))
     conn.commit()
     return key, KeyInfo(*row)
 
 
 def list_keys(conn: psycopg.Connection, *, include_revoked: bool = False) -> list[KeyInfo]:
-    sql = "SELECT id, user_id, prefix, created_at, revoked_at, admin FROM api_keys"
+    sql = "SELECT id, user_id, prefix, created_at, revoked_at, admin, team FROM api_keys"
     if not include_revoked:
         sql += " WHERE revoked_at IS NULL"
     return [KeyInfo(*r) for r in conn.execute(sql + " ORDER BY user_id, created_at")]
@@ -57,7 +61,7 @@ def key_in_force(conn: psycopg.Connection, key: str | None) -> KeyInfo | None:
     in-memory map instead)."""
     if not key:
         return None
-    row = conn.execute("SELECT id, user_id, prefix, created_at, revoked_at, admin FROM api_keys"
+    row = conn.execute("SELECT id, user_id, prefix, created_at, revoked_at, admin, team FROM api_keys"
                        " WHERE key_hash = %s AND revoked_at IS NULL", (hash_key(key),)).fetchone()
     return KeyInfo(*row) if row else None
 

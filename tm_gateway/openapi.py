@@ -16,7 +16,8 @@ _ERRORS = {
     "404": "unknown model or endpoint",
     "405": "method not allowed",
     "413": "body over gateway.max_body_bytes",
-    "429": "rate limited (the provider's), or too many failed logins from this address",
+    "429": "rate limited (the provider's), too many failed logins from this address, or a spent budget"
+           " (OpenAI error type insufficient_quota, Anthropic rate_limit_error)",
     "502": "the provider failed or answered something unreadable",
     "503": "the provider is unavailable",
     "504": "the provider did not answer in time",

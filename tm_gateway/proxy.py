@@ -21,7 +21,7 @@ from tm_gateway.ids import uuid7
 from tm_gateway.keepwarm import KeepWarm
 from tm_gateway.logins import LoginGuard
 from tm_gateway.requestlog import RequestLog
-from tm_gateway.stages import auth, cache, call, cascade, classify, count, limits, parse, route
+from tm_gateway.stages import auth, cache, call, cascade, classify, count, guard, limits, parse, route
 from tm_gateway.stages.context import ApiFormat, BadRequest, Ctx, error_response
 from tm_gateway.stages.log import Row, log_bodiless
 from tm_gateway.state import SharedState
@@ -87,6 +87,7 @@ class Proxy:
         self.limits: limits.Limits | None = None
         # Anthropic prompt prefixes re-sent before their cache expires (None: cache.keep_warm is off).
         self.keep_warm: KeepWarm | None = None
+        self.budgets = guard.Spend(config, shared, self.events)
         self.metrics: Any = None  # tm_gateway.metrics.GatewayMetrics, attached when the app starts
         self.logins = LoginGuard(free=config.gateway.login_free_failures,
                                  max_backoff_s=config.gateway.login_backoff_max_s)
@@ -181,6 +182,9 @@ class Proxy:
         if ctx.fmt == "anthropic" and r["session_id"] is None:
             r["session_id"] = parse.claude_code_session(body.get("metadata"), ctx.client_headers)
         ctx.reply_headers["x-tm-route"] = chosen.route
+        if isinstance(guarded := await guard.guard(self, ctx, body, chosen), Response):
+            return guarded
+        chosen = guarded
         if self.cache_pool is not None:
             hit = await cache.cache_lookup(self, ctx, body)
             if hit is not None:

@@ -32,7 +32,7 @@ COLUMNS = (
     "cache_read_tokens", "cache_write_tokens", "cost_usd", "latency_ms", "ttft_ms", "status",
     "error_class", "error_message", "route", "route_reason", "task_type", "prompt_embedding",
     "parent_id", "baseline_cost_usd", "attempts", "request_hash", "context_hash", "cache_hit",
-    "cache_source_id", "cache_similarity", "served", "nul_escaped",
+    "cache_source_id", "cache_similarity", "served", "nul_escaped", "team", "billed_usd", "billing",
 )  # fmt: skip
 _VECTOR_AT = COLUMNS.index("prompt_embedding")
 _ESCAPED_AT = COLUMNS.index("nul_escaped")

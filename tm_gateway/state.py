@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import psycopg
 
@@ -62,6 +62,12 @@ class SharedState:
         # The semantic cache's pre-filter (cache.CacheContexts), when it is on.
         self.contexts = CacheContexts(semantic_window_h, cache_scope) if semantic_window_h else None
         self._task: asyncio.Task | None = None
+        # (state names, async reload(conn)) of other holders of Postgres state (the guard's budgets).
+        self._watchers: list[tuple[tuple[str, ...], Callable[[psycopg.AsyncConnection], Awaitable[None]]]] = []
+
+    def watch(self, names: tuple[str, ...], reload: Callable[[psycopg.AsyncConnection], Awaitable[None]]) -> None:
+        """Call `reload` on the poller's connection whenever one of `names` moves in tm_state_versions."""
+        self._watchers.append((names, reload))
 
     def lookup(self, key: str | None) -> tuple[str, str] | None:
         if not key:
@@ -108,6 +114,9 @@ class SharedState:
                 if self.contexts is not None and versions.get("cache_entries") != self._versions.get("cache_entries"):
                     await asyncio.to_thread(self._read_contexts)
                     log.info("cache contexts reloaded: %d with entries", len(self.contexts))
+                for names, reload in self._watchers:
+                    if any(versions.get(n) != self._versions.get(n) for n in names):
+                        await reload(conn)
                 self._versions = versions
                 if self.hashes is not None:
                     await self.hashes.refresh(conn)

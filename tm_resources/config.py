@@ -510,6 +510,87 @@ class LimitsConfig(LimitValues):
     lease_s: int = Field(900, ge=1)
 
 
+Period = Literal["day", "week", "month"]
+
+
+class Limits(_Strict):
+    """USD per calendar day, week (from Monday) and month, in budgets.timezone; none: no limit."""
+
+    day: float | None = Field(None, ge=0)
+    week: float | None = Field(None, ge=0)
+    month: float | None = Field(None, ge=0)
+
+
+class MarkupBand(_Strict):
+    """A markup for models whose price (the mean of input and output, USD per million tokens) is up to `up_to`."""
+
+    up_to: float | None = Field(None, gt=0)   # none: any price above the bands before
+    markup: float = Field(ge=0)
+
+
+class BillingConfig(_Strict):
+    """How rows are billed (`billed_usd`, `billing`): tokens of included models draw from their team's
+    monthly pool, counted in standard tokens (each token weighted by its model's price against
+    `reference_model`'s); past the pool, overage at the markup of the model's price band; premium
+    models outside the pool at their own bands."""
+
+    reference_model: str | None = None   # default: defaults.frontier_model
+    markup: list[MarkupBand] = Field(default_factory=lambda: [
+        MarkupBand(up_to=0.5, markup=0.35), MarkupBand(up_to=1.2, markup=0.25), MarkupBand(markup=0.20)])
+    premium_markup: list[MarkupBand] = Field(default_factory=lambda: [
+        MarkupBand(up_to=20.0, markup=0.10), MarkupBand(markup=0.08)])
+
+    @field_validator("markup", "premium_markup")
+    @classmethod
+    def _bands_cover_every_price(cls, bands: list[MarkupBand]) -> list[MarkupBand]:
+        limits = [b.up_to for b in bands]
+        if not bands or limits[-1] is not None or None in limits[:-1]:
+            raise ValueError("bands in rising up_to order, the last without up_to (every price above)")
+        rising = [u for u in limits[:-1] if u is not None]
+        if rising != sorted(rising):
+            raise ValueError("bands in rising up_to order")
+        return bands
+
+
+class BudgetsConfig(_Strict):
+    """Spend limits the gateway enforces (tm_gateway/stages/guard.py), the defaults that `tm budgets set`
+    overrides at run time; teams are users.<id>.team, or a key's own (`tm keys create --team`)."""
+
+    # The calendar the day, week and month periods follow (an IANA zone name).
+    timezone: str = "UTC"
+    # Every user's limits unless users.<id> sets their own.
+    user: Limits = Limits()
+    users: dict[str, Limits] = Field(default_factory=dict)
+    teams: dict[str, Limits] = Field(default_factory=dict)
+    # By key id (k_...; `tm keys list`).
+    keys: dict[str, Limits] = Field(default_factory=dict)
+    # A team's monthly token pool, in standard tokens.
+    pools: dict[str, int] = Field(default_factory=dict)
+    # Fractions of a budget or pool at which an alert fires, once per period; from the first, the
+    # response header x-tm-budget-used says how much is used.
+    alert_at: list[float] = Field(default_factory=lambda: [0.5, 0.75, 0.9, 1.0, 1.5])
+    # A reservation not settled within this long (its gateway died) is given back by another replica;
+    # a request still running then (a stream longer than this) is counted at its real cost all the same.
+    reservation_ttl_s: float = Field(900.0, gt=0)
+    billing: BillingConfig = BillingConfig()
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone_exists(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"'{value}' is not a time zone (an IANA name such as Europe/Paris)") from None
+        return value
+
+    @field_validator("alert_at")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(v <= 0 for v in value):
+            raise ValueError("fractions of a budget, above 0 (0.5 is half)")
+        return sorted(set(value))
 class PostHogConfig(_Strict):
     """What the gateway sends PostHog (with POSTHOG_API_KEY set): each request as PostHog's LLM analytics
     event `$ai_generation`, and cache hits as `tm_cache_hit`."""
@@ -537,6 +618,7 @@ class Config(_Strict):
     optimize: OptimizeConfig = OptimizeConfig()
     limits: LimitsConfig = LimitsConfig()
     dashboard: DashboardConfig = DashboardConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
     posthog: PostHogConfig = PostHogConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
@@ -580,6 +662,9 @@ class Config(_Strict):
         llm = self.routing.tiers.llm_classifier
         if llm is not None and llm not in self.models:
             raise ValueError(f"routing.tiers.llm_classifier: '{llm}' is not one of the models")
+        ref = self.budgets.billing.reference_model
+        if ref is not None and ref not in self.models:
+            raise ValueError(f"budgets.billing.reference_model: '{ref}' is not one of the models")
         if self.loop.judge_model is not None and self.loop.judge_model not in self.models:
             raise ValueError(f"loop.judge_model: '{self.loop.judge_model}' is not one of the models")
         for key in ("model", "frontier_model"):

@@ -72,6 +72,7 @@ async def cascade(gw: Proxy, ctx: Ctx, body: dict, route: Route, prompt: str) ->
         for m in step.calls:
             row = Row({**ctx.row.data, "id": uuid7(), "served": False, "request_hash": None, "context_hash": None,
                        "parent_id": tries[-1].row.data["id"] if tries else None}, ctx.row.started, gw.request_log)
+            row.tally = ctx.row.tally  # every attempt is paid for, served or not
             new.append(_Try(m, row, {}))
             tries.append(new[-1])
         # The route's chain backs only the first model; a partner's fallbacks are its own.

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
@@ -17,11 +17,14 @@ from tm_gateway.requestlog import RequestLog
 from tm_resources import formats as fm
 from tm_resources.config import Config
 
+if TYPE_CHECKING:
+    from tm_gateway.stages.guard import Tally
+
 
 class Row:
     """The one row a request leaves; `done()` hands it to the log exactly once."""
 
-    __slots__ = ("data", "started", "log", "written", "after")
+    __slots__ = ("data", "started", "log", "written", "after", "tally")
 
     def __init__(self, data: dict, started: float, request_log: RequestLog):
         self.data = data
@@ -30,12 +33,16 @@ class Row:
         self.written = False
         # Run once the request has ended, however it ended (the limits stage frees its turn here).
         self.after: Callable[[], None] | None = None
+        # The guard's reservation (stages/guard.py): billed and settled as the row is written.
+        self.tally: Tally | None = None
 
     def done(self, **fields: Any) -> None:
         if self.written:
             return
         self.written = True
         self.data.update(fields)
+        if self.tally is not None:
+            self.tally.row_done(self.data)
         if isinstance(self.data.get("attempts"), list):
             self.data["attempts"] = orjson.dumps(self.data["attempts"]).decode()
         self.data["latency_ms"] = (time.perf_counter() - self.started) * 1000
