@@ -107,22 +107,28 @@ class RecentHashes:
         self._seen.add(key)
         self._local.add(key)
 
-    _SQL = ("SELECT request_hash, user_id, ts FROM requests WHERE ts > %(since)s AND request_hash IS NOT NULL"
-            " AND status = 200 AND cache_hit IS NULL")
+    # One row of arrays rather than a row per request: a poll re-reads overlap_s seconds of traffic
+    # (60,000 rows a second at 2,000 requests/s), and a Python tuple and datetime per row cost the event
+    # loop about 3 times the CPU of two arrays the driver decodes in C.
+    _SQL = ("SELECT max(ts), array_agg(left(request_hash, 16)), array_agg(user_id) FROM requests"
+            " WHERE ts > %(since)s AND request_hash IS NOT NULL AND status = 200 AND cache_hit IS NULL")
 
-    def _take(self, rows: list, now: datetime, whole: bool) -> None:
-        seen = {self._key(h, u) for h, u, _ in rows}
+    def _take(self, got: tuple, now: datetime, whole: bool) -> None:
+        newest, hashes, users = got
+        seen: set[int] = set()
+        if hashes:
+            scopes = {u: self.scope_of(u) for u in set(users)}
+            seen = {hash((scopes[u], h)) for h, u in zip(hashes, users, strict=True)}
         if whole:
             self._seen, self._local, self._loaded_at = seen | self._local, set(), now
         else:
             self._seen |= seen
-        newest = max((ts for _, _, ts in rows), default=None)
         if newest is not None and (self._newest is None or newest > self._newest):
             self._newest = newest
 
     def load(self, conn: psycopg.Connection) -> None:
         now = one(conn.execute("SELECT now()"))[0]
-        self._take(conn.execute(self._SQL, {"since": now - timedelta(seconds=self.ttl_s)}).fetchall(), now, True)
+        self._take(one(conn.execute(self._SQL, {"since": now - timedelta(seconds=self.ttl_s)})), now, True)
 
     async def refresh(self, conn: psycopg.AsyncConnection) -> None:
         cur = await conn.execute("SELECT now()")
@@ -133,7 +139,9 @@ class RecentHashes:
         since = now - timedelta(seconds=self.ttl_s) if whole or self._newest is None else \
             self._newest - timedelta(seconds=self.overlap_s)
         cur = await conn.execute(self._SQL, {"since": since})
-        self._take(await cur.fetchall(), now, whole)
+        got = await cur.fetchone()
+        assert got is not None  # an aggregate is one row
+        self._take(got, now, whole)
 
 
 class CacheContexts:
