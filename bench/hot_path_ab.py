@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import random
 import inspect
+import random
 import statistics
 import subprocess
 import sys
