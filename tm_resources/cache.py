@@ -80,8 +80,9 @@ class RecentHashes:
     requests, costs a set lookup instead of a query. Read whole at start (`load`), then by time
     (`refresh`, each state poll, `overlap_s` back for rows logged late), read whole again after
     `ttl_s / 2` so expired hashes go; this replica adds its own as it looks them up (`add`). Only a
-    64-bit digest of (scope, hash) is kept (about 60 bytes a request). A hash held here may still miss
-    in Postgres (expired, scored under the bar, failed): it only decides whether to ask."""
+    64-bit digest of (scope, hash) is kept (about 120 bytes a request: it sits in two sets). A hash
+    held here may still miss in Postgres (expired, scored under the bar, failed): it only decides
+    whether to ask."""
 
     overlap_s = 30.0
 
