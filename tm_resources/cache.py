@@ -103,10 +103,13 @@ class RecentHashes:
     def may_have(self, request_hash: str, user_id: str) -> bool:
         return self._loaded_at is None or self._key(request_hash, user_id) in self._seen
 
-    def add(self, request_hash: str, user_id: str) -> None:
+    def add(self, request_hash: str, user_id: str) -> bool:
+        """Hold a request's hash; returns what `may_have` said before (the digest computed once)."""
         key = self._key(request_hash, user_id)
+        had = self._loaded_at is None or key in self._seen
         self._seen.add(key)
         self._local.add(key)
+        return had
 
     # One row of arrays rather than a row per request: a poll re-reads overlap_s seconds of traffic
     # (60,000 rows a second at 2,000 requests/s), and a Python tuple and datetime per row cost the event
