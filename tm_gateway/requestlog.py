@@ -456,7 +456,7 @@ class RequestLog:
             if r[_MESSAGES_AT]:
                 changed = False
                 messages = _map_strings(orjson.loads(r[_MESSAGES_AT]), clean)
-                if changed:  # nothing redacted: the JSON text stays as it came
+                if changed:  # else nothing was redacted, and the JSON text stays as it came
                     r[_MESSAGES_AT] = orjson.dumps(messages).decode()
         _escape_nul(r)
         return tuple(r)
