@@ -25,10 +25,12 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tm_gateway import analytics, metrics
+from tm_gateway.keepwarm import KeepWarm
 from tm_gateway.learned import RouterSettings
 from tm_gateway.openapi import openapi_description
 from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
+from tm_gateway.stages.limits import Limits
 from tm_gateway.state import SharedState
 from tm_resources import cache
 from tm_resources.config import Config
@@ -137,6 +139,8 @@ def create_app(settings: GatewaySettings) -> HotPaths:
             dispatcher=dispatcher,
             events=EventSink.from_env(),
         )
+        proxy.limits = await Limits.open(config, settings.database_url)
+        proxy.keep_warm = KeepWarm.start(proxy, settings.database_url)
         app.state.proxy = proxy  # for tests that reach in
         metrics.attach(proxy)
         analytics.attach(proxy)
@@ -148,6 +152,10 @@ def create_app(settings: GatewaySettings) -> HotPaths:
             yield {"proxy": proxy}
         finally:
             await shared.stop()
+            if proxy.limits is not None:
+                await proxy.limits.close()
+            if proxy.keep_warm is not None:
+                await proxy.keep_warm.close()
             await session.close()
             await proxy.aclose()
             if cache_pool is not None:

@@ -145,6 +145,17 @@ class SemanticCacheConfig(_Strict):
     hnsw_ef_search: int = Field(100, ge=1, le=1000)
 
 
+class KeepWarmConfig(_Strict):
+    """Re-send an agent's cached prompt prefix just before the provider's cache forgets it, when the
+    agent's habits say the saving beats the ping's cost."""
+
+    enabled: bool = False
+    ttl_s: float = Field(300.0, gt=0)           # the provider's cache lifetime (Anthropic: 5 minutes)
+    lead_s: float = Field(30.0, gt=0)           # ping this long before it ends
+    active_h: float = Field(24.0, gt=0)         # only agents active within this many hours
+    interval_s: float = Field(10.0, gt=0)       # how often the (one) warming worker looks
+
+
 class CacheConfig(_Strict):
     enabled: bool = True
     # Who shares answers: each user their own, a team (users.<id>.team), or everyone.
@@ -156,6 +167,11 @@ class CacheConfig(_Strict):
     # a request or holds it up for long.
     lookup_timeout_s: float = Field(0.25, gt=0)
     semantic: SemanticCacheConfig = SemanticCacheConfig()
+    # Anthropic prompt caching: auto adds cache breakpoints to a long system prompt or tool list that
+    # has none; passthrough sends bodies as they came; off does that too and never keeps a cache warm.
+    prompt_caching: Literal["auto", "passthrough", "off"] = "auto"
+    prompt_caching_min_tokens: int = Field(1024, ge=1)
+    keep_warm: KeepWarmConfig = KeepWarmConfig()
 
 
 TierName = Literal["SIMPLE", "MEDIUM", "COMPLEX", "REASONING"]
@@ -391,6 +407,33 @@ def _check_agents(agents: dict[str, AgentConfig], dispatch: DispatchConfig) -> N
                          f"({', '.join(sorted(agents)) or 'none defined'})")
 
 
+class LimitValues(_Strict):
+    """One set of rate limits; a limit left out is no limit."""
+
+    requests_per_minute: int | None = Field(None, ge=1)  # per key
+    tokens_per_turn: int | None = Field(None, ge=1)      # input (estimated) plus max_tokens
+    turns_per_hour: int | None = Field(None, ge=1)       # per agent
+    concurrent_turns: int | None = Field(None, ge=1)     # per agent
+
+
+class LoopDetection(_Strict):
+    """The same tool call (name and arguments) answered `repeats` times within `window_s` in one
+    session is refused; repeats 0 turns it off."""
+
+    repeats: int = Field(3, ge=0)
+    window_s: float = Field(60.0, gt=0)
+
+
+class LimitsConfig(LimitValues):
+    """Rate limits for everyone, overridden per user (their keys) and per agent (x-tm-agent)."""
+
+    users: dict[str, LimitValues] = Field(default_factory=dict)
+    agents: dict[str, LimitValues] = Field(default_factory=dict)
+    loop: LoopDetection = LoopDetection()
+    # How long a turn in flight holds its place when its worker dies before it ends.
+    lease_s: int = Field(900, ge=1)
+
+
 class PostHogConfig(_Strict):
     """What the gateway sends PostHog (with POSTHOG_API_KEY set): each request as PostHog's LLM analytics
     event `$ai_generation`, and cache hits as `tm_cache_hit`."""
@@ -415,6 +458,7 @@ class Config(_Strict):
     users: dict[str, UserConfig] = Field(default_factory=dict)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     dispatch: DispatchConfig = DispatchConfig()
+    limits: LimitsConfig = LimitsConfig()
     posthog: PostHogConfig = PostHogConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
