@@ -50,9 +50,13 @@ _REPLAY_INSERT = (f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {', '.joi
                   " ON CONFLICT (id, ts) DO NOTHING")
 
 
+_COLUMN_DEFAULTS = tuple((c, _DEFAULTS.get(c)) for c in COLUMNS)
+
+
 def copy_row(row: dict) -> tuple:
     """A row dict as the tuple COPY takes, with the NOT NULL columns' defaults filled in."""
-    return tuple(row.get(c, _DEFAULTS.get(c)) for c in COLUMNS)
+    get = row.get  # a list comprehension and one lookup per column: a third of a generator's CPU
+    return tuple([get(c, d) for c, d in _COLUMN_DEFAULTS])
 
 
 # -- what Postgres cannot hold: NUL ---------------------------------------------------------------
@@ -428,19 +432,32 @@ class RequestLog:
             self._conn.close()
             self._conn = None
 
-    def _stored(self, row: tuple) -> tuple:
+    def _stored(self, row: tuple, redacted: dict[str, str] | None = None) -> tuple:
         """The row as Postgres keeps it: secrets (and PII) redacted as configured, NUL escaped. Spool
-        and journal files hold the row as it came, so a replay applies the same rules again."""
+        and journal files hold the row as it came, so a replay applies the same rules again.
+        `redacted` (text -> its redacted form) is shared by the rows of one batch: a prompt is also in
+        its row's messages, and a system prompt or a conversation's history comes again on every turn."""
         r = list(row)
         if self.redact_secrets or self.redact_pii:
+            memo = {} if redacted is None else redacted
+            changed = False
+
             def clean(text: str) -> str:
-                return redact(text, secrets=self.redact_secrets, pii=self.redact_pii)
+                nonlocal changed
+                out = memo.get(text)
+                if out is None:
+                    out = memo[text] = redact(text, secrets=self.redact_secrets, pii=self.redact_pii)
+                changed = changed or out != text
+                return out
 
             for i in _REDACT_TEXT_AT:
                 if r[i]:
                     r[i] = clean(r[i])
             if r[_MESSAGES_AT]:
-                r[_MESSAGES_AT] = orjson.dumps(_map_strings(orjson.loads(r[_MESSAGES_AT]), clean)).decode()
+                changed = False
+                messages = _map_strings(orjson.loads(r[_MESSAGES_AT]), clean)
+                if changed:  # else nothing was redacted, and the JSON text stays as it came
+                    r[_MESSAGES_AT] = orjson.dumps(messages).decode()
         _escape_nul(r)
         return tuple(r)
 
@@ -476,11 +493,12 @@ class RequestLog:
         """Store `rows`; return those Postgres refuses, each with the reason. A refused batch is cut in
         halves until the bad rows stand alone, so k bad rows in n cost about 2k·log2(n) COPYs and the
         good rows land in the same pass. Raises OperationalError when Postgres cannot be reached."""
-        return self._bisect(rows, [self._stored_or_raw(r) for r in rows], dedupe)
+        redacted: dict[str, str] = {}
+        return self._bisect(rows, [self._stored_or_raw(r, redacted) for r in rows], dedupe)
 
-    def _stored_or_raw(self, row: tuple) -> tuple:
+    def _stored_or_raw(self, row: tuple, redacted: dict[str, str]) -> tuple:
         try:
-            return self._stored(row)
+            return self._stored(row, redacted)
         except Exception as err:  # noqa: BLE001 - the writer thread must live on; Postgres judges the row
             log.error("request log: a row could not be prepared for storage (%s)", type(err).__name__)
             return row

@@ -40,15 +40,13 @@ async def cache_lookup(gw: Proxy, ctx: Ctx, body: dict) -> cache.Hit | None:
     # Postgres is asked only for what may be there: an exact hash some replica has logged, a prompt
     # with a vector in a context that has semantic entries.
     hashes, contexts = gw.shared.hashes, gw.shared.contexts
-    exact = hashes is None or hashes.may_have(keys.request_hash, r["user_id"])
+    exact = hashes is None or hashes.add(keys.request_hash, r["user_id"])  # held from now on
     vec = r.get("prompt_embedding")
     semantic = config.cache.semantic
     similar = keys.context_hash is not None and semantic.enabled and bool(r.get("prompt")) \
         and (contexts is None or contexts.may_have(keys.context_hash, r["requested_model"], r["user_id"])) \
         and (vec is not None or (gw.embed is not None and semantic.named_models)) \
         and fits_window([r["prompt"]])[0]
-    if hashes is not None:
-        hashes.add(keys.request_hash, r["user_id"])
     if not (exact or similar):
         return None
     try:
