@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import psycopg.rows
 
-from tm_gateway import keys, loopctl
+from tm_gateway import cli_quota, keys, loopctl
 from tm_gateway.cli_views import _database, cmd_grades, cmd_models, cmd_requests, cmd_rules
 from tm_resources import db
 from tm_resources.config import EXAMPLE_CONFIG, Config, ConfigError, config_path, load_config, tm_home
@@ -433,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     lrr = lgsub.add_parser("replay-rejected", help="store the rows Postgres refused (spool/rejected) again")
     lrr.add_argument("--config", help="configuration file (default: $TM_CONFIG, ./tm.yaml)")
     lg.set_defaults(func=cmd_log)
+
+    cli_quota.register(sub)
 
     d = sub.add_parser("db", help="the database schema")
     dsub = d.add_subparsers(dest="db_cmd", required=True)

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 TYPE_ACTIONS = ("escalate", "cascade", "lock_local")
 SWAP_ACTION = "swap_model"
 USER_ACTIONS = ("throttle",)
+# A provider whose quota is critical: `auto` and presets move to another model of their chain (rule id shift:<provider>).
+SHIFT_ACTION = "shift"
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,20 @@ class RuleBook:
     swaps: dict[tuple[str, str], Rule] = field(default_factory=dict)
     throttled: dict[str, Rule] = field(default_factory=dict)
     hour: object = None
+    # provider -> the shift rule that moves traffic off it
+    shifted: dict[str, Rule] = field(default_factory=dict)
 
     @classmethod
     def from_rules(cls, rules: list[Rule], hour: object = None) -> RuleBook:
         by_type: dict[str, Rule] = {}
         swaps: dict[tuple[str, str], Rule] = {}
         throttled: dict[str, Rule] = {}
+        shifted: dict[str, Rule] = {}
         rank = {a: i for i, a in enumerate(TYPE_ACTIONS)}
         for r in rules:
-            if r.action in USER_ACTIONS and r.user_id:
+            if r.action == SHIFT_ACTION:
+                shifted[r.rule_id.split(":", 1)[-1]] = r
+            elif r.action in USER_ACTIONS and r.user_id:
                 throttled[r.user_id] = r
             elif r.action == SWAP_ACTION and r.task_type and r.model and r.target_model:
                 swaps[(r.task_type, r.model)] = r
@@ -59,10 +66,10 @@ class RuleBook:
                 held = by_type.get(r.task_type)
                 if held is None or rank[r.action] < rank[held.action]:
                     by_type[r.task_type] = r
-        return cls(by_type=by_type, swaps=swaps, throttled=throttled, hour=hour)
+        return cls(by_type=by_type, swaps=swaps, throttled=throttled, hour=hour, shifted=shifted)
 
     def __len__(self) -> int:
-        return len(self.by_type) + len(self.swaps) + len(self.throttled)
+        return len(self.by_type) + len(self.swaps) + len(self.throttled) + len(self.shifted)
 
 
 RULE_COLUMNS = "rule_id, action, task_type, user_id, model, target_model, reason"
