@@ -291,7 +291,7 @@ def predict(conn: psycopg.Connection, config: Config, now: datetime | None = Non
 
 
 def _h(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
+    return None if x is None else round(float(x), 3)
 
 
 def _api_url(config: Config, provider: str) -> str:
