@@ -42,7 +42,7 @@ def team_traffic(weeks: int, tz: str, seed: int) -> tuple[np.ndarray, pd.Datetim
     rng = np.random.default_rng(seed)
     starts = pd.date_range("2026-09-07", periods=weeks * 7 * 24, freq="h", tz="UTC")
     local = starts.tz_convert(tz)
-    hour, weekday = np.asarray(local.hour), np.asarray(local.dayofweek)
+    hour, weekday = np.asarray(local.hour), np.asarray(local.day_of_week)
     working = (hour >= 9) & (hour < 18) & (weekday < 5)
     shape = np.where(working, 1.0, 0.04)
     shape = np.where(working & (hour == 12), 0.5, shape)                  # lunch

@@ -93,7 +93,7 @@ def test_the_forecast_follows_the_teams_working_day():
     now = utc(2026, 11, 24, 16)     # Tuesday 17:00 in Paris, as the day's work ends
     starts = _hours(21 * 24, now)
     local = starts.tz_convert("Europe/Paris")
-    usage = np.where((local.hour >= 9) & (local.hour < 17) & (local.dayofweek < 5), 1000.0, 0.0)
+    usage = np.where((local.hour >= 9) & (local.hour < 17) & (local.day_of_week < 5), 1000.0, 0.0)
     model = forecast.fit(usage, starts, now, "Europe/Paris")
     assert model.shape == "hour-of-week"
     # 1,500 tokens left: nothing is used overnight, so they last until 10:30 tomorrow, not 1.5 h.

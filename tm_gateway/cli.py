@@ -247,7 +247,8 @@ def cmd_loop(args: argparse.Namespace) -> int:
     print(f"scoring {n} requests of hour {key} UTC (mode {config.loop.mode})"
           + (", the hour in progress: it is scored again whole at five past the next hour"
              if hour == loopctl.current_hour() else ""), flush=True)
-    code, output = loopctl.materialize(loopctl.dagster_env(home, url, cfg_path), hour, quiet=not args.verbose)
+    env = loopctl.dagster_env(home, url, cfg_path)
+    code, output = loopctl.materialize(env, hour) if args.verbose else loopctl.materialize_with_progress(env, hour)
     if code != 0:
         if output:
             # The run's own account of what failed is at its end; the whole of it is in the Dagster UI.

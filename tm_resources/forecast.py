@@ -29,6 +29,18 @@ MIN_REPLAYS = 8
 Z_80 = 1.2816
 
 
+SIZES = {"flat": 1, "hour-of-day": 24, "hour-of-week": 168}
+
+
+def slots(starts: pd.DatetimeIndex, tz: str, shape: str) -> np.ndarray:
+    """Each hour's slot in a profile of `shape`, in local time of `tz`."""
+    if shape == "flat":
+        return np.zeros(len(starts), dtype=int)
+    local = starts.tz_convert(tz)
+    hours = np.asarray(local.hour)
+    return np.asarray(local.day_of_week) * 24 + hours if shape == "hour-of-week" else hours
+
+
 @dataclass(frozen=True)
 class RateModel:
     """A fitted model of one quota's hourly usage, in local time of `tz`."""
@@ -48,18 +60,10 @@ class RateModel:
         """The usage per hour expected over the next 24 hours, on average."""
         return float(self.expected(24).mean())
 
-    def _slots(self, starts: pd.DatetimeIndex) -> np.ndarray:
-        local = starts.tz_convert(self.tz)
-        if self.shape == "hour-of-week":
-            return np.asarray(local.dayofweek * 24 + local.hour)
-        if self.shape == "hour-of-day":
-            return np.asarray(local.hour)
-        return np.zeros(len(starts), dtype=int)
-
     def expected(self, hours: int, level: float | None = None) -> np.ndarray:
         """Expected usage of each of the next `hours` hours from now."""
         starts = pd.date_range(self.now, periods=hours, freq="h")
-        return (self.level if level is None else level) * self.profile[self._slots(starts)]
+        return (self.level if level is None else level) * self.profile[slots(starts, self.tz, self.shape)]
 
     def hours_until(self, amount: float, max_h: int, scale: float = 1.0) -> float | None:
         """Hours from now until `amount` more has been used at `scale` x the expected rate; None: not within max_h."""
@@ -71,25 +75,29 @@ class RateModel:
         if i >= max_h or per_hour[i] <= 0:
             return None
         before = total[i - 1] if i else 0.0
-        return i + (amount - before) / per_hour[i]
+        return float(i + (amount - before) / per_hour[i])
 
     def spread(self, horizon_h: float) -> tuple[float, float]:
         """(low, high) multipliers of the expected usage over the next `horizon_h` hours: 10th and 90th
-        percentile of actual / forecast when the model is replayed on this history."""
+        percentile of actual / forecast when this model (same shape and lookback) is replayed on this history."""
         h = int(min(max(round(horizon_h), 1), 72))
-        ratios = _replay_ratios(self._history, self._starts, self.tz, h, self.lookback_h)
+        ratios = _replay_ratios(self._history, self._starts, self.tz, self.shape, h, self.lookback_h)
         if len(ratios) >= MIN_REPLAYS:
             low, high = np.percentile(ratios, [LOW_Q, HIGH_Q])
             return float(max(low, 0.05)), float(max(high, low + 1e-6))
         # Too few replays: the level's own standard error from the recent hours' spread (hours treated as independent).
         recent = self._history[-self.lookback_h:]
-        expect = self.profile[self._slots(self._starts[-self.lookback_h:])]
+        expect = self.profile[slots(self._starts[-self.lookback_h:], self.tz, self.shape)]
         mean = float(recent.sum() / max(expect.sum(), 1e-9))
         if mean <= 0 or len(recent) < 2:
             return 0.5, 2.0
         rel = float(np.std(recent / np.maximum(expect, 1e-9), ddof=1) / mean / math.sqrt(len(recent)))
         rel = min(max(rel, 0.05), 0.9)
-        return 1 - Z_80 * rel if 1 - Z_80 * rel > 0.05 else 0.05, 1 + Z_80 * rel
+        return max(1 - Z_80 * rel, 0.05), 1 + Z_80 * rel
+
+
+def shape_for(history_h: int) -> str:
+    return "hour-of-week" if history_h >= WEEKLY_MIN_H else "hour-of-day" if history_h >= DAILY_MIN_H else "flat"
 
 
 def fit(usage: np.ndarray, starts: pd.DatetimeIndex, now: datetime, tz: str = "UTC",
@@ -98,37 +106,42 @@ def fit(usage: np.ndarray, starts: pd.DatetimeIndex, now: datetime, tz: str = "U
     usage = np.asarray(usage, dtype="float64")
     nonzero = np.flatnonzero(usage > 0)
     history_h = int(len(usage) - nonzero[0]) if len(nonzero) else 0
-    shape = "hour-of-week" if history_h >= WEEKLY_MIN_H else "hour-of-day" if history_h >= DAILY_MIN_H else "flat"
+    shape = shape_for(history_h)
     used = usage[len(usage) - history_h:] if history_h else usage[:0]
     used_starts = starts[len(usage) - history_h:] if history_h else starts[:0]
-    profile = _profile(used, used_starts.tz_convert(tz), shape)
-    probe = RateModel(now, tz, shape, profile, 0.0, history_h, used, used_starts, lookback_h)
-    level = _level(used, profile[probe._slots(used_starts)], lookback_h)
+    profile, level = _fit_arrays(used, _slot_pair(used_starts, tz), shape, lookback_h)
     return RateModel(now, tz, shape, profile, level, history_h, used, used_starts, lookback_h)
 
 
-def _profile(usage: np.ndarray, local: pd.DatetimeIndex, shape: str) -> np.ndarray:
+def _slot_pair(starts: pd.DatetimeIndex, tz: str) -> tuple[np.ndarray, np.ndarray]:
+    """(hour of day, hour of week) of each bin, in local time."""
+    return slots(starts, tz, "hour-of-day"), slots(starts, tz, "hour-of-week")
+
+
+def _fit_arrays(usage: np.ndarray, pair: tuple[np.ndarray, np.ndarray], shape: str,
+                lookback_h: int) -> tuple[np.ndarray, float]:
+    profile = _profile(usage, pair, shape)
+    own = pair[1] if shape == "hour-of-week" else pair[0] if shape == "hour-of-day" else np.zeros(len(usage), int)
+    return profile, _level(usage, profile[own], lookback_h)
+
+
+def _profile(usage: np.ndarray, pair: tuple[np.ndarray, np.ndarray], shape: str) -> np.ndarray:
     """Each slot's usual usage as a share of the mean hour. A slot is shrunk by one pseudo-hour towards the
     level above it (hour of week -> hour of day -> the mean hour), so a slot seen a few times is not
     trusted as zero, and a quiet night stays quiet."""
-    n = {"flat": 1, "hour-of-day": 24, "hour-of-week": 168}[shape]
+    n = SIZES[shape]
     if n == 1 or not len(usage) or usage.sum() <= 0:
         return np.ones(n)
     mean = usage.mean()
-    hours = np.asarray(local.hour)
-    daily = _shrunk(usage, hours, 24, np.full(24, mean))
-    if shape == "hour-of-day":
-        shares = daily
-    else:
-        weekly = np.asarray(local.dayofweek) * 24 + hours
-        shares = _shrunk(usage, weekly, 168, np.tile(daily, 7))
+    daily = _shrunk(usage, pair[0], 24, np.full(24, mean))
+    shares = daily if shape == "hour-of-day" else _shrunk(usage, pair[1], 168, np.tile(daily, 7))
     shares = shares / mean
     return shares / shares.mean()
 
 
-def _shrunk(usage: np.ndarray, slots: np.ndarray, n: int, prior: np.ndarray) -> np.ndarray:
-    sums = np.bincount(slots, weights=usage, minlength=n)
-    counts = np.bincount(slots, minlength=n)
+def _shrunk(usage: np.ndarray, slot: np.ndarray, n: int, prior: np.ndarray) -> np.ndarray:
+    sums = np.bincount(slot, weights=usage, minlength=n)
+    counts = np.bincount(slot, minlength=n)
     return (sums + prior) / (counts + 1)
 
 
@@ -137,17 +150,19 @@ def _level(usage: np.ndarray, expect: np.ndarray, lookback_h: int) -> float:
     return float(recent.sum() / shares.sum()) if len(recent) and shares.sum() > 0 else 0.0
 
 
-def _replay_ratios(usage: np.ndarray, starts: pd.DatetimeIndex, tz: str, horizon_h: int, lookback_h: int,
-                   step_h: int = 3) -> np.ndarray:
-    """actual / forecast usage over `horizon_h` hours, the model fitted at earlier points of the history."""
+def _replay_ratios(usage: np.ndarray, starts: pd.DatetimeIndex, tz: str, shape: str, horizon_h: int,
+                   lookback_h: int, step_h: int = 3) -> np.ndarray:
+    """actual / forecast usage over `horizon_h` hours, the same model (shape, lookback) fitted at earlier points
+    of the history once it had the history that shape needs."""
+    pair = _slot_pair(starts, tz)
+    own = pair[1] if shape == "hour-of-week" else pair[0] if shape == "hour-of-day" else np.zeros(len(usage), int)
+    first = max(lookback_h, {"flat": lookback_h, "hour-of-day": DAILY_MIN_H, "hour-of-week": WEEKLY_MIN_H}[shape])
     out = []
-    first = max(lookback_h, DAILY_MIN_H)
     for cut in range(first, len(usage) - horizon_h + 1, step_h):
-        model = fit(usage[:cut], starts[:cut], starts[cut].to_pydatetime(), tz, lookback_h)
-        want = model.expected(horizon_h).sum()
-        got = usage[cut:cut + horizon_h].sum()
+        profile, level = _fit_arrays(usage[:cut], (pair[0][:cut], pair[1][:cut]), shape, lookback_h)
+        want = level * profile[own[cut:cut + horizon_h]].sum()
         if want > 0:
-            out.append(got / want)
+            out.append(usage[cut:cut + horizon_h].sum() / want)
     return np.asarray(out)
 
 
