@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import make_config, query
 from tests.fakes import FakePostHog
 from tests.fakes.openrouter import FakeOpenRouter
-from tm_assets.assets import provider_quotas, requests_source
+from tm_assets.assets import provider_quotas, requests_source, routing_rules
 from tm_assets.decisions import decide
 from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineConfig
 from tm_resources import forecast, quotas
@@ -212,11 +212,11 @@ def test_openrouter_key_endpoint_is_the_api_source(db_url, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ the loop's asset
 
-def _materialize(db_url, config_path, hour, sink):
-    return dg.materialize([requests_source, provider_quotas],
+def _materialize(db_url, config_path, hour, sink, assets=(provider_quotas,)):
+    return dg.materialize([requests_source, provider_quotas, routing_rules],
                           resources={"postgres": PostgresResource(url=db_url),
                                      "tm_config": TokenMachineConfig(path=str(config_path)), "posthog": sink},
-                          partition_key=hour.strftime("%Y-%m-%d-%H:%M"), selection=[provider_quotas.key])
+                          partition_key=hour.strftime("%Y-%m-%d-%H:%M"), selection=[a.key for a in assets])
 
 
 def test_the_asset_writes_each_hour_and_alerts_once_on_a_change_of_state(db_url, tmp_path):
@@ -246,6 +246,27 @@ def test_the_asset_writes_each_hour_and_alerts_once_on_a_change_of_state(db_url,
     forecasts = mat.metadata["forecasts"].value
     assert forecasts[0]["provider"] == "anthropic" and forecasts[0]["state"] == "critical"
     assert forecasts[0]["rate_per_h"] == pytest.approx(1000) and forecasts[0]["exhausts_in_h"] is not None
+
+
+def test_the_loop_writes_a_shift_rule_for_a_critical_provider_in_the_mode_tm_mode_set(db_url, tmp_path):
+    import yaml
+
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    log_steady(db_url, "anthropic", hour + timedelta(hours=1), 24, 1000)
+    config = _config({"limit": 100_000, "reset": {"every": "monthly", "day": 1}})
+    path = tmp_path / "tm.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        quotas.set_usage(conn, config, "anthropic", "97%", now=hour)
+    sink = PostHogResource(api_key=None)
+    _materialize(db_url, path, hour, sink, (provider_quotas, routing_rules))
+    rules = query(db_url, "SELECT rule_id, action, status, evidence FROM routing_rules WHERE hour = %s", (hour,))
+    assert [(r["rule_id"], r["action"], r["status"]) for r in rules] == [("shift:anthropic", "shift", "active")]
+    assert rules[0]["evidence"]["state"] == "critical" and rules[0]["evidence"]["used"] > 97_000
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        quotas.set_loop_mode(conn, "dry-run")
+    _materialize(db_url, path, hour, sink, (routing_rules,))
+    assert query(db_url, "SELECT status FROM routing_rules WHERE hour = %s", (hour,)) == [{"status": "proposed"}]
 
 
 # ------------------------------------------------------------------------------------------ decisions
