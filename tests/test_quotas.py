@@ -143,8 +143,21 @@ def test_status_counts_the_log_since_the_last_reset_and_forecasts(db_url):
     assert a.provider == "anthropic" and a.used == 20000 and a.used_fraction == pytest.approx(20000 / 26200)
     assert a.state == "ok" and a.window_start == utc(2026, 11, 30) and a.reset_at == utc(2026, 12, 1)
     assert a.exhausts_in_h == pytest.approx(6.2, abs=0.05)
-    assert a.summary.startswith("anthropic: 76% used, at this rate exhausted in 6.2 h (")
-    assert a.summary.endswith("after its reset on Tuesday 00:00")
+    assert a.summary == "anthropic: 76% used, at this rate not exhausted before its reset on Tuesday 00:00 " \
+                        "(it would last 6.2 h)"
+    # A weekly reset on Wednesday comes after: the forecast and its interval are said.
+    weekly = _config({"type": "tokens", "limit": 26200, "timezone": "Europe/Paris",
+                      "reset": {"every": "weekly", "day": "wednesday", "hour": 7}})
+    with psycopg.connect(db_url) as conn:
+        w = quotas.status(conn, weekly, now, provider="anthropic")[0]
+    assert w.used == 1000 * (24 * 5 + 14) and w.state == "exhausted"    # since Wednesday 06:00 UTC
+    weekly = _config({"type": "tokens", "limit": w.used + 6200, "timezone": "Europe/Paris",
+                      "reset": {"every": "weekly", "day": "wednesday", "hour": 7}})
+    with psycopg.connect(db_url) as conn:
+        w = quotas.status(conn, weekly, now, provider="anthropic")[0]
+    assert w.summary.startswith("anthropic: 96% used, at this rate exhausted in 6.2 h (")
+    assert w.summary.endswith(" h), before its reset on Wednesday 07:00 Europe/Paris")
+    assert w.exhausts_early_h <= 6.2 <= w.exhausts_late_h
     # No limit: usage is shown, no state but ok, no forecast.
     assert (loc.used, loc.limit, loc.state, loc.exhausts_in_h) == (0, None, "ok", None)
     assert "no limit set" in loc.summary

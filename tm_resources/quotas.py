@@ -348,11 +348,12 @@ def _with_summary(s: ProviderQuota, now: datetime) -> ProviderQuota:
         text += ", exhausted" + (f" until {reset}" if reset else "")
     elif s.exhausts_in_h is None:
         text += ", not exhausted at this rate" + (f" before {reset}" if reset else " within two months")
+    elif reset and not s.exhausts_before_reset:
+        text += f", at this rate not exhausted before {reset} (it would last {_fmt_h(s.exhausts_in_h, unit=True)})"
     else:
         interval = f"{_fmt_h(s.exhausts_early_h)}-{_fmt_h(s.exhausts_late_h, unit=True)}"
         text += f", at this rate exhausted in {_fmt_h(s.exhausts_in_h, unit=True)} ({interval})"
-        if reset:
-            text += f", {'before' if s.exhausts_before_reset else 'after'} {reset}"
+        text += f", before {reset}" if reset else ""
     return replace(s, summary=text)
 
 
