@@ -20,6 +20,7 @@ from tm_gateway.cli_views import _database, cmd_grades, cmd_models, cmd_requests
 from tm_resources import db
 from tm_resources.config import EXAMPLE_CONFIG, Config, ConfigError, config_path, load_config, tm_home
 from tm_resources.loop_start import first_hour
+from tm_resources.quotas import loop_mode
 
 log = logging.getLogger("tm")
 
@@ -243,8 +244,9 @@ def cmd_loop(args: argparse.Namespace) -> int:
             print(f"0 requests in hour {key} UTC: nothing to score{hint}")
             return 0
         rules_before = loopctl.rules_in_force(conn)
+        mode, _ = loop_mode(conn, config)
     cfg_path = config_path(getattr(args, "config", None))
-    print(f"scoring {n} requests of hour {key} UTC (mode {config.loop.mode})"
+    print(f"scoring {n} requests of hour {key} UTC (mode {mode})"
           + (", the hour in progress: it is scored again whole at five past the next hour"
              if hour == loopctl.current_hour() else ""), flush=True)
     env = loopctl.dagster_env(home, url, cfg_path)

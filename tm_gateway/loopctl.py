@@ -113,7 +113,7 @@ _STEP_DONE = re.compile(r'STEP_(SUCCESS|FAILURE) - .*step "([^"]+)"')
 
 
 def materialize_with_progress(env: dict[str, str], hour: datetime, selection: str = LOOP_SELECTION) -> tuple[int, str]:
-    """`materialize`, quiet, with a progress bar on the terminal: one tick per asset the run finishes (Dagster
+    """`materialize`, quiet, with a progress bar on the terminal: one tick per step (asset or check) the run ends (Dagster
     does not say how many it will run until it has, so the bar counts up). Returns its exit code and output."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -121,7 +121,7 @@ def materialize_with_progress(env: dict[str, str], hour: datetime, selection: st
     cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", DEFINITIONS_MODULE,
            "--select", selection, "--partition", partition_key(hour)]
     lines: list[str] = []
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} done"),
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} steps"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True,
                   disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task(f"hour {partition_key(hour)}: loading the loop", total=None)
