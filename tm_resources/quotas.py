@@ -105,7 +105,7 @@ def _month_after(day: date) -> date:
 class Reading:
     """What the provider's own endpoint says (source api)."""
 
-    used: float
+    used: float | None               # None: the provider could not be asked (source api)
     limit: float | None
 
 
@@ -168,7 +168,7 @@ class ProviderQuota:
     source: str
     type: str
     unit: str
-    used: float
+    used: float | None               # None: the provider could not be asked (source api)
     limit: float | None
     used_fraction: float | None
     state: str                       # ok | warning | critical | exhausted | unknown (api unreachable)
