@@ -96,4 +96,4 @@ def test_help_gives_an_example(capsys):
                              ("mode", "tm mode dry-run")):
         with pytest.raises(SystemExit):
             main([command, "--help"])
-        assert f"example: {example}" in capsys.readouterr().out
+        assert f"example: {example}\n" in capsys.readouterr().out

@@ -138,7 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("provider", nargs="?", help="one provider (default: all)")
     pr.add_argument("--hours", type=int, default=24, help="how far ahead (default 24)")
     su = command("set-usage", "record what the provider's own dashboard says is used now (a percentage of the "
-                 "limit, or an amount); usage logged afterwards adds to it", "tm set-usage anthropic 79%%",
+                 "limit, or an amount); usage logged afterwards adds to it", "tm set-usage anthropic 79%",
                  cmd_set_usage)
     su.add_argument("provider")
     su.add_argument("usage", help="79%%, or an amount in the quota's unit: 1200000, 1.2M, $12.50")
