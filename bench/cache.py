@@ -457,8 +457,8 @@ def embed_latency(embedder, texts: list[str], n: int, rng: random.Random) -> dic
         embedder.embed_one(t)
         ms.append((time.perf_counter() - t0) * 1000)
     toks = [len(e.ids) for e in embedder._tokenizer.encode_batch([t[:embedder._max_chars] for t in sample])]
-    short = [m for m, k in zip(ms, toks) if k < 64]
-    full = [m for m, k in zip(ms, toks) if k >= embedder.max_tokens]
+    short = [m for m, k in zip(ms, toks, strict=True) if k < 64]
+    full = [m for m, k in zip(ms, toks, strict=True) if k >= embedder.max_tokens]
     return {"n": len(ms), "p50_ms": round(pct(ms, 50), 2), "p99_ms": round(pct(ms, 99), 2),
             "tokens_p50": int(pct(toks, 50)), "share_at_cap": round(len(full) / len(toks), 3),
             "under_64_tokens_p50_ms": round(pct(short, 50), 2), "at_cap_p50_ms": round(pct(full, 50), 2)}

@@ -93,7 +93,8 @@ def main() -> None:
     print("steps (alone, in this process)")
     print(line("person_text (the person's words)", timed(lambda: person_text(user_turn), n)))
     print(line("merge_system_messages (Anthropic)", timed(lambda: fm.merge_system_messages(body), n)))
-    print(line("anthropic_request_to_openai (local)", timed(lambda: fm.anthropic_request_to_openai(body, model="m"), n)))
+    print(line("anthropic_request_to_openai (local)",
+               timed(lambda: fm.anthropic_request_to_openai(body, model="m"), n)))
     print(line("word_pieces (local count, whole body)", timed(lambda: word_pieces(text), n)))
 
     with tempfile.TemporaryDirectory() as home, \
@@ -131,9 +132,11 @@ def main() -> None:
                 print(line("count_tokens, straight to the fake Anthropic", direct_ct))
                 print(line("count_tokens, Claude model (Anthropic counts)", run(ct, gw, body)))
                 print(line("count_tokens, local model (local tokenizer)", run(ct, gw, {**body, "model": "local-test"})))
-                direct = run(anth.url + "/v1/messages", up, {**fm.merge_system_messages(body), "model": "claude-upstream"})
+                direct = run(anth.url + "/v1/messages", up,
+                             {**fm.merge_system_messages(body), "model": "claude-upstream"})
                 print(line("messages, straight to the fake Anthropic", direct))
-                print(line("messages, Claude model (merged, passed through)", run(served.url + "/v1/messages", gw, body)))
+                print(line("messages, Claude model (merged, passed through)",
+                           run(served.url + "/v1/messages", gw, body)))
                 direct_local = run(local.openai_url + "/chat/completions", {},
                                    fm.anthropic_request_to_openai(body, model="tiny-local"))
                 print(line("messages, straight to the fake local server", direct_local))

@@ -128,11 +128,12 @@ def main() -> int:
     load_s = time.perf_counter() - t0
     chosen = [rng.choice(pairs) for _ in range(args.requests)]
     with_vec = set(rng.sample(range(args.requests), int(args.gateway_vectors * args.requests)))
-    vec_of = dict(zip(sorted(with_vec), gateway_vectors(embedder, [chosen[i]["prompt"] for i in sorted(with_vec)])))
+    vec_of = dict(zip(sorted(with_vec), gateway_vectors(embedder, [chosen[i]["prompt"] for i in sorted(with_vec)]),
+                      strict=True))
 
     log = RequestLog(url, spool_dir=home / "spool").start()
     offsets = sorted(rng.uniform(0, 3599) for _ in range(args.requests))
-    for i, (p, off) in enumerate(zip(chosen, offsets)):
+    for i, (p, off) in enumerate(zip(chosen, offsets, strict=True)):
         # The cache keys the gateway stores, so the cache_entries asset has its real work to do.
         k = cache.keys({"model": "auto", "messages": [{"role": "user", "content": p["prompt"]}]})
         log.write({

@@ -62,7 +62,8 @@ def true_exhaustion(usage: np.ndarray, cut: int, horizon: int) -> tuple[float, f
 
 
 def backtest(usage: np.ndarray, starts: pd.DatetimeIndex, tz: str) -> dict[str, dict[int, list[tuple]]]:
-    out: dict[str, dict[int, list[tuple]]] = {name: {h: [] for h in HORIZONS} for name in ("model", "hour-of-day", "flat")}
+    names = ("model", "hour-of-day", "flat")
+    out: dict[str, dict[int, list[tuple]]] = {name: {h: [] for h in HORIZONS} for name in names}
     for cut in range(14 * 24, len(usage) - max(HORIZONS), 7):
         now = starts[cut].to_pydatetime()
         for name, first in (("model", 0), ("hour-of-day", cut - 3 * 24 - 1), ("flat", cut - 48)):

@@ -49,7 +49,7 @@ def load_conversations(n: int, max_turns: int) -> list[list[tuple[str, str]]]:
     for obj in first_parts():
         conv = obj.get("conversations") or []
         turns = []
-        for human, gpt in zip(conv[::2], conv[1::2]):
+        for human, gpt in zip(conv[::2], conv[1::2], strict=False):
             if human.get("from") != "human" or gpt.get("from") != "gpt":
                 break
             if not (isinstance(human.get("value"), str) and human["value"].strip()

@@ -53,7 +53,7 @@ def curve(pred: list[tuple[np.ndarray, np.ndarray, float]], arms_q: np.ndarray, 
     rows = []
     for lam in COST_WEIGHTS:
         acc, cost = [], []
-        for (q, c, ref_cost), (_, te) in zip(pred, parts):
+        for (q, c, ref_cost), (_, te) in zip(pred, parts, strict=True):
             pick = np.argmax(np.nan_to_num(q, nan=-np.inf) - lam * c / ref_cost, axis=1)
             r = np.arange(len(te))
             acc.append(arms_q[te][r, pick].mean() / ref_q[te, ref_col].mean())
@@ -89,8 +89,8 @@ def main() -> int:
     if args.sweep or args.compare_lr or args.latency:
         data = rb.load_routerbench(args.data)
         vecs = rb.cached_vectors([routing_text(p) for p in data.prompts])
-        mean_q = dict(zip(data.models, data.quality.mean(axis=0)))
-        mean_c = dict(zip(data.models, data.cost.mean(axis=0)))
+        mean_q = dict(zip(data.models, data.quality.mean(axis=0), strict=True))
+        mean_c = dict(zip(data.models, data.cost.mean(axis=0), strict=True))
         ref = max(data.models, key=lambda m: (mean_q[m], -mean_c[m]))
         ref_col = data.models.index(ref)
         # One plan set from the whole log's figures (which models are cheap, which strong): the

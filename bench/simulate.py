@@ -153,7 +153,8 @@ class FakeProviders:
         if row is None:
             return "I cannot help with that.", max(1, len(prompt) // 4), 6
         answer = self.recorded.answer(row, upstream)
-        tokens = usage_for(self.recorded.cost(row, upstream), answer, self.prices.get(upstream, {"input": 0, "output": 0}))
+        tokens = usage_for(self.recorded.cost(row, upstream), answer,
+                           self.prices.get(upstream, {"input": 0, "output": 0}))
         return answer, tokens[0], tokens[1]
 
     def _verdict(self, shown: str) -> str:
@@ -286,7 +287,7 @@ def make_team(n: int, evals: list[str], rng: random.Random) -> list[User]:
     team = []
     for i, name in enumerate(names):
         activity = rng.gammavariate(1.0, 1.0)  # some people send far more than others
-        mix = dict(zip(evals, np.random.default_rng(rng.randrange(2**31)).dirichlet([1.0] * len(evals))))
+        mix = dict(zip(evals, np.random.default_rng(rng.randrange(2**31)).dirichlet([1.0] * len(evals)), strict=True))
         team.append(User(name, sdk="openai" if i % 2 == 0 else "anthropic", mix=mix, rate=0.5 + activity,
                          role=roles.get(i, "member") if n >= 4 else "member"))
     return team
@@ -433,7 +434,8 @@ class Harness:
                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         self.loop_seconds.append(time.perf_counter() - t0)
         if code != 0:
-            raise RuntimeError(f"tm loop run failed for {hour:%Y-%m-%d %H:00} (exit {code}); see {self.home / 'loop.log'}")
+            raise RuntimeError(f"tm loop run failed for {hour:%Y-%m-%d %H:00} (exit {code}); "
+                               f"see {self.home / 'loop.log'}")
 
     def stop(self) -> None:
         if self.gw is not None and self.gw.poll() is None:
@@ -778,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local", default=",".join(DEFAULT_LOCAL), help="RouterBench models served locally (price 0)")
     ap.add_argument("--frontier", default=DEFAULT_FRONTIER)
     ap.add_argument("--default-local", default=None, help="what `auto` means before any rule (default: first local)")
-    ap.add_argument("--thresholds", default=None, help="JSON of loop.thresholds to override, e.g. '{\"escalate_below\": 0.6}'")
+    ap.add_argument("--thresholds", default=None,
+                    help="JSON of loop.thresholds to override, e.g. '{\"escalate_below\": 0.6}'")
     ap.add_argument("--start", choices=STARTS, default="tiers", help="what `auto` means before the first rule")
     ap.add_argument("--learned", action="store_true", help="turn the gateway's learned router on (routing.learned)")
     ap.add_argument("--seed", type=int, default=0)

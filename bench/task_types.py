@@ -105,7 +105,7 @@ def score(pred: np.ndarray, truth: np.ndarray, english: np.ndarray) -> dict:
 
 
 def confusion(pred: np.ndarray, truth: np.ndarray, columns: list[str]) -> dict:
-    counts = Counter(zip(truth, pred))
+    counts = Counter(zip(truth, pred, strict=True))
     return {t: {p: counts[(t, p)] for p in columns} for t in THREE}
 
 
@@ -171,7 +171,8 @@ def main() -> None:
             row[method] = {"seven_types": score(pred7, truth, english),
                            "seven_types_never_unknown": score(forced7, truth, english),
                            "three_types": score(pred3, truth, english)}
-            s7, f7, s3 = row[method]["seven_types"], row[method]["seven_types_never_unknown"], row[method]["three_types"]
+            r = row[method]
+            s7, f7, s3 = r["seven_types"], r["seven_types_never_unknown"], r["three_types"]
             print(f"  {precision} cap {cap:>3} {method:>8}: seven {s7['accuracy']:.3f} (unknown {s7['unknown']:.1%}; "
                   f"never unknown {f7['accuracy']:.3f}) | three {s3['accuracy']:.3f} "
                   f"[coding {s3['per_category']['coding']:.3f}, math {s3['per_category']['math']:.3f}, "
@@ -197,7 +198,8 @@ def main() -> None:
         kept = confidence >= threshold
         sweep.append({"min_confidence": threshold, "unknown": round(float(1 - kept.mean()), 3),
                       "accuracy_of_labelled": round(float((best[kept] == truth[kept]).mean()), 3)})
-        print(f"  {threshold:.1f}: unknown {1 - kept.mean():5.1%}, accuracy of the rest {sweep[-1]['accuracy_of_labelled']:.3f}")
+        print(f"  {threshold:.1f}: unknown {1 - kept.mean():5.1%}, "
+              f"accuracy of the rest {sweep[-1]['accuracy_of_labelled']:.3f}")
     report["min_confidence_sweep"] = sweep
 
     # 3. throughput and latency
@@ -215,7 +217,8 @@ def main() -> None:
               f"{sp['tokens_per_s']} tokens/s); answers {an['texts_per_s']:>3}/s ({an['mean_tokens']} tokens, "
               f"{an['tokens_per_s']} tokens/s); one prompt p50 {la['p50_ms']} ms, p99 {la['p99_ms']} ms")
     single_thread = Embedder(max_tokens=256, threads=1)
-    speed["fp32-256-1-thread"] = {"embed_and_classify_one_short_prompt": latency(TaskClassifier(seeds, single_thread), short[:300])}
+    speed["fp32-256-1-thread"] = {
+        "embed_and_classify_one_short_prompt": latency(TaskClassifier(seeds, single_thread), short[:300])}
     print(f"  fp32 cap 256, 1 thread: one prompt {speed['fp32-256-1-thread']['embed_and_classify_one_short_prompt']}")
     if not args.no_st:
         from sentence_transformers import SentenceTransformer
@@ -230,8 +233,9 @@ def main() -> None:
             st.encode([t])
         speed["sentence_transformers"] = {"short_prompts_per_s": round(300 / secs),
                                           "one_prompt_mean_ms": round((time.perf_counter() - t0) / 50 * 1e3, 1)}
-        print(f"  sentence-transformers (torch): short prompts {speed['sentence_transformers']['short_prompts_per_s']}/s, "
-              f"one prompt {speed['sentence_transformers']['one_prompt_mean_ms']} ms")
+        st_speed = speed["sentence_transformers"]
+        print(f"  sentence-transformers (torch): short prompts {st_speed['short_prompts_per_s']}/s, "
+              f"one prompt {st_speed['one_prompt_mean_ms']} ms")
     report["speed"] = speed
 
     # 4. the hourly bill, from token rates (best of two runs) and the arena prompts' token counts
@@ -241,7 +245,8 @@ def main() -> None:
         rate = speed[key]["answers_200_words"]["tokens_per_s"]
         prompts_s = 10_000 * token_count(embedder, prompts) / len(prompts) / rate
         answers_s = 10_000 / speed[key]["answers_200_words"]["texts_per_s"]
-        bill[key] = {"prompts_s": round(prompts_s), "answers_s": round(answers_s), "total_s": round(prompts_s + answers_s)}
+        bill[key] = {"prompts_s": round(prompts_s), "answers_s": round(answers_s),
+                     "total_s": round(prompts_s + answers_s)}
     report["hourly_10k_requests_embedding_s"] = bill
     print("\n10,000 requests an hour (arena-like prompts + 200-word answers), embedding seconds on these cores:")
     for key, b in bill.items():

@@ -4,8 +4,8 @@ is calibrated.
     .venv/bin/python bench/tiers.py [--prompts 2000] [--refit]
 
 Speed: real prompts (optional, outside the repository: ../shared/data/arena-hard, RouterBench few-shot
-prompts and the ShareGPT dump when present; else the labelled prompts below), each classified once after a warm-up, plus a
-synthetic 100 KB prompt. Target: p99 < 1 ms.
+prompts and the ShareGPT dump when present; else the labelled prompts below), each classified once after a
+warm-up, plus a synthetic 100 KB prompt. Target: p99 < 1 ms.
 
 Calibration: two hand-labelled sets written for this benchmark, FIT (the slopes in
 `tiers.DEFAULT_WEIGHTS` were fitted on it, `--refit` fits them again and prints them) and HELD_OUT
@@ -297,8 +297,9 @@ def main() -> int:
     for name, labelled in (("fit", FIT + SEEN), ("held_out", HELD_OUT)):
         decisions = [clf.rules(p) for p, _ in labelled]
         calibration[name] = calibration_report(decisions, [t for _, t in labelled])
-        calibration[name]["confusion"] = {t.value: dict(Counter(d.tier.value for d, (_, tt) in zip(decisions, labelled)
-                                                              if tt == t)) for t in Tier}
+        pairs = list(zip(decisions, labelled, strict=True))
+        calibration[name]["confusion"] = {t.value: dict(Counter(d.tier.value for d, (_, tt) in pairs if tt == t))
+                                          for t in Tier}
 
     figures = {
         "rule_path": speed,

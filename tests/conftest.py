@@ -16,8 +16,8 @@ import pytest
 import uvicorn
 
 from tests.fakes import FakeUpstream, free_port
-from tm_gateway.app import GatewaySettings, create_app
 from tm_gateway import keys
+from tm_gateway.app import GatewaySettings, create_app
 from tm_resources import db
 from tm_resources.config import Config, parse_config
 

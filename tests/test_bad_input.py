@@ -15,8 +15,8 @@ import psycopg
 import pytest
 
 from tests.conftest import CLAUDE_PRICE, LOCAL_PRICE, Gateway, make_config, start_gateway
-from tm_gateway.logins import LoginGuard
 from tm_gateway import keys
+from tm_gateway.logins import LoginGuard
 from tm_gateway.schemas import MAX_DEPTH, too_deep
 
 MSG = [{"role": "user", "content": "hello there"}]

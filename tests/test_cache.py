@@ -5,7 +5,7 @@ scoping, opting out, streamed cached answers, and a cache that is down never fai
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anthropic
@@ -68,7 +68,7 @@ class Cached:
     def fill_entries(self) -> int:
         """Run the loop's cache_entries step for the current hour, and wait until the gateway has
         re-read which contexts have entries (as every replica does when the loop writes them)."""
-        hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+        hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         with psycopg.connect(self.db_url) as conn:
             n = sum(cache.replace_entries(conn, h, self.config) for h in (hour - timedelta(hours=1), hour))
             conn.commit()
@@ -382,7 +382,7 @@ def test_lookups_that_time_out_under_load_give_their_connections_back(db_url, up
             with psycopg.connect(db_url) as blocker, ThreadPoolExecutor(30) as threads:
                 blocker.execute("LOCK TABLE scored_requests IN ACCESS EXCLUSIVE MODE")
                 client = c.openai().with_options(timeout=20)
-                got = list(threads.map(lambda _: ask(client, "Which lookups come back?"), range(30)))
+                got = list(threads.map(lambda _, client=client: ask(client, "Which lookups come back?"), range(30)))
                 blocker.rollback()
             assert {g.headers["x-tm-cache"] for g in got} == {"error"}, f"burst {burst}"
             assert all(g.parse().choices[0].message.content == "echo: Which lookups come back?" for g in got)

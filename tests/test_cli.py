@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 
 import httpx
@@ -193,7 +194,7 @@ def test_bench_router_on_a_missing_folder_exits_non_zero(tmp_path, capsys):
 
 def test_tm_requests_shows_recent_rows_with_filters_and_json(db_url, tmp_path, monkeypatch, capsys):
     import json
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from tests.support import log_traffic
     from tests.traffic import log_row
@@ -201,7 +202,7 @@ def test_tm_requests_shows_recent_rows_with_filters_and_json(db_url, tmp_path, m
     monkeypatch.setenv("TM_DATABASE_URL", db_url)
     assert main(["requests"]) == 0
     assert "no requests logged yet" in capsys.readouterr().out
-    t = datetime.now(timezone.utc) - timedelta(minutes=5)
+    t = datetime.now(UTC) - timedelta(minutes=5)
     rows = [log_row(user="ann", prompt="What is 2+2?", answer="4", model="local-test", provider="local", ts=t),
             log_row(user="bob", prompt="Write a haiku\nabout rain", answer="Rain...", model="claude-test",
                     provider="anthropic", ts=t + timedelta(seconds=1)),
@@ -247,7 +248,7 @@ def _line(proc: subprocess.Popen, timeout: float = 30) -> str:
 
 
 def test_tm_requests_follow_prints_new_rows_as_they_are_logged(db_url, tmp_path):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from tests.support import log_traffic
     from tests.traffic import log_row
@@ -258,10 +259,10 @@ def test_tm_requests_follow_prints_new_rows_as_they_are_logged(db_url, tmp_path)
     try:
         time.sleep(2)
         log_traffic(db_url, tmp_path, [log_row(user="cy", prompt="first one", answer="ok", model="local-test",
-                                               provider="local", ts=datetime.now(timezone.utc))])
+                                               provider="local", ts=datetime.now(UTC))])
         assert '"prompt": "first one"' in _line(proc)
         log_traffic(db_url, tmp_path, [log_row(user="cy", prompt="second one", answer="ok", model="local-test",
-                                               provider="local", ts=datetime.now(timezone.utc))])
+                                               provider="local", ts=datetime.now(UTC))])
         assert '"prompt": "second one"' in _line(proc)
     finally:
         proc.terminate()

@@ -3,7 +3,7 @@ a clear answer to an hour it cannot run, and a short summary instead of Dagster'
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ def operator(db_url, tmp_path: Path, monkeypatch):
 @pytest.mark.parametrize("hour, says", [
     ("yesterday", "'yesterday' is not an hour: give 'now'"),
     ("2026-13-45-10:00", "is not an hour"),
-    ((datetime.now(timezone.utc) + timedelta(hours=2)).strftime("%Y-%m-%d-%H:00"), "has not begun yet"),
+    ((datetime.now(UTC) + timedelta(hours=2)).strftime("%Y-%m-%d-%H:00"), "has not begun yet"),
     ("2025-06-01-10:00", "before the loop's first hour"),
 ])
 def test_an_hour_the_loop_cannot_run_gets_a_clear_answer(operator, capsys, hour, says):
@@ -34,18 +34,18 @@ def test_an_hour_the_loop_cannot_run_gets_a_clear_answer(operator, capsys, hour,
 
 
 def test_an_empty_hour_says_so_and_names_the_latest_hour_with_requests(operator, tmp_path, capsys):
-    earlier = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    earlier = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
     log_traffic(operator, tmp_path, [log_row(user="ann", prompt="hi", answer="hello there", model="local-test",
                                              provider="local", ts=earlier + timedelta(minutes=5))])
     assert main(["loop", "run"]) == 0
     out = capsys.readouterr().out
-    now_key = datetime.now(timezone.utc).strftime("%Y-%m-%d-%H:00")
+    now_key = datetime.now(UTC).strftime("%Y-%m-%d-%H:00")
     assert f"0 requests in hour {now_key} UTC" in out
     assert f"--hour {earlier:%Y-%m-%d-%H:00}" in out
 
 
 def test_the_traffic_just_sent_is_scored_and_summarised(operator, tmp_path, capfd):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     hour = now.replace(minute=0, second=0, microsecond=0)
     rows = an_hour_of_traffic(hour)
     rejected = log_row(user="ann", prompt="", answer="", model="local-test", provider="local",

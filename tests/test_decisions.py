@@ -5,10 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tm_resources.config import Thresholds
-from tm_resources.config import EXAMPLE_CONFIG, load_config
 from tm_assets.decisions import Decision, coaching_brief, decide
 from tm_gateway.rules import Rule, RuleBook, explore_draw, route_request
+from tm_resources.config import EXAMPLE_CONFIG, Thresholds, load_config
 from tm_resources.grading import grades
 
 TIERS = {"llama3.2": "local", "qwen2.5-coder": "local", "claude-sonnet-4-5": "included", "claude-opus-4-1": "premium"}

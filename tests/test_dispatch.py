@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from tests.support import check_anthropic_request, check_openai_request
-from tm_resources.config import EXAMPLE_CONFIG, AgentConfig, Config, ConfigError, load_config, parse_config
 from tm_gateway.dispatch import DispatchDecision, Dispatcher, apply_agent, resolve_agent
+from tm_resources.config import EXAMPLE_CONFIG, AgentConfig, Config, ConfigError, load_config, parse_config
 from tm_resources.embedder import Embedder, get_embedder
 
 # Three sets of requests, none of them an intent of tm.yaml, 100 in all, with how they were used:
@@ -204,9 +204,9 @@ def test_accuracy_on_requests_that_are_not_intents(dispatcher: Dispatcher, embed
     for name, prompts in (("tuned", TUNED), ("held-out", HELD_OUT), ("fresh", FRESH)):
         texts = [p for ps in prompts.values() for p in ps]
         truth = [a for a, ps in prompts.items() for _ in ps]
-        got = [dispatcher.classify(p, v).agent for p, v in zip(texts, embedder.embed(texts))]
-        right = sum(g == t for g, t in zip(got, truth))
-        wrong = sum(g not in (t, None) for g, t in zip(got, truth))
+        got = [dispatcher.classify(p, v).agent for p, v in zip(texts, embedder.embed(texts), strict=True)]
+        right = sum(g == t for g, t in zip(got, truth, strict=True))
+        wrong = sum(g not in (t, None) for g, t in zip(got, truth, strict=True))
         results[name] = (right, wrong, len(texts))
         print(f"{name}: {right}/{len(texts)} right, {wrong} wrong, {len(texts) - right - wrong} unsure")
     # Measured: tuned 40/40, held-out 17/20 (2 wrong), fresh 38/40 (1 wrong, 1 unsure).
@@ -219,7 +219,7 @@ def test_accuracy_on_requests_that_are_not_intents(dispatcher: Dispatcher, embed
 
 def test_off_topic_requests_are_unsure(config: Config, dispatcher: Dispatcher, embedder: Embedder):
     vectors = embedder.embed(OFF_TOPIC)
-    for prompt, vec in zip(OFF_TOPIC, vectors):
+    for prompt, vec in zip(OFF_TOPIC, vectors, strict=True):
         decision = dispatcher.classify(prompt, vec)
         assert decision.agent is None and not decision.confident, (prompt, decision)
         assert decision.confidence < config.dispatch.min_confidence

@@ -52,7 +52,7 @@ def test_vectors_match_sentence_transformers(embedder: Embedder) -> None:
 
 def test_one_text_alone_equals_the_same_text_in_a_padded_batch(embedder: Embedder) -> None:
     batch = embedder.embed(TEXTS)
-    for text, row in zip(TEXTS, batch):
+    for text, row in zip(TEXTS, batch, strict=True):
         assert float(embedder.embed_one(text) @ row) > 0.9999
 
 

@@ -668,6 +668,10 @@ def test_openai_request_errors(body, message):
             {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]},
             "messages[0].content[0].source.type must be 'base64' or 'url' (got 'file')",
         ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url"}}]}]},
+            "messages[0].content[0].source.url must be a non-empty string",
+        ),
         ({"system": 5, "messages": []}, "system must be a string or a list of text blocks"),
         ({"messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]: tool type 'web_search_20250305' is not supported"),
     ],

@@ -64,7 +64,7 @@ def test_patterns_is_deterministic_whatever_the_row_order():
     df = traffic()
     one = patterns(df, TIERS)
     two = patterns(df.sample(frac=1, random_state=3), TIERS)
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         pd.testing.assert_frame_equal(a, b)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -14,14 +14,14 @@ from pgvector.psycopg import register_vector
 
 from tests.traffic import CODING_TASKS, MATH_QUESTIONS, coding_prompt, math_prompt
 from tm_gateway import state as state_module
+from tm_gateway.ids import uuid7
+from tm_gateway.learned import LearnedRouter, RouterSettings, load_router
 from tm_gateway.state import SharedState
 from tm_resources.db import connect
 from tm_resources.embedder import get_embedder
-from tm_gateway.ids import uuid7
-from tm_gateway.learned import LearnedRouter, RouterSettings, load_router
 
 A, B = "local-a", "local-b"
-NOW = datetime.now(timezone.utc).replace(microsecond=0)
+NOW = datetime.now(UTC).replace(microsecond=0)
 CODING = [coding_prompt(i) for i in range(len(CODING_TASKS))]
 MATH = [math_prompt(i) for i in range(len(MATH_QUESTIONS))]
 # New prompts, not in the log.
@@ -219,7 +219,7 @@ def test_the_gateway_state_relearns_when_the_loop_writes_rules(db_url, vec):
             assert first.choose(vec(NEW_CODING)) is None
 
             # New scores alone do not reload it (a request never waits on a fit) ...
-            log_scored(db_url, vec, topic_traffic(), ts=datetime.now(timezone.utc) - timedelta(hours=1))
+            log_scored(db_url, vec, topic_traffic(), ts=datetime.now(UTC) - timedelta(hours=1))
             await asyncio.sleep(0.5)
             assert shared.learned is first
             # ... the loop's next rules do, without a restart.
@@ -236,7 +236,7 @@ def test_the_gateway_state_relearns_when_the_loop_writes_rules(db_url, vec):
 
 
 def test_a_failed_reload_keeps_the_router_held(db_url, vec, monkeypatch, caplog):
-    log_scored(db_url, vec, topic_traffic(), ts=datetime.now(timezone.utc) - timedelta(hours=1))
+    log_scored(db_url, vec, topic_traffic(), ts=datetime.now(UTC) - timedelta(hours=1))
     calls = []
 
     def broken(*args, **kwargs):

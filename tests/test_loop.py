@@ -4,7 +4,7 @@ blocking check, and the PostHog events that really arrive."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import dagster as dg
 import psycopg
@@ -36,11 +36,11 @@ def test_the_definitions_load():
 
 
 def test_the_hour_in_progress_can_be_scored_but_the_automation_takes_the_hour_just_ended():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from tm_assets.assets import hourly
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     in_progress = now.strftime("%Y-%m-%d-%H:00")
     assert hourly.has_partition_key(in_progress)  # `tm loop run` may score the traffic just sent
 

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 import yaml
 
+from tests import tiny_model as tiny
 from tests.conftest import make_config, query, start_gateway
 from tests.fakes import FakeUpstream
 from tests.support import log_traffic, materialize
@@ -24,8 +25,6 @@ from tm_assets.assets import routing_rules
 from tm_assets.model_versions import fine_tuned_model_beats_base, finetune_data_valid, model_versions
 from tm_assets.resources import EmbedderResource, PostgresResource, PostHogResource, TokenMachineConfig
 from tm_gateway import keys
-from tests import tiny_model as tiny
-from tm_assets import finetune
 from tm_resources.registry import rollback_version
 
 pytestmark = pytest.mark.slow  # MLX: trains, evaluates and serves a fine-tuned model

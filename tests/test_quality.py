@@ -40,11 +40,11 @@ def pair_with_cosine(c: float, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
 
 def test_coherence_is_monotone_and_maps_typical_good_cosines_high():
     cosines = [-0.2, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0]
-    p, a = zip(*(pair_with_cosine(c) for c in cosines))
+    p, a = zip(*(pair_with_cosine(c) for c in cosines), strict=True)
     scores = coherence(np.array(p), np.array(a))
     assert np.all(np.diff(scores) > 0)
     assert scores.min() >= 0 and scores.max() <= 1
-    by = dict(zip(cosines, scores))
+    by = dict(zip(cosines, scores, strict=True))
     assert by[0.7] >= 0.95 and by[0.5] > 0.7   # MiniLM cosines of a good pair are often only 0.3-0.7
     assert by[0.1] <= 0.05                     # an unrelated answer
 

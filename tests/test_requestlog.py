@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
+from tm_gateway.ids import uuid7
 from tm_gateway.requestlog import RequestLog, copy_row
 from tm_resources import db
 from tm_resources.config import EXAMPLE_CONFIG
-from tm_gateway.ids import uuid7
 
 
 def row(i: int, **extra) -> dict:
-    return {"id": uuid7(), "ts": datetime.now(timezone.utc), "user_id": "u1", "api_format": "openai",
+    return {"id": uuid7(), "ts": datetime.now(UTC), "user_id": "u1", "api_format": "openai",
             "endpoint": "/v1/chat/completions", "status": 200, "prompt": f"p{i}", **extra}
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tm_gateway.router import (Attempt, KnnRouter, Plan, candidate_plans, plan_outcomes, replay,
-                                 routing_text)
+from tm_gateway.router import Attempt, KnnRouter, Plan, candidate_plans, plan_outcomes, replay, routing_text
 from tm_gateway.routerbench import load_routerbench, run_router_bench
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from tests.support import REFUSAL, refuses_when_asked
 from tm_gateway import keys
 from tm_resources.config import parse_config
 
+
 @pytest.fixture
 def gw(db_url, upstreams, tmp_path):
     anth, local = upstreams

@@ -24,7 +24,7 @@ def write_routerbench(folder: Path) -> None:
     """Prompts, each model's answer, its 0/1 correctness and its cost, as RouterBench stores them."""
     folder.mkdir()
     rows = []
-    for i, task in enumerate(CODING_TASKS):
+    for task in CODING_TASKS:
         for phrasing in ("Write a Python function that {}.", "I need a Python function that {}."):
             prompt = phrasing.format(task)
             answer = good_answer(f"Write a Python function that {task}.")

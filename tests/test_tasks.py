@@ -126,7 +126,7 @@ def test_clear_prompts_get_their_type(classifier: TaskClassifier, embedder: Embe
     texts = [t for examples in HELD_OUT.values() for t in examples]
     expected = [name for name, examples in HELD_OUT.items() for _ in examples]
     got = clf.classify_texts(texts)
-    missed = [(t, e, g) for t, e, g in zip(texts, expected, got) if g[0] != e]
+    missed = [(t, e, g) for t, e, g in zip(texts, expected, got, strict=True) if g[0] != e]
     if method == "knn":  # the default: never a wrong type, at most one left unknown
         assert len(missed) <= 1 and all(g[0] == UNKNOWN for _, _, g in missed), missed
     else:  # measured weaker (bench/task_types.py)
@@ -160,7 +160,7 @@ def test_candidate_types_find_a_planted_cluster(classifier: TaskClassifier) -> N
     texts = MIXED[:15] + FRENCH + MIXED[15:]
     french_rows = set(range(15, 15 + len(FRENCH)))
     vecs = classifier.embedder.embed(texts)
-    labels, confidences = zip(*classifier.classify(vecs))
+    labels, confidences = zip(*classifier.classify(vecs), strict=True)
 
     found = candidate_types(vecs, texts, list(labels), list(confidences), min_cluster_size=8)
     assert found, "the French requests should form a candidate type"
@@ -173,7 +173,7 @@ def test_candidate_types_find_a_planted_cluster(classifier: TaskClassifier) -> N
 
     again = candidate_types(vecs, texts, list(labels), list(confidences), min_cluster_size=8)
     assert [(c["name"], c["indices"], c["examples"]) for c in again] == [(c["name"], c["indices"], c["examples"]) for c in found]
-    assert all(np.array_equal(a["centroid"], b["centroid"]) for a, b in zip(again, found))
+    assert all(np.array_equal(a["centroid"], b["centroid"]) for a, b in zip(again, found, strict=True))
 
 
 def test_candidate_types_ignore_scattered_prompts(classifier: TaskClassifier) -> None:

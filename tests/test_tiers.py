@@ -10,8 +10,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tm_gateway.tiers import (DEFAULT_WEIGHTS, TIERS, NearestExamples, Tier, TierClassifier, calibrate, calibration_report,
-                                probabilities, signals, tier_from_task_type)
+from tm_gateway.tiers import (
+    DEFAULT_WEIGHTS,
+    TIERS,
+    NearestExamples,
+    Tier,
+    TierClassifier,
+    calibrate,
+    calibration_report,
+    probabilities,
+    signals,
+    tier_from_task_type,
+)
 
 # Written for these tests, unlike the benchmark's labelled sets.
 CLEAR = {

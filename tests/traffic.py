@@ -4,7 +4,7 @@ has something true to learn. Written here by hand: the tests read no data from o
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from tm_gateway.ids import uuid7
 
@@ -102,5 +102,5 @@ def an_hour_of_traffic(hour: datetime, *, coding: int = 25, math: int = 15) -> l
 
 
 def past_hour(hours_ago: int = 2) -> datetime:
-    now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     return now - timedelta(hours=hours_ago)

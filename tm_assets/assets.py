@@ -19,6 +19,7 @@ from tm_assets.quota_hour import QUOTA_COLUMNS, provider_quotas_hour
 from tm_assets.resources import TokenMachineConfig
 from tm_resources import cache, quality
 from tm_resources.config import Config, ConfigError
+from tm_resources.db import one
 from tm_resources.loop_start import first_hour
 from tm_resources.quotas import with_loop_mode
 from tm_resources.registry import served_config
@@ -54,7 +55,8 @@ root_condition = (
 # on_cron(FIVE_PAST), but for the hour just ended rather than the latest partition (the hour in progress).
 follow_condition = (
     hour_just_ended
-    & dg.AutomationCondition.cron_tick_passed(FIVE_PAST).since_last_handled()
+    # Dagster types since_last_handled() for asset-or-check conditions only; it is documented for assets.
+    & dg.AutomationCondition.cron_tick_passed(FIVE_PAST).since_last_handled()  # type: ignore[misc, operator]
     & dg.AutomationCondition.all_deps_updated_since_cron(FIVE_PAST)
     & dg.AutomationCondition.all_deps_blocking_checks_passed()
 ).with_label("after its parents, hourly")
@@ -296,7 +298,7 @@ def finetune_jobs(h: Hour) -> HourResult:
 )
 def cache_entries(h: Hour) -> HourResult:
     n = cache.replace_entries(h.conn, h.start, h.config)
-    total = h.conn.execute("SELECT count(*) FROM cache_entries").fetchone()[0]
+    total = one(h.conn.execute("SELECT count(*) FROM cache_entries"))[0]
     return n, {"entries_in_table": int(total), "min_quality": h.config.loop.thresholds.cache_min_quality}
 
 

@@ -7,6 +7,7 @@ import dagster as dg
 
 from tm_assets.assets import hourly, routing_rules, scored_requests, task_types
 from tm_assets.resources import PostgresResource
+from tm_resources.db import one
 from tm_resources.tables import COMPLETION_ENDPOINTS
 
 
@@ -31,8 +32,8 @@ SIGNALS = ("coherence", "completion", "brevity", "reprompt", "cost_efficiency", 
 def scores_within_0_1(context: dg.AssetCheckExecutionContext, postgres: PostgresResource) -> dg.AssetCheckResult:
     out_of_range = " + ".join(f"count(*) FILTER (WHERE {s} < 0 OR {s} > 1 OR {s} = 'NaN')" for s in SIGNALS)
     with postgres.get_connection() as conn:
-        bad = conn.execute(f"SELECT {out_of_range} FROM scored_requests"
-                           " WHERE hour >= %(start)s AND hour < %(end)s", window_of(context)).fetchone()[0]
+        bad = one(conn.execute(f"SELECT {out_of_range} FROM scored_requests"
+                               " WHERE hour >= %(start)s AND hour < %(end)s", window_of(context)))[0]
     return dg.AssetCheckResult(passed=bad == 0, severity=dg.AssetCheckSeverity.ERROR,
                                metadata={"values_out_of_range": int(bad)})
 
@@ -41,7 +42,7 @@ def scores_within_0_1(context: dg.AssetCheckExecutionContext, postgres: Postgres
             description="Exactly one score for every model request logged in the hour.")
 def one_score_per_request(context: dg.AssetCheckExecutionContext, postgres: PostgresResource) -> dg.AssetCheckResult:
     with postgres.get_connection() as conn:
-        missing, extra = conn.execute(
+        missing, extra = one(conn.execute(
             "SELECT"
             " (SELECT count(*) FROM requests r WHERE r.ts >= %(start)s AND r.ts < %(end)s"
             "   AND r.endpoint = ANY(%(e)s)"
@@ -49,7 +50,7 @@ def one_score_per_request(context: dg.AssetCheckExecutionContext, postgres: Post
             " (SELECT count(*) FROM scored_requests s WHERE s.hour >= %(start)s AND s.hour < %(end)s"
             "   AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.id = s.request_id AND r.ts = s.ts))",
             {**window_of(context), "e": list(COMPLETION_ENDPOINTS)},
-        ).fetchone()
+        ))
     return dg.AssetCheckResult(passed=missing == 0 and extra == 0, severity=dg.AssetCheckSeverity.ERROR,
                                metadata={"requests_without_score": int(missing), "scores_without_request": int(extra)})
 
@@ -58,11 +59,11 @@ def one_score_per_request(context: dg.AssetCheckExecutionContext, postgres: Post
             description="Every scored request of the hour that has a prompt has a task type.")
 def every_request_typed(context: dg.AssetCheckExecutionContext, postgres: PostgresResource) -> dg.AssetCheckResult:
     with postgres.get_connection() as conn:
-        untyped = conn.execute(
+        untyped = one(conn.execute(
             "SELECT count(*) FROM scored_requests s JOIN requests r ON r.id = s.request_id AND r.ts = s.ts"
             " WHERE s.hour >= %(start)s AND s.hour < %(end)s AND coalesce(r.prompt, '') ~ '\\S'"
             " AND NOT EXISTS (SELECT 1 FROM task_types t WHERE t.request_id = s.request_id)",
-            window_of(context)).fetchone()[0]
+            window_of(context)))[0]
     return dg.AssetCheckResult(passed=untyped == 0, severity=dg.AssetCheckSeverity.WARN,
                                metadata={"untyped_requests": int(untyped)})
 

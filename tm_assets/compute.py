@@ -16,6 +16,7 @@ import psycopg
 from tm_assets import decisions
 from tm_resources import grading, quality, tasks
 from tm_resources.config import Config
+from tm_resources.db import one
 from tm_resources.embedder import DIM, Embedder
 from tm_resources.events import EventSink, event_uuid
 from tm_resources.redact import redact
@@ -57,8 +58,8 @@ def read_requests_for_scoring(conn: psycopg.Connection, start: datetime, end: da
 
 def count_other_rows(conn: psycopg.Connection, hour: datetime) -> int:
     """Rows of the hour that are no model call (a models listing, a token count): logged, never scored."""
-    return conn.execute("SELECT count(*) FROM requests WHERE ts >= %s AND ts < %s AND NOT endpoint = ANY(%s)",
-                        (hour, hour + timedelta(hours=1), list(COMPLETION_ENDPOINTS))).fetchone()[0]
+    return one(conn.execute("SELECT count(*) FROM requests WHERE ts >= %s AND ts < %s AND NOT endpoint = ANY(%s)",
+                            (hour, hour + timedelta(hours=1), list(COMPLETION_ENDPOINTS))))[0]
 
 
 def _prompt_vectors(df: pd.DataFrame, embedder: Embedder) -> np.ndarray:
@@ -122,7 +123,7 @@ def score_hour(requests: pd.DataFrame, hour: datetime, config: Config, *, prompt
     if config.loop.judge_model and answered.any():
         t0 = time.perf_counter()
         conversations = [quality.judge_prompt(p or "", a or "") for p, a in
-                         zip(requests.loc[answered, "prompt"], requests.loc[answered, "response_text"])]
+                         zip(requests.loc[answered, "prompt"], requests.loc[answered, "response_text"], strict=True)]
         verdicts = judge_completion(conversations)
         judge = np.full(len(requests), np.nan)
         judge[answered] = [np.nan if v is None else v for v in verdicts]
@@ -226,7 +227,8 @@ def grades_table(window: pd.DataFrame, hour: datetime, config: Config) -> pd.Dat
 def read_decision_inputs(conn: psycopg.Connection, hour: datetime, config: Config) -> dict[str, Any]:
     end = hour + timedelta(hours=1)
     pats = read_df(conn, "SELECT task_type, model, tier, requests, samples, avg_quality, total_cost_usd,"
-                         " avg_cost_usd, escalations, judged, avg_completion FROM patterns WHERE hour = %s AND scope = 'type_model'"
+                         " avg_cost_usd, escalations, judged, avg_completion FROM patterns"
+                         " WHERE hour = %s AND scope = 'type_model'"
                          " ORDER BY task_type, model", (hour,))
     grade_rows = read_df(conn, f"SELECT {', '.join(GRADE_COLUMNS)} FROM grades WHERE hour = %s ORDER BY user_id",
                          (hour,))
@@ -234,7 +236,7 @@ def read_decision_inputs(conn: psycopg.Connection, hour: datetime, config: Confi
     costs = read_df(conn, "SELECT user_id, ts, cost_usd FROM requests WHERE ts >= %s AND ts < %s",
                     (end - timedelta(days=8), end))
     versions = None
-    if conn.execute("SELECT to_regclass('model_versions')").fetchone()[0] is not None:
+    if one(conn.execute("SELECT to_regclass('model_versions')"))[0] is not None:
         versions = read_df(conn, "SELECT version AS model, base_model, task_type, eval_score, base_eval_score"
                                  " FROM model_versions WHERE status IN ('won', 'lost') ORDER BY version")
     quotas = read_df(conn, "SELECT provider, state, used, quota_limit, used_fraction, exhausts_at, reset_at, summary"

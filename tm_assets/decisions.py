@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -70,10 +70,12 @@ def _best(rows: pd.DataFrame) -> str | None:
     rows = rows[rows["avg_quality"].notna() & (rows["samples"] > 0)]
     if rows.empty:
         return None
-    return rows.sort_values(["avg_quality", "samples", "model"], ascending=[False, False, True], kind="stable").iloc[0]["model"]
+    best = rows.sort_values(["avg_quality", "samples", "model"], ascending=[False, False, True], kind="stable")
+    return best.iloc[0]["model"]
 
 
-def coaching_brief(user_id: str, weakness: str | None, example: str | None, average: float, days: int, below: float) -> str:
+def coaching_brief(user_id: str, weakness: str | None, example: str | None, average: float, days: int,
+                   below: float) -> str:
     """A short, concrete brief for a user whose prompts have been weak several days in a row."""
     advice = {
         "specificity": "Name the exact thing: the file, function, error message, data or product you mean.",
@@ -133,25 +135,30 @@ def _completion_rule(task_type: str, g: pd.DataFrame, frontier: pd.DataFrame, ta
         if known else 0.0
     ev = ev | {"local_model": kept, "local_completion": _r(local), "local_judged": n_local,
                "frontier_completion": _r(top) if known else None, "frontier_judged": n_top,
-               "completion_min_samples": t.completion_min_samples, "completion_escalate_below": t.completion_escalate_below,
+               "completion_min_samples": t.completion_min_samples,
+               "completion_escalate_below": t.completion_escalate_below,
                "completion_max_gap": t.completion_max_gap, "completion_lock_gap": t.completion_lock_gap,
                "completion_lock_above": t.completion_lock_above, "completion_confidence_z": t.completion_confidence_z}
     seen = f"The judge found {kept}'s answers on {task_type} complete {local:.0%} of {n_local} times"
-    seen += f", {target or 'the frontier'}'s {top:.0%} of {n_top}" if known else " (too few frontier verdicts to compare)"
+    seen += f", {target or 'the frontier'}'s {top:.0%} of {n_top}" if known else \
+        " (too few frontier verdicts to compare)"
     # The frontier's own rate comes first: no bar sends a type to a frontier that does no better on it.
-    if known and round(gap + margin, _EPS_DIGITS) > t.completion_max_gap:
-        behind = (f"{gap:.0%} behind" if gap >= 0 else f"{-gap:.0%} ahead") + (f" (up to {gap + margin:.0%} on this evidence)" if gap <= t.completion_max_gap else "")
+    if gap is not None and round(gap + margin, _EPS_DIGITS) > t.completion_max_gap:
+        behind = (f"{gap:.0%} behind" if gap >= 0 else f"{-gap:.0%} ahead") + \
+            (f" (up to {gap + margin:.0%} on this evidence)" if gap <= t.completion_max_gap else "")
         # The gateway explores the local model (loop.thresholds.explore_share) only while the gap
         # could still be within the allowance: one far behind is not worth its wrong answers.
         explore = kept if round(gap - margin, _EPS_DIGITS) <= t.completion_max_gap else None
         return Decision(f"escalate:{task_type}", "escalate", task_type, None, explore, target,
                         f"{seen}: {behind}, more than the {t.completion_max_gap:.0%} allowed; route {task_type} to "
                         f"{target or 'the frontier model'}.", ev | {"gap_margin": _r(margin), "explore_model": explore})
-    if (known and gap <= t.completion_lock_gap) or (not known and local > t.completion_lock_above):
-        why = f"no more than {t.completion_lock_gap:.0%} behind the frontier" if known else f"over {t.completion_lock_above:.0%}"
+    if (gap is not None and gap <= t.completion_lock_gap) or (gap is None and local > t.completion_lock_above):
+        why = f"no more than {t.completion_lock_gap:.0%} behind the frontier" if known else \
+            f"over {t.completion_lock_above:.0%}"
         # The gateway explores the frontier only while it could still be more than the lock gap
         # ahead: a local model right every time leaves nothing to measure.
-        could_be = gap + margin if known else 1 - (local - t.completion_confidence_z * float(np.sqrt(local * (1 - local) / n_local)))
+        could_be = gap + margin if gap is not None else \
+            1 - (local - t.completion_confidence_z * float(np.sqrt(local * (1 - local) / n_local)))
         explore = target if round(could_be, _EPS_DIGITS) > t.completion_lock_gap else None
         return Decision(f"lock_local:{task_type}", "lock_local", task_type, None, explore, kept,
                         f"{seen}: {why}; keep {task_type} on {kept}.", ev | {"explore_model": explore})
@@ -288,7 +295,8 @@ def _throttle_rules(costs: pd.DataFrame, t: Thresholds, hour: pd.Timestamp | Non
     out: list[Decision] = []
     if costs is None or costs.empty:
         return out
-    c = costs.assign(hour=pd.to_datetime(costs["hour"], utc=True), cost_usd=costs["cost_usd"].fillna(0).astype("float64"))
+    c = costs.assign(hour=pd.to_datetime(costs["hour"], utc=True),
+                     cost_usd=costs["cost_usd"].fillna(0).astype("float64"))
     if hour is None:
         hour = c["hour"].max()
     else:
@@ -311,7 +319,8 @@ def _throttle_rules(costs: pd.DataFrame, t: Thresholds, hour: pd.Timestamp | Non
             baseline, source = float(own.median()), (f"median of their {len(own)} active hours in the last 7 days, "
                                                      "over the team's")
         else:
-            baseline, source = team, "the team's median active hour in the last 7 days (too little history of their own)"
+            baseline = team
+            source = "the team's median active hour in the last 7 days (too little history of their own)"
         if cost > t.anomaly_cost_multiple * baseline and cost >= t.anomaly_min_cost_usd:
             multiple = cost / baseline if baseline > 0 else float("inf")
             out.append(Decision(
@@ -332,7 +341,8 @@ def _swap_rules(versions: pd.DataFrame, t: Thresholds) -> list[Decision]:
     out: list[Decision] = []
     if versions is None or versions.empty:
         return out
-    v = versions.assign(margin=(versions["eval_score"].astype("float64") - versions["base_eval_score"].astype("float64")).round(_EPS_DIGITS))
+    v = versions.assign(margin=(versions["eval_score"].astype("float64")
+                                - versions["base_eval_score"].astype("float64")).round(_EPS_DIGITS))
     v = v[v["margin"].notna()]
     for (task_type, base), g in v.groupby(["task_type", "base_model"], sort=True):
         best = g.sort_values(["eval_score", "model"], ascending=[False, True], kind="stable").iloc[0]
@@ -367,14 +377,14 @@ def _shift_rules(quotas: pd.DataFrame | None) -> list[Decision]:
     return out
 
 
-def _none_or(x: object) -> float | None:
+def _none_or(x: Any) -> float | None:
     return None if x is None or pd.isna(x) else float(x)
 
 
 def decide(type_model_patterns: pd.DataFrame, grades_df: pd.DataFrame | None, user_hour_costs: pd.DataFrame | None,
            model_versions: pd.DataFrame | None, thresholds: Thresholds, tiers: Mapping[str, object] | None,
-           mode: Mode = "auto", *, frontier_model: str | None = None, hour: pd.Timestamp | None = None,
-           provider_quotas: pd.DataFrame | None = None) -> list[Decision]:
+           mode: Mode = "auto", *, frontier_model: str | None = None,
+           hour: pd.Timestamp | None = None, provider_quotas: pd.DataFrame | None = None) -> list[Decision]:
     """Every decision the current data supports, ordered by ACTION_ORDER then rule_id.
 
     type_model_patterns: grading.patterns(...)[1] (task_type, model, samples, avg_quality; tier

@@ -116,7 +116,7 @@ def model_versions(context: dg.AssetExecutionContext, config: FineTuneRun, postg
                    "train_examples": info.counts["train"], "valid_examples": info.counts["valid"],
                    "test_examples": info.counts["test"], "approver": config.approver, "device": device,
                    "settings": config.model_dump(exclude={"approver", "job_ids"}), "status": "dry_run"}
-            if not config.dry_run:
+            if not config.dry_run and base_path:
                 # 2. train, 3. evaluate base and adapter the same way
                 trained = finetune.train_lora(
                     Path(base_path), workdir / "data", workdir / "adapter", iters=config.iters, rank=config.rank,
@@ -172,8 +172,8 @@ def _newest(postgres: PostgresResource) -> list[dict]:
     with postgres.get_connection() as conn:
         cur = conn.execute("SELECT * FROM model_versions WHERE created_at = (SELECT max(created_at)"
                            " FROM model_versions) ORDER BY version")
-        cols = [d.name for d in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        cols = [d.name for d in cur.description or ()]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 @dg.asset_check(asset=model_versions, metadata={"severity": dg.AssetCheckSeverity.ERROR.value},

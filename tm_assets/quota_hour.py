@@ -26,7 +26,7 @@ def provider_quotas_hour(conn: psycopg.Connection, config: Config, hour: datetim
     """(the hour's rows, the forecasts for the run's metadata, the providers whose state moved)."""
     as_of = min(hour + timedelta(hours=1), now or datetime.now(UTC))
     found = quotas.status(conn, config, as_of)
-    previous = dict(conn.execute(
+    previous: dict[str, str] = dict(conn.execute(
         "SELECT provider, state FROM provider_quotas WHERE hour = (SELECT max(hour) FROM provider_quotas"
         " WHERE hour < %s)", (hour,)).fetchall())
     moved = quotas.record_state_changes(conn, found, previous, sink)
@@ -38,7 +38,8 @@ def provider_quotas_hour(conn: psycopg.Connection, config: Config, hour: datetim
         rows.append({"provider": s.provider, "source": s.source, "quota_type": s.type, "used": s.used or 0.0,
                      "quota_limit": s.limit, "used_fraction": s.used_fraction, "rate_per_h": s.rate_per_h,
                      "window_start": s.window_start, "reset_at": s.reset_at, "exhausts_at": s.exhausts_at,
-                     "exhausts_early": _after(as_of, s.exhausts_early_h), "exhausts_late": _after(as_of, s.exhausts_late_h),
+                     "exhausts_early": _after(as_of, s.exhausts_early_h),
+                     "exhausts_late": _after(as_of, s.exhausts_late_h),
                      "state": s.state, "summary": s.summary, "forecast": fc})
         forecasts.append({"provider": s.provider, "state": s.state, "summary": s.summary, **fc})
     return pd.DataFrame(rows, columns=QUOTA_COLUMNS), forecasts, moved

@@ -44,7 +44,8 @@ def cmd_status(args: argparse.Namespace) -> int:
              "used_%": None if s.used_fraction is None else f"{s.used_fraction:.0%}",
              "rate/h": quotas.amount_text(s.rate_per_h, s.unit),
              "exhausted in": None if s.exhausts_in_h is None else
-             f"{_hours(s.exhausts_in_h)} ({_hours(s.exhausts_early_h) or '-'} to {_hours(s.exhausts_late_h) or 'later'})",
+             f"{_hours(s.exhausts_in_h)} ({_hours(s.exhausts_early_h) or '-'} to "
+             f"{_hours(s.exhausts_late_h) or 'later'})",
              "resets": _local(s.reset_at, s.timezone)} for s in found]
     text = console.table(rows, ["provider", "state", "used", "limit", "used_%", "rate/h", "exhausted in", "resets"])
     text += "\n\n" + "\n".join(s.summary for s in found)

@@ -29,7 +29,7 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 def cmd_rules(args: argparse.Namespace) -> int:
     url = _database(tm_home())
     with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
-        hour = conn.execute("SELECT max(hour) AS h FROM routing_rules").fetchone()["h"]
+        hour = db.one(conn.execute("SELECT max(hour) AS h FROM routing_rules"))["h"]
         if hour is None:
             print("no routing rules yet: the loop has not run (tm loop run, or wait for the hourly run)")
             return 0
@@ -53,7 +53,7 @@ def cmd_grades(args: argparse.Namespace) -> int:
 
     url = _database(tm_home())
     with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
-        hour = conn.execute("SELECT max(hour) AS h FROM grades").fetchone()["h"]
+        hour = db.one(conn.execute("SELECT max(hour) AS h FROM grades"))["h"]
         if hour is None:
             print("no grades yet: the loop has not run (tm loop run, or wait for the hourly run)")
             return 0

@@ -89,10 +89,12 @@ class Dispatcher:
         # The k-NN vote over intents: the loop's task-type classifier, with agents as the types.
         # Labels carry a prefix so that no agent name can collide with its "unknown".
         intents = {f"agent:{n}": list(agents[n].intents) for n in self.names if agents[n].intents}
-        self._knn = (TaskClassifier(intents, SimpleNamespace(embed=embed), k=k, temperature=temperature)
-                     if intents else None)
+        # A stand-in with `embed` only (hence the ignore): the dispatcher classifies vectors, never texts.
+        self._knn = (TaskClassifier(intents, SimpleNamespace(embed=embed), k=k,  # type: ignore[arg-type]
+                                    temperature=temperature) if intents else None)
         self._knn_agents = [t.removeprefix("agent:") for t in self._knn.types] if self._knn else []
-        self._intent_rows = [np.flatnonzero(self._knn.seed_labels == i) for i in range(len(self._knn_agents))]
+        self._intent_rows = [np.flatnonzero(self._knn.seed_labels == i) for i in range(len(self._knn_agents))] \
+            if self._knn else []
         # Keywords as words: a prompt is read once into words with a dict lookup per word; phrases
         # are tried only where their first word appears. A keyword counts for each agent listing it.
         self._keyword_agents: dict[str, set[str]] = {}
@@ -121,7 +123,8 @@ class Dispatcher:
         words = _WORD.findall(text.casefold())
         found: dict[str, set[str]] = {}
         for i, word in enumerate(words):
-            hits = [next((form for form in _singular(word) if form in self._keyword_agents), None)]
+            first = next((form for form in _singular(word) if form in self._keyword_agents), None)
+            hits = [first] if first else []
             for phrase in self._phrases.get(word, ()):
                 end = i + len(phrase)
                 if end <= len(words) and tuple(words[i:end - 1]) == phrase[:-1] \

@@ -29,7 +29,8 @@ _REFUSAL = re.compile(
     r"|i\s+(?:can(?:no|')t|cannot|won'?t|will not|am unable to|'m unable to|am not able to|'m not able to)"
     r"\s+(?:help|assist|comply|provide|do that|fulfil|answer|create|write|generate|support|engage|share|complete)"
     r"|i\s+do(?:n'?t| not)\s+feel\s+comfortable"
-    r"|unfortunately,?\s+i\s+(?:can(?:no|')t|cannot|am unable|'m unable|am not able|'m not able|won'?t|do(?:n'?t| not)\s+(?:have|feel))"
+    r"|unfortunately,?\s+i\s+(?:can(?:no|')t|cannot|am unable|'m unable|am not able|'m not able|won'?t"
+    r"|do(?:n'?t| not)\s+(?:have|feel))"
     r"|as an ai\b|as a language model\b|as an? (?:large )?language model\b"
     r"|(?:sorry|apologies),?\s+(?:but\s+)?i\s+(?:can(?:no|')t|cannot|am unable|'m unable)"
     r"|that(?:'s| is)\s+not\s+something\s+i\s+can"
@@ -73,18 +74,20 @@ _CODE_SIGNS = re.compile(
 _NUM_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
               "ten": 10, "a single": 1, "single": 1}
 _NUM = r"(\d+|one|two|three|four|five|six|seven|eight|nine|ten|a single|single)"
-_BULLETS_ASKED = re.compile(rf"\b(?:in|with|as|into|give me|list|exactly)\s+(?:exactly\s+)?{_NUM}\s+bullet(?:\s*points?|s)\b",
-                            re.IGNORECASE)
+_BULLETS_ASKED = re.compile(rf"\b(?:in|with|as|into|give me|list|exactly)\s+(?:exactly\s+)?{_NUM}"
+                            r"\s+bullet(?:\s*points?|s)\b", re.IGNORECASE)
 _BULLET_LINE = re.compile(r"^\s*(?:[-*+•]|\d+[.)])\s+\S", re.MULTILINE)
-_MAX_WORDS = re.compile(rf"\b(?:under|fewer than|less than|at most|no more than|maximum of|max(?:imum)?|within|not exceeding|up to)\s+{_NUM}\s+words?\b",
-                        re.IGNORECASE)
+_MAX_WORDS = re.compile(r"\b(?:under|fewer than|less than|at most|no more than|maximum of|max(?:imum)?|within"
+                        rf"|not exceeding|up to)\s+{_NUM}\s+words?\b", re.IGNORECASE)
 _EXACT_WORDS = re.compile(rf"\b(?:in|exactly|using|with)\s+(?:exactly\s+)?{_NUM}\s+words?\b", re.IGNORECASE)
-_MAX_SENTENCES = re.compile(rf"\b(?:in|under|at most|no more than|fewer than|less than|exactly|using)\s+{_NUM}\s+sentences?\b",
-                            re.IGNORECASE)
-_YES_NO = re.compile(r"\b(?:answer|reply|respond|say)(?:\s+(?:only|just|with|simply))*\s+(?:with\s+)?[\"']?yes[\"']?\s+or\s+[\"']?no\b"
+_MAX_SENTENCES = re.compile(r"\b(?:in|under|at most|no more than|fewer than|less than|exactly|using)"
+                            rf"\s+{_NUM}\s+sentences?\b", re.IGNORECASE)
+_YES_NO = re.compile(r"\b(?:answer|reply|respond|say)(?:\s+(?:only|just|with|simply))*"
+                     r"\s+(?:with\s+)?[\"']?yes[\"']?\s+or\s+[\"']?no\b"
                      r"|\b(?:yes or no only|only yes or no|just yes or no)\b|\(yes/no\)|\byes/no answer\b",
                      re.IGNORECASE)
-_ONE_WORD = re.compile(r"\b(?:in|with|using|answer in|reply in|respond in)\s+(?:just\s+|only\s+)?(?:one|a single)\s+word\b"
+_ONE_WORD = re.compile(r"\b(?:in|with|using|answer in|reply in|respond in)"
+                       r"\s+(?:just\s+|only\s+)?(?:one|a single)\s+word\b"
                        r"|\bone[- ]word (?:answer|reply|response)\b",
                        re.IGNORECASE)
 # "Print only a single choice from "A" or "B" or "C"", "answer with the letter": one of the listed options.

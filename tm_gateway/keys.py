@@ -9,6 +9,8 @@ from datetime import datetime
 
 import psycopg
 
+from tm_resources.db import one
+
 KEY_PREFIX = "tm-"
 
 
@@ -34,11 +36,11 @@ def create_key(conn: psycopg.Connection, user_id: str, *, admin: bool = False) -
         raise ValueError("a key needs a user name")
     key = KEY_PREFIX + secrets.token_urlsafe(30)
     key_id = "k_" + secrets.token_hex(4)
-    row = conn.execute(
+    row = one(conn.execute(
         "INSERT INTO api_keys (id, user_id, key_hash, prefix, admin) VALUES (%s, %s, %s, %s, %s)"
         " RETURNING id, user_id, prefix, created_at, revoked_at, admin",
         (key_id, user_id, hash_key(key), key[:7], admin),
-    ).fetchone()
+    ))
     conn.commit()
     return key, KeyInfo(*row)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -71,7 +71,7 @@ class LearnedRouter:
 
     def __post_init__(self) -> None:
         r = self.router
-        known = frozenset(a for a, ok in zip(r.arms, r.known) if ok) if r is not None else frozenset()
+        known = frozenset(a for a, ok in zip(r.arms, r.known, strict=True) if ok) if r is not None else frozenset()
         object.__setattr__(self, "_known", known)
 
     @property
@@ -176,7 +176,7 @@ def load_router(conn: psycopg.Connection, *, models: Iterable[str] | None = None
                          now, window_h, per_model)
 
 
-def load_with(conn: psycopg.Connection, settings: RouterSettings, models: Sequence[str] | None = None,
+def load_with(conn: psycopg.Connection, settings: RouterSettings, models: Iterable[str] | None = None,
               now: datetime | None = None) -> LearnedRouter:
     """`load_router` with a `RouterSettings`."""
     return load_router(conn, models=models, window_h=settings.window_h, min_rows=settings.min_rows,

@@ -113,8 +113,9 @@ _STEP_DONE = re.compile(r'STEP_(SUCCESS|FAILURE) - .*step "([^"]+)"')
 
 
 def materialize_with_progress(env: dict[str, str], hour: datetime, selection: str = LOOP_SELECTION) -> tuple[int, str]:
-    """`materialize`, quiet, with a progress bar on the terminal: one tick per step (asset or check) the run ends (Dagster
-    does not say how many it will run until it has, so the bar counts up). Returns its exit code and output."""
+    """`materialize`, quiet, with a progress bar on the terminal: one tick per step (asset or check) the run
+    ends (Dagster does not say how many it will run until it has, so the bar counts up). Returns its exit code
+    and output."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -127,6 +128,7 @@ def materialize_with_progress(env: dict[str, str], hour: datetime, selection: st
         task = bar.add_task(f"hour {partition_key(hour)}: loading the loop", total=None)
         with subprocess.Popen(cmd, env=env, cwd=env["DAGSTER_HOME"], preexec_fn=_default_signals,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+            assert proc.stdout is not None  # stdout=PIPE
             for line in proc.stdout:
                 lines.append(line)
                 if m := _STEP_DONE.search(line):

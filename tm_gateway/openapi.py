@@ -6,7 +6,7 @@ from typing import Any
 
 from tm_gateway import schemas
 
-_SECURITY = [{"bearer": []}, {"apiKey": []}]
+_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
 # What a caller may get back besides an answer: its own mistakes, then the providers' (passed on
 # with their real status, or 502 for an answer the gateway could not read).
 _ERRORS = {

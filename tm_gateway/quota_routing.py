@@ -57,7 +57,8 @@ def with_local_preference(route: Route, config: Config, user: str, tier) -> Rout
                                    reason=f"{route.reason}; local first (routing.local_preference prefer)")
     if pref == "simple-only" and tier() == "SIMPLE":
         return route
-    if not any(_is_local(m, config) for m in models) and not (route.escalate_to and _is_local(route.escalate_to, config)):
+    cascades_locally = route.escalate_to is not None and _is_local(route.escalate_to, config)
+    if not any(_is_local(m, config) for m in models) and not cascades_locally:
         return route
     kept = [m for m in models if not _is_local(m, config)]
     if route.escalate_to and not _is_local(route.escalate_to, config) and route.escalate_to not in kept:
@@ -81,7 +82,7 @@ def avoid_shifted(route: Route, book: RuleBook, config: Config, user: str) -> Ro
         return route
     first = config.models.get(route.model)
     rule = book.shifted.get(first.provider) if first is not None else None
-    if rule is None:
+    if first is None or rule is None:
         return route
     candidates = [*route.chain, *first.fallbacks]
     for alt in candidates:

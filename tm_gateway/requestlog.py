@@ -296,7 +296,7 @@ class RequestLog:
     def _rotate(self) -> Path | None:
         """Start a new journal segment and queue the old one's end; None when nothing was journaled."""
         with self._lock:
-            if self._journal_fd is None or self._journal_rows == 0:
+            if self._journal_fd is None or self._journal_path is None or self._journal_rows == 0:
                 return None
             old_fd, old_path = self._journal_fd, self._journal_path
             self._open_segment()
@@ -398,7 +398,7 @@ class RequestLog:
         """Everything still queued at close, taken with the journal closed so none can slip in after."""
         rest: list[dict] = []
         with self._lock:
-            if self._journal_fd is not None:
+            if self._journal_fd is not None and self._journal_path is not None:
                 os.close(self._journal_fd)
                 ended.append(self._journal_path)
                 self._journal_fd = None

@@ -148,7 +148,8 @@ def replay(plan: Plan, prompt: str, answers: Mapping[str, str | None],
             return [a.model for a in attempts], step.model
         answer = answers.get(step.model)
         if step.model not in verdicts:
-            verdicts[step.model] = tuple(gate(prompt, answer))
+            ok, reasons = gate(prompt, answer)
+            verdicts[step.model] = (ok, reasons)
         attempts.append(Attempt(step.model, answer, verdict=verdicts[step.model]))
 
 
@@ -328,7 +329,7 @@ class KnnRouter:
 
     def choose_many(self, vecs: np.ndarray, **kwargs) -> list[Choice]:
         qs, cs = self.predict(vecs)
-        return [self._pick(q, c, **kwargs) for q, c in zip(qs, cs)]
+        return [self._pick(q, c, **kwargs) for q, c in zip(qs, cs, strict=True)]
 
     def _pick(self, q: np.ndarray, c: np.ndarray, *, cost_weight: float = 0.0, min_quality: float | None = None,
               allowed: Sequence[str] | None = None, explain: bool = False) -> Choice:

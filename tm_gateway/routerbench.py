@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -132,16 +133,17 @@ def load_routerbench(data_dir: str | os.PathLike) -> RouterBenchData:
         raise RouterBenchError(f"{files[0]}: not RouterBench format: column '{unscored[0]}' is missing "
                                f"(the 0/1 correctness of the model that has '{unscored[0]}{COST_SUFFIX}')")
     models = [c for c in first if f"{c}{COST_SUFFIX}" in first]
-    for f, frame in zip(files[1:], frames[1:]):
+    for f, frame in zip(files[1:], frames[1:], strict=True):
         missing = [c for c in ("prompt", *(x for m in models for x in (m, f"{m}{COST_SUFFIX}")))
                    if c not in frame.columns]
         if missing:
             raise RouterBenchError(f"{f}: column '{missing[0]}' is missing"
                                    f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                                    f"every CSV of a folder needs the models of {files[0].name}")
-    quality = np.vstack([np.column_stack([_numeric(f, fr, m) for m in models]) for f, fr in zip(files, frames)])
+    quality = np.vstack([np.column_stack([_numeric(f, fr, m) for m in models])
+                         for f, fr in zip(files, frames, strict=True)])
     cost = np.vstack([np.column_stack([_numeric(f, fr, f"{m}{COST_SUFFIX}") for m in models])
-                      for f, fr in zip(files, frames)])
+                      for f, fr in zip(files, frames, strict=True)])
     df = pd.concat(frames, ignore_index=True)
     complete = ~(np.isnan(quality).any(axis=1) | np.isnan(cost).any(axis=1) | df["prompt"].isna().to_numpy())
     if not complete.any():
@@ -185,10 +187,11 @@ def cached_vectors(texts: Sequence[str], embed: Embed | None = None, cache_dir: 
 
 
 def _figures(quality: np.ndarray, cost: np.ndarray, reference: tuple[float, float] | None = None) -> dict:
-    out = {"accuracy": round(float(np.mean(quality)), 4), "cost_per_query": float(np.mean(cost))}
+    accuracy, cost_per_query = round(float(np.mean(quality)), 4), float(np.mean(cost))
+    out: dict[str, float | None] = {"accuracy": accuracy, "cost_per_query": cost_per_query}
     if reference is not None:
-        out["accuracy_vs_reference"] = round(out["accuracy"] / reference[0], 4) if reference[0] else None
-        out["cost_vs_reference"] = round(out["cost_per_query"] / reference[1], 4) if reference[1] else None
+        out["accuracy_vs_reference"] = round(accuracy / reference[0], 4) if reference[0] else None
+        out["cost_vs_reference"] = round(cost_per_query / reference[1], 4) if reference[1] else None
     return out
 
 
@@ -206,8 +209,8 @@ def evaluate_split(train: RouterBenchData, test: RouterBenchData, train_vecs: np
     replayed for these rows ({"train": (q, c), "test": (q, c)}) so sweeps do not replay them again."""
     models = train.models
     q_tr, c_tr = train.quality, train.cost
-    mean_q = dict(zip(models, q_tr.mean(axis=0)))
-    mean_c = dict(zip(models, c_tr.mean(axis=0)))
+    mean_q = dict(zip(models, q_tr.mean(axis=0), strict=True))
+    mean_c = dict(zip(models, c_tr.mean(axis=0), strict=True))
     reference_model = max(models, key=lambda m: (mean_q[m], -mean_c[m]))
     r = models.index(reference_model)
     reference = (float(test.quality[:, r].mean()), float(test.cost[:, r].mean()))
@@ -258,7 +261,8 @@ def _target(result: dict) -> dict:
     for name in ("router", "router_cascade"):
         if name in result:
             r = result[name]
-            out[f"{name}_met"] = bool(r["accuracy"] >= ref["accuracy"] and r["cost_per_query"] <= ref["cost_per_query"] / 2)
+            out[f"{name}_met"] = bool(r["accuracy"] >= ref["accuracy"]
+                                      and r["cost_per_query"] <= ref["cost_per_query"] / 2)
     return out
 
 
@@ -301,7 +305,7 @@ def run_router_bench(data_dir: str | os.PathLike, test_dir: str | os.PathLike | 
                 "text": {"last-paragraphs": "last paragraphs (at least 120 chars, at most the last 1000)",
                          "prompt": "the whole prompt, cut to its first 128 tokens (the gateway's vector)"}[text],
                 "embedder": "all-MiniLM-L6-v2 fp32, 128 tokens"}
-    params = dict(k=k, temperature=temperature, prior_weight=prior_weight, cost_weight=cost_weight,
+    params: dict[str, Any] = dict(k=k, temperature=temperature, prior_weight=prior_weight, cost_weight=cost_weight,
                   min_quality=min_quality, cascades=cascades)
     out: dict = {"data": {"dir": str(data_dir), "rows": len(data), "dropped_incomplete": data.dropped,
                           "models": data.models, "evals": dict(Counter(data.eval_names))},
@@ -363,7 +367,8 @@ def _mean_of(splits: list[dict]) -> dict:
     """Mean and standard deviation over splits of the headline figures."""
     def stat(get) -> dict:
         values = np.array([get(s) for s in splits], dtype=float)
-        return {"mean": round(float(values.mean()), 6), "sd": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 6)}
+        return {"mean": round(float(values.mean()), 6),
+                "sd": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 6)}
 
     out: dict = {"reference_model": Counter(s["reference_model"] for s in splits).most_common(1)[0][0]}
     for name in ("router", "router_cascade", "random", "oracle"):

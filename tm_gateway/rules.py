@@ -12,6 +12,7 @@ import psycopg
 
 from tm_gateway.tiers import TierClassifier
 from tm_resources.config import Config, Tier
+from tm_resources.db import one
 
 if TYPE_CHECKING:
     from tm_gateway.learned import LearnedRouter
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
 TYPE_ACTIONS = ("escalate", "cascade", "lock_local")
 SWAP_ACTION = "swap_model"
 USER_ACTIONS = ("throttle",)
-# A provider whose quota is critical: `auto` and presets move to another model of their chain (rule id shift:<provider>).
+# A provider whose quota is critical: `auto` and presets move to another model of their chain
+# (rule id shift:<provider>).
 SHIFT_ACTION = "shift"
 
 
@@ -76,7 +78,7 @@ RULE_COLUMNS = "rule_id, action, task_type, user_id, model, target_model, reason
 
 
 def load_rulebook(conn: psycopg.Connection) -> RuleBook:
-    hour = conn.execute("SELECT max(hour) FROM routing_rules").fetchone()[0]
+    hour = one(conn.execute("SELECT max(hour) FROM routing_rules"))[0]
     if hour is None:
         return RuleBook()
     rows = conn.execute(
@@ -138,8 +140,8 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
             return Route(requested, "requested", f"user throttled to local; '{requested}' is local")
         rule = book.by_type.get(task_type) if task_type else None
         local = rule.target_model if rule is not None and rule.action == "lock_local" else None
-        target = local if local and known(local) else _local_default(config, requested)
-        return _swapped(Route(target, f"rule:{throttle.rule_id}", throttle.reason), task_type, book, known)
+        kept = local if local and known(local) else _local_default(config, requested)
+        return _swapped(Route(kept, f"rule:{throttle.rule_id}", throttle.reason), task_type, book, known)
     if not auto:
         return Route(requested, "requested", "the client named the model")
     rule = book.by_type.get(task_type) if task_type else None
@@ -148,7 +150,8 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
             return explored
     if rule is not None:
         if rule.action == "escalate":
-            target = rule.target_model if rule.target_model and known(rule.target_model) else config.defaults.frontier_model
+            target = rule.target_model if rule.target_model and known(rule.target_model) \
+                else config.defaults.frontier_model
             if target and known(target):
                 return Route(target, f"rule:{rule.rule_id}", rule.reason)
         elif rule.action == "cascade":
@@ -191,7 +194,7 @@ def _explored(rule: Rule, book: RuleBook, config: Config, known: Callable[[str],
 
 def _swapped(route: Route, task_type: str | None, book: RuleBook, known: Callable[[str], bool]) -> Route:
     swap = book.swaps.get((task_type, route.model)) if task_type else None
-    if swap is None or not known(swap.target_model):
+    if swap is None or not swap.target_model or not known(swap.target_model):
         return route
     return Route(swap.target_model, f"rule:{swap.rule_id}", swap.reason)
 
@@ -221,12 +224,14 @@ def auto_route(route: Route, *, tier: tuple[str, float, str] | None, task_type: 
         route = Route(learned[0], "learned", learned[1])
     elif tier is not None and config.routing.tiers.enabled:
         name, confidence, source = tier
-        chain = config.routing.tiers.chains.get(name)
+        # A tier's value is a TierName; mypy sees the str of the classifier's tuple.
+        chain = config.routing.tiers.chains.get(name)  # type: ignore[call-overload]
         if chain:
             route = Route(chain[0], f"tier:{name}", f"tier {name} ({source}, confidence {confidence:.2f})",
                           chain=tuple(chain[1:]))
     cascade = config.routing.cascade
-    wants = (tier is not None and tier[0] in cascade.tiers) or (task_type is not None and task_type in cascade.task_types)
+    wants = (tier is not None and tier[0] in cascade.tiers) \
+        or (task_type is not None and task_type in cascade.task_types)
     if not wants:
         return route
     first = cascade.first or config.defaults.model

@@ -333,7 +333,7 @@ class AnthropicMessagesRequest(TypedDict):
     stream_options: NotRequired[dict[str, Any] | None]
 
 
-_REQUESTS = {
+_REQUESTS: dict[str, TypeAdapter[Any]] = {
     "openai": TypeAdapter(OpenAIChatRequest),
     "anthropic": TypeAdapter(AnthropicMessagesRequest),
 }
@@ -419,7 +419,8 @@ class _AnthropicAnswer(TypedDict):
     usage: NotRequired[dict[str, Any] | None]
 
 
-_ANSWERS = {"openai": TypeAdapter(_OpenAIAnswer), "anthropic": TypeAdapter(_AnthropicAnswer)}
+_ANSWERS: dict[str, TypeAdapter[Any]] = {"openai": TypeAdapter(_OpenAIAnswer),
+                                         "anthropic": TypeAdapter(_AnthropicAnswer)}
 
 
 @with_config(_OPEN)
@@ -472,7 +473,7 @@ class _AnthropicEvent(TypedDict):
     usage: NotRequired[dict[str, Any] | None]
 
 
-_EVENTS = {"openai": TypeAdapter(_OpenAIChunk), "anthropic": TypeAdapter(_AnthropicEvent)}
+_EVENTS: dict[str, TypeAdapter[Any]] = {"openai": TypeAdapter(_OpenAIChunk), "anthropic": TypeAdapter(_AnthropicEvent)}
 
 
 def check_answer(kind: str, answer: Any) -> None:
@@ -501,7 +502,7 @@ def request_schema(fmt: str) -> dict:
 
 
 def error_schema(fmt: str) -> dict:
-    inner = {"type": "object", "required": ["type", "message"],
+    inner: dict[str, Any] = {"type": "object", "required": ["type", "message"],
              "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}
     if fmt == "anthropic":
         return {"type": "object", "required": ["type", "error"],

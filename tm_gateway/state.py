@@ -89,7 +89,7 @@ class SharedState:
                 if conn is None or conn.closed:
                     conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
                 cur = await conn.execute("SELECT name, version FROM tm_state_versions")
-                versions = dict(await cur.fetchall())
+                versions: dict[str, int] = dict(await cur.fetchall())
                 if versions.get("api_keys") != self._versions.get("api_keys"):
                     cur = await conn.execute(ACTIVE_KEYS_SQL)
                     self._keys = key_map(await cur.fetchall())
@@ -163,6 +163,8 @@ class SharedState:
             return load_registry(conn)
 
     def _read_contexts(self) -> None:
+        if self.contexts is None:
+            return
         with connect(self.url) as conn:
             self.contexts.load(conn)
 

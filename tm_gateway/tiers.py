@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -432,32 +432,27 @@ def calibrate(labelled: Sequence[tuple[str, Tier | str]], weights: TierWeights =
     best = weights
     for _ in range(4):
         if fit_bars:
-            best = min((_with(best, simple_bar=b) for b in bars if b < best.complex_bar), key=nll)
-            best = min((_with(best, complex_bar=b) for b in bars if b > best.simple_bar), key=nll)
-            best = min((_with(best, reasoning_bar=b) for b in bars), key=nll)
-        best = min((_with(best, complexity_slope=a) for a in slopes), key=nll)
-        best = min((_with(best, reasoning_slope=b) for b in slopes), key=nll)
+            best = min((replace(best, simple_bar=b) for b in bars if b < best.complex_bar), key=nll)
+            best = min((replace(best, complex_bar=b) for b in bars if b > best.simple_bar), key=nll)
+            best = min((replace(best, reasoning_bar=b) for b in bars), key=nll)
+        best = min((replace(best, complexity_slope=a) for a in slopes), key=nll)
+        best = min((replace(best, reasoning_slope=b) for b in slopes), key=nll)
     return best
-
-
-def _with(w: TierWeights, **changes: float) -> TierWeights:
-    from dataclasses import replace
-
-    return replace(w, **changes)
 
 
 def calibration_report(decisions: Sequence[TierDecision], truth: Sequence[Tier | str], bins: int = 5) -> dict:
     """Accuracy, mean confidence and expected calibration error (ECE) over labelled prompts."""
     truth = [Tier(t) for t in truth]
     conf = np.array([d.confidence for d in decisions])
-    right = np.array([d.tier == t for d, t in zip(decisions, truth)], dtype=float)
+    right = np.array([d.tier == t for d, t in zip(decisions, truth, strict=True)], dtype=float)
     edges = np.linspace(0, 1, bins + 1)
     ece, table = 0.0, []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         m = (conf >= lo) & ((conf < hi) if hi < 1 else (conf <= hi))
         if m.any():
             ece += m.mean() * abs(conf[m].mean() - right[m].mean())
             table.append({"confidence": f"{lo:.1f}-{hi:.1f}", "n": int(m.sum()),
-                          "mean_confidence": round(float(conf[m].mean()), 3), "accuracy": round(float(right[m].mean()), 3)})
+                          "mean_confidence": round(float(conf[m].mean()), 3),
+                          "accuracy": round(float(right[m].mean()), 3)})
     return {"n": len(truth), "accuracy": round(float(right.mean()), 4), "mean_confidence": round(float(conf.mean()), 4),
             "ece": round(float(ece), 4), "bins": table}

@@ -27,6 +27,7 @@ import orjson
 import psycopg
 
 from tm_resources.config import Config
+from tm_resources.db import one
 from tm_resources.embedder import fits_window
 from tm_resources.prompts import split_person_text
 
@@ -120,12 +121,14 @@ class RecentHashes:
             self._newest = newest
 
     def load(self, conn: psycopg.Connection) -> None:
-        now = conn.execute("SELECT now()").fetchone()[0]
+        now = one(conn.execute("SELECT now()"))[0]
         self._take(conn.execute(self._SQL, {"since": now - timedelta(seconds=self.ttl_s)}).fetchall(), now, True)
 
     async def refresh(self, conn: psycopg.AsyncConnection) -> None:
         cur = await conn.execute("SELECT now()")
-        now = (await cur.fetchone())[0]
+        row = await cur.fetchone()
+        assert row is not None  # now() is one row
+        now = row[0]
         whole = self._loaded_at is None or now - self._loaded_at > timedelta(seconds=self.ttl_s / 2)
         since = now - timedelta(seconds=self.ttl_s) if whole or self._newest is None else \
             self._newest - timedelta(seconds=self.overlap_s)
@@ -298,7 +301,7 @@ def replace_entries(conn: psycopg.Connection, hour: datetime, config: Config) ->
           AND coalesce(r.prompt_embedding, s.prompt_embedding) IS NOT NULL"""
     candidates = conn.execute("SELECT r.id, r.prompt" + servable, params).fetchall()
     whole = fits_window([prompt or "" for _, prompt in candidates])
-    params["ids"] = [rid for (rid, _), ok in zip(candidates, whole) if ok]
+    params["ids"] = [rid for (rid, _), ok in zip(candidates, whole, strict=True) if ok]
     with conn.transaction():
         conn.execute("DELETE FROM cache_entries WHERE hour = %s OR ts < %s", (hour, hour - KEEP_ENTRIES))
         cur = conn.execute(

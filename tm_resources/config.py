@@ -239,9 +239,9 @@ class TierRouting(_Strict):
     # goes to defaults.model.
     chains: dict[TierName, list[str]] = Field(default_factory=dict)
     # The loop's task types mapped to tiers, for prompts the rules are unsure about.
-    task_type_tiers: dict[str, TierName] = Field(default_factory=lambda: {
+    task_type_tiers: dict[str, TierName] = Field(default_factory=lambda: dict[str, TierName]({
         "chat": "SIMPLE", "extraction": "SIMPLE", "summarization": "MEDIUM", "writing": "MEDIUM",
-        "coding": "COMPLEX", "math": "REASONING", "reasoning": "REASONING"})
+        "coding": "COMPLEX", "math": "REASONING", "reasoning": "REASONING"}))
     # Optionally, when neither the signals nor the task type clear min_confidence: ask this
     # configured (cheap, local) model for the tier, waiting at most llm_timeout_s; no answer in time
     # (or not one of the four words) keeps what the signals said.

@@ -6,14 +6,16 @@ import logging
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
+from psycopg.rows import Row
 
 log = logging.getLogger(__name__)
 
 # Held for the life of the process: pgserver stops the embedded server when its last user exits.
-_embedded: dict[Path, object] = {}
+_embedded: dict[Path, Any] = {}
 
 # Any number for pg_advisory_xact_lock, fixed so that every replica agrees on it.
 _MIGRATION_LOCK = 0x746D_6D69  # "tmmi"
@@ -26,6 +28,14 @@ def connect(url: str, **kw) -> psycopg.Connection:
     conn = psycopg.connect(url, **kw)
     register_vector(conn)
     return conn
+
+
+def one(cur: psycopg.Cursor[Row]) -> Row:
+    """The row of a query that always returns one (an aggregate, now(), INSERT ... RETURNING)."""
+    row = cur.fetchone()
+    if row is None:
+        raise LookupError("the query returned no row")
+    return row
 
 
 def start_embedded(home: Path) -> str:
@@ -54,7 +64,8 @@ def with_database(url: str, dbname: str) -> str:
 
 
 def psycopg2_url(url: str) -> str:
-    """The URL as SQLAlchemy must see it for dagster-postgres (psycopg2 named: with psycopg 3 its first event write fails on NOTIFY)."""
+    """The URL as SQLAlchemy must see it for dagster-postgres (psycopg2 named: with psycopg 3 its first
+    event write fails on NOTIFY)."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
 

@@ -6,6 +6,9 @@ folder; after that only onnxruntime, `tokenizers` and numpy are needed: they loa
 on two cores, embed short prompts about 2x faster than sentence-transformers (one prompt in about
 6 ms instead of 17) with the same vectors. Tokenization, mean pooling and normalization follow sentence-transformers'
 own pipeline for this model, so the vectors match its output (cosine > 0.9999 for fp32).
+sentence-transformers' own ONNX backend (backend="onnx", and its int8 export) was measured against this
+path (bench/embedder_backends.py, docs/benchmarks.md): 20-25 % slower for one prompt, the gateway's
+case, and it needs optimum-onnx, whose transformers pin does not fit the one installed.
 """
 
 from __future__ import annotations
@@ -277,7 +280,7 @@ def fits_window(texts: list[str], max_tokens: int = DEFAULT_MAX_TOKENS) -> list[
     if len(short) == 1:  # the gateway's case: encode_batch would wake the tokenizer's thread pool
         out[short[0]] = len(tok.encode(texts[short[0]]).ids) < max_tokens
     elif short:
-        for i, enc in zip(short, tok.encode_batch([texts[i] for i in short])):
+        for i, enc in zip(short, tok.encode_batch([texts[i] for i in short]), strict=True):
             out[i] = len(enc.ids) < max_tokens
     return out
 

@@ -25,7 +25,7 @@ class EventSink:
     def __init__(self, api_key: str | None, host: str | None = None, *, sync: bool = False):
         self.enabled = bool(api_key)
         self._client = None
-        if self.enabled:
+        if api_key:
             from posthog import Posthog
 
             # Feature flags are not used: no polling, no /flags calls.

@@ -83,7 +83,8 @@ def patterns(df: pd.DataFrame, tiers: Mapping[str, object] | None = None) -> tup
     def aggregate(keys: list[str]) -> pd.DataFrame:
         columns = keys[:2] + PATTERN_COLUMNS[2:3] + keys[2:] + PATTERN_COLUMNS[3:]
         if d.empty:
-            return pd.DataFrame({c: pd.Series(dtype="float64" if c.startswith(("avg", "total")) else "object") for c in columns})
+            return pd.DataFrame({c: pd.Series(dtype="float64" if c.startswith(("avg", "total")) else "object")
+                                 for c in columns})
         g = d.groupby(keys, sort=True, dropna=False)
         out = pd.DataFrame({
             "requests": g.size(),
@@ -198,7 +199,8 @@ def grades(df: pd.DataFrame, now: pd.Timestamp, tz: str = "UTC", *,
     d["_delivered"] = d["_quality"].notna() & ~_escalated_away(df).loc[d.index]
     d["_user"] = _user_originated(d)
     d["_esc"] = is_escalation(d)
-    d["_tokens"] = sum(d[c].fillna(0).astype("int64") for c in _TOKEN_COLUMNS if c in d) if any(c in d for c in _TOKEN_COLUMNS) else 0
+    d["_tokens"] = sum(d[c].fillna(0).astype("int64") for c in _TOKEN_COLUMNS if c in d) \
+        if any(c in d for c in _TOKEN_COLUMNS) else 0
     d["_cost"] = d["cost_usd"].fillna(0).astype("float64") if "cost_usd" in d else 0.0
     d["_day"] = d["_ts"].dt.tz_convert(tz).dt.strftime("%Y-%m-%d")
     last24 = d["_ts"] > now - pd.Timedelta(hours=24)

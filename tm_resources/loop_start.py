@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 
 from tm_resources.config import Config
+from tm_resources.db import one
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def first_hour(config: Config | None, url: str | None, now: datetime | None = No
         try:
             # Short: the definitions load on every code-server start and must not hang on a dead host.
             with psycopg.connect(url, connect_timeout=3) as conn:
-                first = conn.execute("SELECT min(ts) FROM requests").fetchone()[0]
+                first = one(conn.execute("SELECT min(ts) FROM requests"))[0]
             return floor_hour(first) if first is not None else now
         except psycopg.Error as err:
             log.warning("cannot read the first request's hour (%s); the loop's hours start %s days back",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -95,7 +96,7 @@ async def complete_text(session: aiohttp.ClientSession, ep: Endpoint, upstream: 
     body = {"model": upstream, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
     if ep.kind == "anthropic":
         body = fm.openai_request_to_anthropic(body, model=upstream, default_max_tokens=max_tokens)
-    kwargs = {} if timeout is None else {"timeout": timeout}
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     async with session.post(ep.url, data=orjson.dumps(body), headers=ep.headers(), **kwargs) as resp:
         if resp.status >= 400:
             return None

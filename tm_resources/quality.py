@@ -54,7 +54,8 @@ def coherence(prompt_vecs: np.ndarray, answer_vecs: np.ndarray,
     p = np.asarray(prompt_vecs, dtype=np.float64)
     a = np.asarray(answer_vecs, dtype=np.float64)
     if p.shape != a.shape or p.ndim != 2:
-        raise ValueError(f"prompt and answer vectors must be two arrays of the same (n, d) shape, got {p.shape} and {a.shape}")
+        raise ValueError("prompt and answer vectors must be two arrays of the same (n, d) shape, "
+                         f"got {p.shape} and {a.shape}")
     # Re-normalising costs nothing and keeps the map honest if a caller hands in raw vectors.
     pn = np.linalg.norm(p, axis=1)
     an = np.linalg.norm(a, axis=1)
@@ -188,7 +189,7 @@ def expected_output_tokens(prompt: str | None) -> float:
         return float(BREVITY_TERSE_TOKENS)
     asks = len(_QUESTION.findall(text)) + len(_BULLET.findall(text)) + len(_IMPERATIVE.findall(text))
     asks = max(1, min(asks, 20))
-    expected = BREVITY_BASE_TOKENS + BREVITY_PER_EXTRA_ASK * (asks - 1)
+    expected: float = BREVITY_BASE_TOKENS + BREVITY_PER_EXTRA_ASK * (asks - 1)
     if _CODE_REQUEST.search(text):
         expected += BREVITY_CODE_TOKENS
     if _DETAIL_REQUEST.search(text):
@@ -229,7 +230,8 @@ def brevity(output_tokens: int | float, prompt: str | None, *, expected: float |
 # Re-prompt: did the user come back soon with a correction or the same question reworded?
 
 # Strong evidence the previous answer missed: the next prompt opens with a refusal of it, or says so.
-_CORRECTION_START = re.compile(r"^\W*(no|nope|wrong|incorrect|not quite|not really|that'?s not|that is not|actually)\b", re.I)
+_CORRECTION_START = re.compile(r"^\W*(no|nope|wrong|incorrect|not quite|not really|that'?s not|that is not|actually)\b",
+                               re.I)
 _CORRECTION_ANYWHERE = re.compile(
     r"\b(that'?s wrong|that is wrong|this is wrong|not what i (?:asked|wanted|meant)|try again|you forgot|"
     r"you missed|you didn'?t|you did not|you ignored|still (?:doesn'?t|does not|isn'?t|is not|not) work|"
@@ -293,7 +295,8 @@ def is_escalation(df: pd.DataFrame) -> pd.Series:
     return flag
 
 
-def reprompt_signal(df: pd.DataFrame, prompt_vecs: np.ndarray | None = None, reprompt_window_s: float = 600) -> pd.Series:
+def reprompt_signal(df: pd.DataFrame, prompt_vecs: np.ndarray | None = None,
+                    reprompt_window_s: float = 600) -> pd.Series:
     """Per request (indexed like df): 1.0 no correction followed, 0.0 one did, in between for weaker evidence.
 
     The follow-up is the same user's next request within reprompt_window_s: in the same session
@@ -311,7 +314,8 @@ def reprompt_signal(df: pd.DataFrame, prompt_vecs: np.ndarray | None = None, rep
     if prompt_vecs is not None:
         vecs = np.asarray(prompt_vecs, dtype=np.float64)
     elif "prompt_vec" in df:
-        vecs = np.array([np.full(0, np.nan) if v is None else np.asarray(v, dtype=np.float64) for v in df["prompt_vec"]], dtype=object)
+        vecs = np.array([np.full(0, np.nan) if v is None else np.asarray(v, dtype=np.float64)
+                         for v in df["prompt_vec"]], dtype=object)
     pos = pd.Series(np.arange(len(df)), index=df.index)
     ts = pd.to_datetime(df["ts"], utc=True)
     escalation = is_escalation(df)
@@ -368,7 +372,8 @@ def cost_efficiency(quality_wo_cost, cost_usd, baseline_cost_usd, tokens=None) -
     """
     q = np.asarray(quality_wo_cost, dtype=np.float64)
     cost = np.clip(np.nan_to_num(np.asarray(cost_usd, dtype=np.float64), nan=0.0), 0.0, None)
-    base = np.asarray(baseline_cost_usd, dtype=np.float64).copy() if baseline_cost_usd is not None else np.full(q.shape, np.nan)
+    base = np.asarray(baseline_cost_usd, dtype=np.float64).copy() if baseline_cost_usd is not None \
+        else np.full(q.shape, np.nan)
     base[base <= 0] = np.nan
     if tokens is not None:
         tok = np.clip(np.nan_to_num(np.asarray(tokens, dtype=np.float64), nan=0.0), 1.0, None)
@@ -480,7 +485,8 @@ def composite(signals: pd.DataFrame, weights: ScoringWeights) -> pd.Series:
 
 def answered(df: pd.DataFrame) -> pd.Series:
     """Rows that got an answer: status 200 and a non-empty response. Only these get a quality."""
-    ok = df["status"].astype("Int64").eq(200).fillna(False).astype(bool) if "status" in df else pd.Series(True, index=df.index)
+    ok = df["status"].astype("Int64").eq(200).fillna(False).astype(bool) if "status" in df \
+        else pd.Series(True, index=df.index)
     if "response_text" in df:
         ok &= df["response_text"].astype("string").str.strip().str.len().fillna(0).gt(0).astype(bool)
     return ok
@@ -523,8 +529,9 @@ def score_requests(df: pd.DataFrame, prompt_vecs: np.ndarray | None, answer_vecs
     answers = df["response_text"].tolist() if "response_text" in df else [None] * n
     # A cache hit bills no output tokens but still hands the user a whole answer: measure that.
     billed = df["output_tokens"].astype("float64").tolist() if "output_tokens" in df else [np.nan] * n
-    out_tokens = [t if t == t and t > 0 else (estimate_tokens(a) if isinstance(a, str) else t) for t, a in zip(billed, answers)]
-    res["brevity"] = [brevity(t, p) for t, p in zip(out_tokens, prompts)]
+    out_tokens = [t if t == t and t > 0 else (estimate_tokens(a) if isinstance(a, str) else t)
+                  for t, a in zip(billed, answers, strict=True)]
+    res["brevity"] = [brevity(t, p) for t, p in zip(out_tokens, prompts, strict=True)]
     res["reprompt"] = reprompt_signal(df.reset_index(drop=True), prompt_vecs, reprompt_window_s).to_numpy()
 
     for col in ("coherence", "completion", "brevity", "reprompt"):
@@ -532,7 +539,8 @@ def score_requests(df: pd.DataFrame, prompt_vecs: np.ndarray | None, answer_vecs
     without_cost = composite(res, weights.model_copy(update={"cost_efficiency": 0.0}))
     tokens = None
     if "input_tokens" in df and "output_tokens" in df:
-        tokens = df["input_tokens"].fillna(0).to_numpy(dtype=np.float64) + df["output_tokens"].fillna(0).to_numpy(dtype=np.float64)
+        tokens = df["input_tokens"].fillna(0).to_numpy(dtype=np.float64) \
+            + df["output_tokens"].fillna(0).to_numpy(dtype=np.float64)
     baseline = df["baseline_cost_usd"].to_numpy(dtype=np.float64) if "baseline_cost_usd" in df else None
     # The batch reference for a missing baseline comes from answered rows only.
     eff = np.full(n, np.nan)

@@ -17,6 +17,7 @@ import psycopg
 
 from tm_resources import alerts, forecast
 from tm_resources.config import Config, ConfigError, QuotaConfig, QuotaReset
+from tm_resources.db import one
 from tm_resources.events import EventSink
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,12 @@ def last_reset(reset: QuotaReset | None, tz: str, now: datetime) -> datetime | N
         at = _at(day, reset.hour, zone)
         return at if at <= now else _at(day - timedelta(days=1), reset.hour, zone)
     if reset.every == "weekly":
+        assert isinstance(reset.day, str)  # QuotaReset's validator: a weekly reset has a weekday
         back = (local.weekday() - WEEKDAYS.index(reset.day)) % 7
         day = local.date() - timedelta(days=back)
         at = _at(day, reset.hour, zone)
         return at if at <= now else _at(day - timedelta(days=7), reset.hour, zone)
+    assert isinstance(reset.day, int)  # QuotaReset's validator: a monthly reset has a day of the month
     day = local.date().replace(day=reset.day)
     at = _at(day, reset.hour, zone)
     return at if at <= now else _at(_month_before(day), reset.hour, zone)
@@ -72,6 +75,7 @@ def next_reset(reset: QuotaReset | None, tz: str, now: datetime) -> datetime | N
         at = _fixed(reset, zone)
         return at if at > now else None
     last = last_reset(reset, tz, now)
+    assert last is not None  # a repeating schedule always has a last reset
     day = last.astimezone(zone).date()
     if reset.every == "daily":
         return _at(day + timedelta(days=1), reset.hour, zone)
@@ -88,6 +92,7 @@ def _at(day: date, hour: int, zone: ZoneInfo) -> datetime:
 
 def _fixed(reset: QuotaReset, zone: ZoneInfo) -> datetime:
     at = reset.date
+    assert at is not None  # QuotaReset's validator: a fixed reset has a date
     return (at if at.tzinfo else at.replace(tzinfo=zone)).astimezone(UTC)
 
 
@@ -127,9 +132,9 @@ def read_openrouter(url: str, api_key: str, timeout_s: float = 5.0) -> Reading:
 
 
 def _logged(conn: psycopg.Connection, provider: str, kind: str, start: datetime | None, end: datetime) -> float:
-    value = conn.execute(f"SELECT coalesce(sum({_UNIT_SQL[kind]}), 0) FROM requests"
-                         " WHERE provider = %s AND ts >= %s AND ts < %s",
-                         (provider, start or datetime(1970, 1, 1, tzinfo=UTC), end)).fetchone()[0]
+    value = one(conn.execute(f"SELECT coalesce(sum({_UNIT_SQL[kind]}), 0) FROM requests"
+                             " WHERE provider = %s AND ts >= %s AND ts < %s",
+                         (provider, start or datetime(1970, 1, 1, tzinfo=UTC), end)))[0]
     return float(value)
 
 
@@ -150,8 +155,8 @@ def hourly_usage(conn: psycopg.Connection, provider: str, kind: str, now: dateti
 
 def _adjustments(conn: psycopg.Connection, provider: str, since: datetime | None, now: datetime) -> tuple:
     """(the latest `tm reset` at or before now, the latest `tm set-usage` reading after the window start)."""
-    reset = conn.execute("SELECT max(ts) FROM quota_adjustments WHERE provider = %s AND kind = 'reset' AND ts <= %s",
-                         (provider, now)).fetchone()[0]
+    reset = one(conn.execute("SELECT max(ts) FROM quota_adjustments WHERE provider = %s AND kind = 'reset'"
+                             " AND ts <= %s", (provider, now)))[0]
     start = max(filter(None, [since, reset]), default=None)
     reading = conn.execute(
         "SELECT ts, value, unit FROM quota_adjustments WHERE provider = %s AND kind = 'usage' AND ts <= %s"
@@ -270,16 +275,17 @@ def predict(conn: psycopg.Connection, config: Config, now: datetime | None = Non
         q = quota_of(config, s.provider)
         model = forecast.fit(*hourly_usage(conn, s.provider, q.type, now), now, q.timezone)
         until = now + timedelta(hours=hours)
-        resets = s.reset_at is not None and s.reset_at <= until
+        reset_at = s.reset_at if s.reset_at is not None and s.reset_at <= until else None
+        resets = reset_at is not None
         # After a reset within the horizon only the usage since it counts.
-        skip = math.ceil((s.reset_at - now) / timedelta(hours=1)) if resets else 0
+        skip = math.ceil((reset_at - now) / timedelta(hours=1)) if reset_at is not None else 0
         expected = float(model.expected(hours)[skip:].sum())
         low, high = model.spread(hours)
         base = 0.0 if resets or s.used is None else s.used
         projected = {"expected": base + expected, "low": base + expected * low, "high": base + expected * high}
         fractions = {k: round(v / s.limit, 6) for k, v in projected.items()} if s.limit else None
         runs_out = s.exhausts_in_h is not None and s.exhausts_in_h <= hours and not (
-            resets and s.reset_at <= s.exhausts_at)
+            reset_at is not None and s.exhausts_at is not None and reset_at <= s.exhausts_at)
         out.append({"provider": s.provider, "hours": hours, "until": until, "state": s.state, "unit": s.unit,
                     "used": s.used, "limit": s.limit, "used_fraction": s.used_fraction,
                     "expected_usage": round(expected, 6),
@@ -296,13 +302,14 @@ def _h(x: float | None) -> float | None:
 
 def _api_url(config: Config, provider: str) -> str:
     p = config.providers[provider]
-    return p.quota.api_url or p.base_url.rstrip("/") + "/key"
+    return (p.quota.api_url if p.quota else None) or p.base_url.rstrip("/") + "/key"
 
 
 def _api_key(config: Config, provider: str) -> str:
     keys = config.providers[provider].api_keys()
     if not keys:
-        raise ValueError(f"no API key for {provider}: set {' or '.join(config.providers[provider].api_key_env) or 'api_key_env'}")
+        names = " or ".join(config.providers[provider].api_key_env) or "api_key_env"
+        raise ValueError(f"no API key for {provider}: set {names}")
     return keys[0]
 
 
@@ -389,7 +396,7 @@ def set_usage(conn: psycopg.Connection, config: Config, provider: str, text: str
     conn.execute("INSERT INTO quota_adjustments (ts, provider, kind, value, unit) VALUES (%s, %s, 'usage', %s, %s)",
                  (ts, provider, value, unit))
     return {"provider": provider, "set_at": ts, "value": value, "unit": unit,
-            "used": value * q.limit if unit == "fraction" else value, "quota_unit": UNIT_NAMES[q.type]}
+            "used": value * q.limit if unit == "fraction" and q.limit else value, "quota_unit": UNIT_NAMES[q.type]}
 
 
 def record_reset(conn: psycopg.Connection, config: Config, provider: str, now: datetime | None = None) -> dict:

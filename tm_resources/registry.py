@@ -4,6 +4,7 @@ every gateway replica when the table changes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
@@ -65,7 +66,7 @@ def with_registry(config: Config, entries: list[RegisteredModel]) -> Config:
     return config.model_copy(update={"providers": providers, "models": models})
 
 
-def rollback_version(conn: psycopg.Connection, version: str) -> bool:
+def rollback_version(conn: psycopg.Connection[Any], version: str) -> bool:
     """Mark a fine-tuned version rolled back and take it out of every gateway's registry at once:
     requests fall back to its base now, and decision rule 6 drops its swap on the next run."""
     changed = conn.execute("UPDATE model_versions SET status = 'rolled_back' WHERE version = %s"

@@ -65,7 +65,7 @@ def read_requests(conn: psycopg.Connection, start: datetime, end: datetime, colu
 
 def read_df(conn: psycopg.Connection, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
     cur = conn.execute(sql, params)
-    cols = [d.name for d in cur.description]
+    cols = [d.name for d in cur.description or ()]
     return pd.DataFrame(cur.fetchall(), columns=cols)
 
 

@@ -112,7 +112,7 @@ class TaskClassifier:
         nearest = (vecs @ self.seed_vecs.T).max(axis=1)
         known = (confidence >= self.min_confidence) & (nearest >= self.min_similarity)
         return [(self.types[b] if ok else UNKNOWN, round(float(c), 4))
-                for b, c, ok in zip(best, confidence, known)]
+                for b, c, ok in zip(best, confidence, known, strict=True)]
 
     def classify_texts(self, texts: list[str]) -> list[tuple[str, float]]:
         return self.classify(self.embedder.embed(texts))
@@ -204,7 +204,7 @@ def candidate_types(vecs: np.ndarray, texts: list[str], labels: list[str], confi
     vecs = np.asarray(vecs, dtype=np.float32)
     if not (len(vecs) == len(texts) == len(labels) == len(confidences)):
         raise ValueError("vecs, texts, labels and confidences must have one entry per prompt")
-    pool = np.array([i for i, (lab, conf) in enumerate(zip(labels, confidences))
+    pool = np.array([i for i, (lab, conf) in enumerate(zip(labels, confidences, strict=True))
                      if lab == UNKNOWN or (min_confidence is not None and conf < min_confidence)], dtype=int)
     if len(pool) > max_points:
         pool = np.sort(np.random.default_rng(random_state).choice(pool, size=max_points, replace=False))
@@ -217,7 +217,7 @@ def candidate_types(vecs: np.ndarray, texts: list[str], labels: list[str], confi
 
     words = [_words(t) for t in texts]
     df_all = Counter(w for ws in words for w in ws)
-    out = []
+    out: list[dict] = []
     for members in groups:
         rows = pool[members]
         centroid = _unit(pool_vecs[members].mean(axis=0))

@@ -7,7 +7,6 @@ import signal
 import time
 from typing import Any
 
-
 from tests.fakes.upstream import FAULTS, FakeUpstream, inject_fault
 
 

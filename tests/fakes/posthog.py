@@ -14,8 +14,7 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from tests.fakes.server import Recorded, _ThreadedServer, _json_response
-
+from tests.fakes.server import Recorded, _json_response, _ThreadedServer
 
 _PH_EVENT_PATHS = {"/batch", "/capture", "/e", "/i/v0/e", "/i/v0/ai/batch", "/track", "/engage",
                    "/i/v1/analytics/events"}

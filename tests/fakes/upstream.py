@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
 from tests.fakes.anthropic import AnthropicRoutes, _anthropic_error
 from tests.fakes.openai import OpenAIRoutes, _openai_error, _openai_text
-from tests.fakes.server import Recorded, Responder, ToolCall, _ThreadedServer, _json_response
+from tests.fakes.server import Recorded, Responder, ToolCall, _json_response, _ThreadedServer
 
 
 def _last_user_text(fmt: str, body: dict) -> str:

@@ -264,7 +264,8 @@ def generate_answers(model_path: Path, adapter_path: Path | None, prompts: Seque
     adapter (or the base alone), with the model's chat template. In process: load once, answer all."""
     from mlx_lm import generate, load
 
-    model, tokenizer = load(str(model_path), adapter_path=str(adapter_path) if adapter_path else None)
+    # mlx_lm types load() as returning 2 or 3 items; the third comes only with return_config=True.
+    model, tokenizer = load(str(model_path), adapter_path=str(adapter_path) if adapter_path else None)  # type: ignore[misc]
     answers = []
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)

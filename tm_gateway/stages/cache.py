@@ -53,7 +53,8 @@ async def cache_lookup(gw: Proxy, ctx: Ctx, body: dict) -> cache.Hit | None:
         return None
     try:
         async with asyncio.timeout(config.cache.lookup_timeout_s):
-            if similar and vec is None:  # a named model's prompt (semantic.named_models): embedded
+            # A named model's prompt (semantic.named_models): embedded
+            if similar and vec is None and gw.embed is not None:
                 # before a pooled connection is taken, not while holding one
                 vec = await asyncio.get_running_loop().run_in_executor(None, gw.embed, r["prompt"])
                 r["prompt_embedding"] = vec
@@ -75,6 +76,7 @@ async def cache_lookup(gw: Proxy, ctx: Ctx, body: dict) -> cache.Hit | None:
 
 async def _cache_query(gw: Proxy, keys: cache.CacheKeys, users: list[str] | None, exact: bool, similar: bool,
                        vec: Any, requested_model: str) -> cache.Hit | None:
+    assert gw.cache_pool is not None  # the orchestrator looks up only with a pool
     async with gw.cache_pool.connection() as conn:
         hit = await cache.lookup_exact(conn, keys, users, gw.config) if exact else None
         if hit is None and similar:

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from tm_gateway.gate import quick_gate
 from tm_gateway.ids import uuid7
 from tm_gateway.rules import Route
-from tm_gateway.stages.call import answer, call, send_whole
+from tm_gateway.stages.call import Whole, answer, call, send_whole
 from tm_gateway.stages.context import Ctx
 from tm_gateway.stages.log import Row, answered
 from tm_gateway.stages.relay import text_stream
@@ -45,7 +45,8 @@ async def cascade(gw: Proxy, ctx: Ctx, body: dict, route: Route, prompt: str) ->
     if isinstance(outcome, Response):
         reasons = [f"no answer ({first.data.get('error_class')})"]  # its row is written, as failed
     else:
-        got, name, _ = outcome  # whole: it was not asked to stream
+        got, name, _ = outcome
+        assert isinstance(got, Whole)  # it was not asked to stream
         verdict = quick_gate(prompt, got.text, finish_reason=got.finish, expect_json=_json_asked(body))
         if verdict.passed:
             row.data.update({k: first.data[k] for k in ("model", "provider", "upstream_model", "attempts")})
@@ -63,4 +64,5 @@ async def cascade(gw: Proxy, ctx: Ctx, body: dict, route: Route, prompt: str) ->
     row.data.update(parent_id=first.data["id"], route_reason=f"{route.reason}; escalated: {why}")
     headers["x-tm-cascade"] = f"escalated: {why}"
     headers["x-tm-cascade-first"] = str(first.data["id"])
+    assert route.escalate_to is not None  # the orchestrator cascades only routes that escalate
     return await answer(gw, ctx, body, route.escalate_to, [])

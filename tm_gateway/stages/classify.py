@@ -19,6 +19,7 @@ Classified = tuple[Any, str, float]  # (vector, task type, confidence)
 
 async def classified(gw: Proxy, prompt: str, row: Row) -> Classified:
     """The prompt's (vector, task type, confidence), computed once per request, off the event loop."""
+    assert gw.classify is not None  # called only when the gateway has a classifier
     vec, task_type, confidence = await asyncio.get_running_loop().run_in_executor(None, gw.classify, prompt)
     row.data["prompt_embedding"] = vec
     row.data["task_type"] = task_type

@@ -93,7 +93,7 @@ class _StreamRelay:
         return parsed
 
     def _event(self, ev: fm.SSEEvent) -> bytes:
-        if self.kind == "openai":
+        if isinstance(self.acc, fm.OpenAIStreamAccumulator):  # self.kind == "openai"
             if ev.data == "[DONE]":
                 return b""
             chunk = self._data(ev.data)
@@ -188,7 +188,7 @@ class _StreamRelay:
 
     def _finished_upstream(self) -> bool:
         acc = self.acc
-        return (acc.stop_reason if self.kind == "anthropic" else acc.finish_reason) is not None
+        return (acc.stop_reason if isinstance(acc, fm.AnthropicStreamAccumulator) else acc.finish_reason) is not None
 
     def close(self) -> None:
         """Called once the response is over, however it ended: writes the row."""
@@ -196,9 +196,9 @@ class _StreamRelay:
         usage = acc.usage
         fields: dict[str, Any] = {
             "response_text": acc.log_text(),
-            "finish_reason": acc.stop_reason if self.kind == "anthropic" else acc.finish_reason,
+            "finish_reason": acc.stop_reason if isinstance(acc, fm.AnthropicStreamAccumulator) else acc.finish_reason,
             "ttft_ms": self.ttft_ms,
-            **dict(zip(("cost_usd", "baseline_cost_usd"), costs(self.proxy.config, self.model, usage))),
+            **dict(zip(("cost_usd", "baseline_cost_usd"), costs(self.proxy.config, self.model, usage), strict=True)),
             **usage_fields(usage),
         }
         if not self.completed:

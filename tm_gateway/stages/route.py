@@ -73,6 +73,7 @@ async def _llm_tier(gw: Proxy, prompt: str, unsure: tuple[str, float, str]) -> t
     unsure about; what they said when it cannot answer in time."""
     tiers = gw.config.routing.tiers
     model = tiers.llm_classifier
+    assert model is not None  # asked only when one is configured
     mcfg = gw.config.models[model]
     ep = gw.endpoints[mcfg.provider]
     try:

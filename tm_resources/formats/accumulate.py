@@ -78,7 +78,7 @@ class AnthropicStreamAccumulator(_Accumulator):
     def __init__(self) -> None:
         super().__init__()
         self.stop_reason: str | None = None
-        self._by_index: dict[int, dict] = {}
+        self._by_index: dict[int | None, dict] = {}  # a block index as sent, None if missing
 
     def feed(self, event_type: str, data: dict) -> None:
         if event_type == "content_block_delta":

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING, Any
 
 from tm_resources.formats._common import FormatError, _dumps
+
+if TYPE_CHECKING:  # the SDKs' request types, as annotations only: no model is built per request
+    from anthropic.types import ToolChoiceParam, ToolParam
+    from openai.types.chat import ChatCompletionFunctionToolParam
+    from openai.types.shared_params import FunctionDefinition
 
 
 def _parse_data_url(url: str, path: str) -> tuple[str, str]:
@@ -147,7 +153,7 @@ def openai_request_to_anthropic(body: dict, *, model: str, default_max_tokens: i
             tcid = m.get("tool_call_id")
             if not isinstance(tcid, str) or not tcid:
                 raise FormatError(f"{path}.tool_call_id must be a non-empty string")
-            block = {"type": "tool_result", "tool_use_id": _tool_id(tcid)}
+            block: dict[str, Any] = {"type": "tool_result", "tool_use_id": _tool_id(tcid)}
             if isinstance(content, str):
                 if content:
                     block["content"] = content
@@ -225,18 +231,18 @@ def openai_request_to_anthropic(body: dict, *, model: str, default_max_tokens: i
     if tools:
         if not isinstance(tools, list):
             raise FormatError("tools must be a list")
-        atools = []
+        atools: list[ToolParam] = []
         for i, t in enumerate(tools):
             fn = t.get("function") if isinstance(t, dict) else None
             if not isinstance(fn, dict) or t.get("type", "function") != "function":
-                raise FormatError(f"tools[{i}] must be a function tool ({{\"type\": \"function\", \"function\": {{...}}}})")
+                raise FormatError(
+                    f"tools[{i}] must be a function tool ({{\"type\": \"function\", \"function\": {{...}}}})")
             name = fn.get("name")
             if not isinstance(name, str) or not name:
                 raise FormatError(f"tools[{i}].function.name must be a non-empty string")
-            at = {"name": name}
+            at: ToolParam = {"name": name, "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
             if fn.get("description"):
                 at["description"] = fn["description"]
-            at["input_schema"] = fn.get("parameters") or {"type": "object", "properties": {}}
             cc = t.get("cache_control")
             if cc is not None:
                 at["cache_control"] = cc
@@ -245,7 +251,7 @@ def openai_request_to_anthropic(body: dict, *, model: str, default_max_tokens: i
 
         # Only with tools: clients send tool_choice "none" without any, which Anthropic rejects.
         tc = body.get("tool_choice")
-        choice = None
+        choice: ToolChoiceParam | None = None
         if tc == "auto":
             choice = {"type": "auto"}
         elif tc == "required":
@@ -260,9 +266,10 @@ def openai_request_to_anthropic(body: dict, *, model: str, default_max_tokens: i
             choice = {"type": "tool", "name": name}
         elif tc is not None:
             raise FormatError("tool_choice must be 'auto', 'required', 'none' or a function choice object")
-        if body.get("parallel_tool_calls") is False and (choice is None or choice["type"] != "none"):
+        if body.get("parallel_tool_calls") is False:
             choice = choice or {"type": "auto"}
-            choice["disable_parallel_tool_use"] = True
+            if choice["type"] != "none":
+                choice["disable_parallel_tool_use"] = True
         if choice is not None:
             req["tool_choice"] = choice
 
@@ -294,11 +301,15 @@ def openai_request_to_anthropic(body: dict, *, model: str, default_max_tokens: i
 
 def _anthropic_image(block: dict, path: str) -> dict:
     src = block.get("source")
-    st = src.get("type") if isinstance(src, dict) else None
+    if not isinstance(src, dict):
+        src = {}
+    st = src.get("type")
     if st == "base64":
         url = f"data:{src.get('media_type')};base64,{src.get('data')}"
     elif st == "url":
-        url = src.get("url")
+        if not isinstance(src.get("url"), str) or not src["url"]:
+            raise FormatError(f"{path}.source.url must be a non-empty string")
+        url = src["url"]
     else:
         raise FormatError(f"{path}.source.type must be 'base64' or 'url' (got {st!r})")
     return {"type": "image_url", "image_url": {"url": url}}
@@ -306,7 +317,9 @@ def _anthropic_image(block: dict, path: str) -> dict:
 
 def _anthropic_document(block: dict, path: str) -> dict:
     src = block.get("source")
-    st = src.get("type") if isinstance(src, dict) else None
+    if not isinstance(src, dict):
+        src = {}
+    st = src.get("type")
     if st == "text":
         return {"type": "text", "text": src.get("data") or ""}
     if st == "base64":
@@ -374,7 +387,7 @@ def merge_system_messages(body: dict) -> dict:
             continue
         content = m.get("content")
         _system_text(content, f"messages[{i}].content")  # the same check the other direction makes
-        blocks.extend([{"type": "text", "text": content}] if isinstance(content, str) else content)
+        blocks.extend([{"type": "text", "text": content}] if isinstance(content, str) else content or [])
     if not kept:
         raise FormatError("messages must hold at least one 'user' or 'assistant' message")
     return {**body, "system": blocks, "messages": kept}
@@ -447,11 +460,12 @@ def anthropic_request_to_openai(body: dict, *, model: str) -> dict:
                 all_text = all_text and p["type"] == "text"
                 parts.append(p)
             else:
-                raise FormatError(f"{bp}: content blocks of type {t!r} are not supported in {role} messages by this provider")
+                raise FormatError(
+                    f"{bp}: content blocks of type {t!r} are not supported in {role} messages by this provider")
 
         if role == "assistant":
             text = "".join(p["text"] for p in parts)
-            msg = {"role": "assistant", "content": text if text or not tool_calls else None}
+            msg: dict[str, Any] = {"role": "assistant", "content": text if text or not tool_calls else None}
             if tool_calls:
                 msg["tool_calls"] = tool_calls
             out.append(msg)
@@ -483,7 +497,7 @@ def anthropic_request_to_openai(body: dict, *, model: str) -> dict:
     if tools:
         if not isinstance(tools, list):
             raise FormatError("tools must be a list")
-        otools = []
+        otools: list[ChatCompletionFunctionToolParam] = []
         for i, t in enumerate(tools):
             if not isinstance(t, dict):
                 raise FormatError(f"tools[{i}] must be an object")
@@ -493,7 +507,7 @@ def anthropic_request_to_openai(body: dict, *, model: str) -> dict:
             name = t.get("name")
             if not isinstance(name, str) or not name:
                 raise FormatError(f"tools[{i}].name must be a non-empty string")
-            fn = {"name": name}
+            fn: FunctionDefinition = {"name": name}
             if t.get("description"):
                 fn["description"] = t["description"]
             fn["parameters"] = t.get("input_schema") or {"type": "object", "properties": {}}

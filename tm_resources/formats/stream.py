@@ -70,7 +70,7 @@ class AnthropicToOpenAIStream:
         self.stop_reason: str | None = None
         self._started = False
         self._done = False
-        self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
+        self._tools: dict[int | None, int] = {}  # Anthropic block index (as sent) -> OpenAI tool_calls index
         self._head = {"id": id, "object": "chat.completion.chunk", "created": self.created, "model": model}
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
@@ -213,7 +213,8 @@ class OpenAIToAnthropicStream:
         if err:
             self._done = True
             msg = err.get("message") if isinstance(err, dict) else str(err)
-            return [("error", {"type": "error", "error": {"type": "api_error", "message": msg or "upstream stream error"}})]
+            return [("error", {"type": "error",
+                               "error": {"type": "api_error", "message": msg or "upstream stream error"}})]
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue
