@@ -234,7 +234,8 @@ STARTS = ("tiers", "local")
 
 
 def sim_config(providers_url: str, local: list[str], frontier: str, default_local: str,
-               thresholds: dict | None = None, start: str = "tiers", learned: bool = False) -> dict:
+               thresholds: dict | None = None, start: str = "tiers", learned: bool = False,
+               routing_overrides: dict | None = None) -> dict:
     models = {model_name(m): {"provider": "local", "upstream": m, "tier": "local", "context_window": 32768}
               for m in local}
     models[model_name(frontier)] = {"provider": "frontier", "upstream": frontier, "tier": "included",
@@ -245,6 +246,8 @@ def sim_config(providers_url: str, local: list[str], frontier: str, default_loca
                "cascade": {"tiers": ["MEDIUM"]}} if start == "tiers" else {}
     if learned:
         routing["learned"] = {"enabled": True}
+    for section, value in (routing_overrides or {}).items():
+        routing[section] = {**routing.get(section, {}), **value}
     return {
         "routing": routing,
         "gateway": {"refresh_interval_s": 0.2},
@@ -370,7 +373,7 @@ class Harness:
 
     def __init__(self, home: Path, recorded: RecordedAnswers, local: list[str], frontier: str, default_local: str,
                  judge_noise: float, seed: int, thresholds: dict | None = None, start: str = "tiers",
-                 database_url: str | None = None, learned: bool = False) -> None:
+                 database_url: str | None = None, learned: bool = False, routing: dict | None = None) -> None:
         from tm_resources import db
 
         self.home = home
@@ -383,7 +386,7 @@ class Harness:
                                        self.frontier_key).start()
         self.config_path = home / "tm.yaml"
         self.config_path.write_text(yaml.safe_dump(sim_config(self.providers.url, local, frontier, default_local,
-                                                              thresholds, start, learned)))
+                                                              thresholds, start, learned, routing)))
         self.port = _free_port()
         self.gw: subprocess.Popen | None = None
         self.loop_seconds: list[float] = []
@@ -475,8 +478,14 @@ class Harness:
             conn.execute("""
                 CREATE TEMP TABLE sim_ts ON COMMIT DROP AS
                 SELECT unnest(%s::uuid[]) AS id, unnest(%s::timestamptz[]) AS ts""", (ids, stamps))
-            conn.execute("""UPDATE requests p SET ts = s.ts - interval '1 millisecond'
-                            FROM requests c JOIN sim_ts s ON s.id = c.id WHERE p.id = c.parent_id""")
+            # A cascade's attempts form a chain by parent_id up from the answer: each 1 ms before the next.
+            conn.execute("""WITH RECURSIVE up(id, ts) AS (
+                                SELECT c.parent_id, s.ts - interval '1 millisecond'
+                                FROM requests c JOIN sim_ts s ON s.id = c.id WHERE c.parent_id IS NOT NULL
+                                UNION ALL
+                                SELECT p.parent_id, up.ts - interval '1 millisecond'
+                                FROM requests p JOIN up ON p.id = up.id WHERE p.parent_id IS NOT NULL)
+                            UPDATE requests r SET ts = up.ts FROM up WHERE r.id = up.id""")
             conn.execute("UPDATE requests r SET ts = s.ts FROM sim_ts s WHERE r.id = s.id")
             conn.commit()
 
@@ -513,7 +522,8 @@ def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, re
              judge_noise: float = 0.1, followup: float = 0.5, seed: int = 0, local: list[str] | None = None,
              frontier: str = DEFAULT_FRONTIER, default_local: str | None = None, spike_hour: int | None = 2,
              thresholds: dict | None = None, start: str = "tiers", router_reference: bool = True,
-             learned: bool = False, final_loop: bool = True, home: Path | None = None, keep: bool = False,
+             learned: bool = False, routing: dict | None = None, final_loop: bool = True, home: Path | None = None,
+             keep: bool = False,
              database_url: str | None = None, progress=print) -> dict:
     """Run the simulation and return its figures (JSON-able); see the module's docstring."""
     t_start = time.perf_counter()
@@ -536,12 +546,12 @@ def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, re
     first_hour = now - timedelta(hours=hours)
     home = Path(home or tempfile.mkdtemp(prefix="tm-sim-"))
     harness = Harness(home, recorded, local, frontier, default_local, judge_noise, seed, thresholds, start,
-                      database_url, learned)
+                      database_url, learned, routing)
     report: dict = {"data": str(data_dir), "rows": len(data), "settings": {
         "hours": hours, "users": users, "requests_per_hour": requests_per_hour, "judge_noise": judge_noise,
         "followup": followup, "seed": seed, "local": local, "frontier": frontier, "default_local": default_local,
         "spike_hour": spike_hour, "thresholds": thresholds or {}, "start": start,
-        "learned": learned}, "hours": []}
+        "learned": learned, "routing": routing}, "hours": []}
     all_served: list[Served] = []
     try:
         harness.create_keys(team)  # before the gateway starts: it reads them at start-up
@@ -573,7 +583,7 @@ def simulate(data_dir: str | os.PathLike, *, hours: int = 6, users: int = 12, re
             stats = harness.query("""
                 SELECT count(*) FILTER (WHERE served) AS requests, coalesce(sum(cost_usd), 0) AS cost,
                        count(*) FILTER (WHERE route LIKE 'rule:escalate:%%') AS escalated_by_rule,
-                       count(*) FILTER (WHERE parent_id IS NOT NULL) AS escalated_by_cascade,
+                       count(*) FILTER (WHERE served AND route_reason LIKE '%%escalated:%%') AS escalated_by_cascade,
                        count(*) FILTER (WHERE cache_hit IS NOT NULL) AS cache_hits
                 FROM requests WHERE ts >= %s AND ts < %s""", (hour, hour + timedelta(hours=1)))[0]
             types = harness.query("""SELECT task_type, count(*) AS n FROM requests WHERE ts >= %s AND ts < %s
@@ -784,6 +794,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="JSON of loop.thresholds to override, e.g. '{\"escalate_below\": 0.6}'")
     ap.add_argument("--start", choices=STARTS, default="tiers", help="what `auto` means before the first rule")
     ap.add_argument("--learned", action="store_true", help="turn the gateway's learned router on (routing.learned)")
+    ap.add_argument("--routing", default=None,
+                    help="JSON merged into tm.yaml's routing sections, "
+                         "e.g. '{\"cascade\": {\"consensus\": [\"yi-34b-chat\"]}}'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the run's TM_HOME (database, logs) and print where")
     ap.add_argument("--no-router-reference", action="store_true", help="skip the offline learned router's line")
@@ -804,7 +817,8 @@ def main(argv: list[str] | None = None) -> int:
                           local=[m for m in args.local.split(",") if m], frontier=args.frontier,
                           default_local=args.default_local, spike_hour=args.spike_hour,
                           thresholds=json.loads(args.thresholds) if args.thresholds else None, start=args.start,
-                          learned=args.learned, keep=args.keep,
+                          learned=args.learned, routing=json.loads(args.routing) if args.routing else None,
+                          keep=args.keep,
                           router_reference=not args.no_router_reference, progress=say)
     except (FileNotFoundError, ValueError) as err:
         print(f"simulate: {err}", file=sys.stderr)

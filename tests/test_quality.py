@@ -183,6 +183,16 @@ def test_a_cascade_attempt_is_not_a_user_follow_up():
     assert sig.iloc[1] == 1.0
 
 
+def test_attempts_logged_after_their_answer_are_not_its_follow_up():
+    # The gateway writes a cascade's or a consensus's attempts with the request's own time and ids
+    # made after the answer's: sorted by (ts, id) the answer comes first, and its attempts after it.
+    df = log((0, "ann", "s1", "Which is heavier?", "r1"), (0, "ann", "s1", "Which is heavier?"),
+             (30, "ann", "s1", "Thanks! And which floats?"))
+    sig = reprompt_signal(df, reprompt_window_s=600)
+    # The answer is judged by the user's next words, not by its own attempt's prompt.
+    assert np.isnan(sig.iloc[1]) and sig.iloc[0] == 1.0
+
+
 def test_the_escalated_answer_is_judged_by_the_users_next_request():
     df = log((0, "ann", "s1", "Prove the lemma."), (5, "ann", "s1", "Prove the lemma.", "r0"),
              (30, "ann", "s1", "That's wrong, the base case fails."))

@@ -341,10 +341,16 @@ def test_consensus_serves_when_the_cheap_answers_agree_and_escalates_when_not():
     assert _drive(plan, prompt, {"a": "B", "b": "A", "big": "B"})[:2] == (["a", "b", "big"], "big")
 
 
-def test_consensus_escalates_at_the_first_gate_failure_without_calling_the_rest():
+def test_consensus_calls_its_cheap_models_together_and_any_gate_failure_escalates():
     prompt = 'Which is heavier?\nA) a feather\nB) a brick\nPrint only a single choice from "A" or "B".'
     plan = Plan(("a", "b", "c"), "big")
-    assert _drive(plan, prompt, {"a": "I do", "b": "B", "c": "B", "big": "B"})[:2] == (["a", "big"], "big")
+    first = plan.next_step(prompt, [])
+    assert (first.action, first.model, first.calls) == ("call", "a", ("a", "b", "c"))
+    # The gateway calls them in parallel, so each is paid for even when the first fails the gate.
+    called, served, reason = _drive(plan, prompt, {"a": "I do", "b": "B", "c": "B", "big": "B"})
+    assert (called, served) == (["a", "b", "c", "big"], "big")
+    step = plan.next_step(prompt, [Attempt("a", "B"), Attempt("b", "I do"), Attempt("c", "B")])
+    assert (step.model, step.reason) == ("big", "b failed the gate: constraint: one of A/B asked")
 
 
 def test_plans_are_named_and_validated():

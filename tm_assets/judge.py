@@ -1,4 +1,5 @@
-"""The cheap LLM judge for task completion, called through the same provider endpoints as the gateway.
+"""The cheap LLM judge for task completion, called through the same provider endpoints as the gateway
+(tm_resources/completions.py: the anthropic SDK or httpx).
 An unreachable or failing judge yields None for that answer: the signal is missing, never invented."""
 
 from __future__ import annotations
@@ -7,10 +8,9 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-import aiohttp
-
+from tm_resources.completions import TextClient, Unreachable
 from tm_resources.config import Config
-from tm_resources.providers import complete_text, endpoint_for
+from tm_resources.providers import endpoint_for
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +21,9 @@ async def _judge_all(config: Config, model: str, conversations: Sequence[list[di
     ep = endpoint_for(mcfg.provider, config.providers[mcfg.provider])
     upstream = mcfg.upstream or model
     sem = asyncio.Semaphore(concurrency)
-    timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(ep.connect_timeout_s, timeout_s))
     unreachable = False
 
-    async def one(session: aiohttp.ClientSession, messages: list[dict]) -> float | None:
+    async def one(client: TextClient, messages: list[dict]) -> float | None:
         nonlocal unreachable
         if unreachable:
             return None
@@ -32,17 +31,15 @@ async def _judge_all(config: Config, model: str, conversations: Sequence[list[di
             if unreachable:
                 return None
             try:
-                text = await complete_text(session, ep, upstream, messages, 16)
-            except (TimeoutError, aiohttp.ClientConnectionError, OSError):
+                text = await client.complete(upstream, messages, 16)
+            except Unreachable:
                 # One refused connection means the judge is down: stop trying for this batch.
                 unreachable = True
                 return None
-            except aiohttp.ClientError:
-                return None
         return None if text is None else parse(text)
 
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        results = await asyncio.gather(*(one(session, m) for m in conversations))
+    async with TextClient(ep, timeout_s=timeout_s) as client:
+        results = await asyncio.gather(*(one(client, m) for m in conversations))
     if unreachable:
         log.warning("judge model '%s' is unreachable: task completion is missing for this batch", model)
     return list(results)

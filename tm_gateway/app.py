@@ -146,6 +146,7 @@ def create_app(settings: GatewaySettings) -> HotPaths:
         finally:
             await shared.stop()
             await session.close()
+            await proxy.aclose()
             if cache_pool is not None:
                 await cache_pool.close()
             # Every row the gateway accepted is written (or spooled) before the process ends.

@@ -14,6 +14,8 @@ import json
 import re
 from typing import NamedTuple
 
+from tm_resources.code_ask import asks_for_code
+
 
 class GateVerdict(NamedTuple):
     passed: bool
@@ -51,16 +53,6 @@ _ASKS_JSON = re.compile(
     r"\b(?:(?:as|in|into|return|returns|output|respond with|reply with|give me|valid|only|format(?:ted)? as"
     r"|json (?:object|array|format|output|schema)|formatted)\s+(?:a\s+|an\s+|the\s+|valid\s+|strict\s+)*json\b"
     r"|json\s+(?:object|array|only|format|output)\b)",
-    re.IGNORECASE,
-)
-# Nouns that also mean other things ("a class schedule", "a query letter", "a code of conduct",
-# "a conference program") count only with words that make them code.
-_ASKS_CODE = re.compile(
-    r"\b(?:write|implement|create|give me|generate|fix|refactor|show me)\b[^.?!\n]{0,60}?"
-    r"\b(?:function|method|script|snippet|regex|algorithm|implementation|code\b(?! of)|sql query"
-    r"|program (?:that|to|which)|class (?:that|which|to))"
-    r"|\b(?:in|using)\s+(?:python|javascript|typescript|java|rust|go|golang|c\+\+|c#|ruby|php|bash|sql|kotlin|swift)\b"
-    r"[^.?!\n]{0,40}?\b(?:write|implement|function|code|script|program)\b",
     re.IGNORECASE,
 )
 _CODE_SIGNS = re.compile(
@@ -153,8 +145,6 @@ def _cut_mid_sentence(answer: str) -> bool:
 # Instructions sit at the start or the end of a prompt: only those windows are read, so a
 # 100 KB document costs what a short prompt costs, and a phrase deep inside it is not taken as an order.
 _PROMPT_WINDOW = 1500
-_CODE_NOUNS = ("function", "method", "class", "script", "program", "snippet", "code", "query", "regex",
-               "algorithm", "implement")
 
 
 def _instructions(prompt: str) -> str:
@@ -191,7 +181,7 @@ def quick_gate(prompt: str, answer: str | None, *, finish_reason: str | None = N
     if expect_json or (expect_json is None and "json" in ask and _ASKS_JSON.search(ask)):
         if not _is_json(text):
             reasons.append("format: JSON asked, none parseable")
-    elif any(n in ask for n in _CODE_NOUNS) and _ASKS_CODE.search(ask) and not _CODE_SIGNS.search(text):
+    elif asks_for_code(ask) and not _CODE_SIGNS.search(text):
         reasons.append("format: code asked, none given")
     reasons.extend(_unmet_constraints(ask, text))
     return GateVerdict(not reasons, reasons)

@@ -24,6 +24,7 @@ from tm_gateway.stages import auth, cache, call, cascade, classify, count, parse
 from tm_gateway.stages.context import ApiFormat, BadRequest, Ctx, error_response
 from tm_gateway.stages.log import Row, log_bodiless
 from tm_gateway.state import SharedState
+from tm_resources.completions import TextClient
 from tm_resources.config import Config
 from tm_resources.events import EventSink
 from tm_resources.providers import endpoints as provider_endpoints
@@ -83,6 +84,12 @@ class Proxy:
         self.events = events or EventSink(None)
         self.logins = LoginGuard(free=config.gateway.login_free_failures,
                                  max_backoff_s=config.gateway.login_backoff_max_s)
+        # Off the proxying path (the LLM tier classifier): a client per provider, opened at first use.
+        self.text_clients: dict[str, TextClient] = {}
+
+    async def aclose(self) -> None:
+        for client in self.text_clients.values():
+            await client.aclose()
 
     def _sync_registry(self) -> None:
         """Serve the deployed fine-tunes too: rebuilt only when the registry was re-read."""

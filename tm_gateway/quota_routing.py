@@ -90,6 +90,6 @@ def avoid_shifted(route: Route, book: RuleBook, config: Config, user: str) -> Ro
         if alt_cfg is None or alt_cfg.provider in book.shifted or not _may_use(alt, config, user):
             continue
         rest = [m for m in dict.fromkeys(candidates) if m != alt]
-        return Route(alt, f"rule:{rule.rule_id}",
-                     f"{route.model} avoided: {rule.reason}", chain=(*rest, route.model), escalate_to=route.escalate_to)
+        return dataclasses.replace(route, model=alt, route=f"rule:{rule.rule_id}",
+                                   reason=f"{route.model} avoided: {rule.reason}", chain=(*rest, route.model))
     return route

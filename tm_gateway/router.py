@@ -72,6 +72,13 @@ class Step:
     model: str                  # the model to call next, or the model whose answer is served
     reason: str = ""
     attempt: int | None = None  # for "serve": the index of the attempt whose answer goes out
+    # For "call": the models that may be called at once from here, `model` first (a consensus's cheap
+    # models; the gateway calls them in parallel). Calling them one by one comes to the same plan.
+    together: tuple[str, ...] = ()
+
+    @property
+    def calls(self) -> tuple[str, ...]:
+        return self.together or (self.model,)
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,10 @@ class Plan:
 
     tries: models called first, in order. One model and no `escalate_to`: just that model. One
         model and an `escalate_to`: a cascade; its answer is served if it passes the quick gate,
-        else the escalation model answers. Two or more: a consensus cascade; each answer must pass
-        the gate and all must say the same (short answers only, see `gate.same_answer`), else the
-        escalation model answers. A gate failure escalates at once, without calling the rest.
+        else the escalation model answers. Two or more: a consensus cascade; they answer together
+        (the gateway calls them in parallel, so every one is paid for), each answer must pass the
+        gate and all must say the same (short answers only, see `gate.same_answer`), else the
+        escalation model answers. The first answer is the one served.
     """
 
     tries: tuple[str, ...]
@@ -120,13 +128,12 @@ class Plan:
             return Step("call", self.tries[0]) if n == 0 else Step("serve", attempts[0].model, "single model", 0)
         if n and attempts[-1].model == self.escalate_to:
             return Step("serve", self.escalate_to, "escalated", n - 1)
-        if n > 0:
-            last = attempts[-1]
-            passed, reasons = last.verdict or gate(prompt, last.answer, finish_reason=last.finish_reason)
-            if not passed:
-                return Step("call", self.escalate_to, f"{last.model} failed the gate: {'; '.join(reasons)}")
         if n < len(self.tries):
-            return Step("call", self.tries[n])
+            return Step("call", self.tries[n], together=self.tries[n:])
+        for a in attempts:
+            passed, reasons = a.verdict or gate(prompt, a.answer, finish_reason=a.finish_reason)
+            if not passed:
+                return Step("call", self.escalate_to, f"{a.model} failed the gate: {'; '.join(reasons)}")
         if n == 1:
             return Step("serve", attempts[0].model, "passed the gate", 0)
         first = attempts[0].answer

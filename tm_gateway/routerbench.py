@@ -5,7 +5,8 @@ correctness column named after the model, `<model>|model_response` and `<model>|
 `oracle_model_to_route_to`. Every CSV of a folder is read; rows missing any model's correctness or
 cost are left out (and counted). The learning rows play the loop's log; the others are routed with
 the same code the gateway runs (`router.KnnRouter`, `router.Plan.next_step` with the quick gate on
-the stored answer of each model a cascade tries, every attempt paid for).
+the stored answer of each model a cascade tries, every attempt paid for: a consensus's cheap models
+all, as the gateway calls them in parallel; tm_gateway/stages/cascade.py).
 
 Figures are per query: accuracy (share of prompts answered correctly) and cost (USD). Prompt
 vectors come from the shared embedder, cached on disk under a hash of the texts.

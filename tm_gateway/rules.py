@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from tm_gateway.router import Plan
 from tm_gateway.tiers import TierClassifier
 from tm_resources.config import Config, Tier
 from tm_resources.db import one
@@ -97,6 +98,24 @@ class Route:
     chain: tuple[str, ...] = ()
     # A cascade: `model` answers first; when its answer fails the quick gate, this model answers.
     escalate_to: str | None = None
+    # A consensus cascade: these cheap models answer too, alongside `model`; unless all answers pass
+    # the gate and agree, `escalate_to` answers.
+    consensus: tuple[str, ...] = ()
+
+    @property
+    def plan(self) -> Plan:
+        """The router's plan for this route, which the cascade stage executes step by step."""
+        return Plan((self.model, *self.consensus), self.escalate_to)
+
+
+def with_consensus(route: Route, config: Config, known: Callable[[str], bool] | None = None) -> Route:
+    """A cascade joined by routing.cascade.consensus's cheap models (those not already in it)."""
+    known = known or config.models.__contains__
+    if route.escalate_to is None:
+        return route
+    partners = tuple(m for m in dict.fromkeys(config.routing.cascade.consensus)
+                     if known(m) and m not in (route.model, route.escalate_to))
+    return dataclasses.replace(route, consensus=partners) if partners else route
 
 
 def local_models(config: Config) -> list[str]:
@@ -160,7 +179,7 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
                 else config.defaults.frontier_model
             route = _swapped(Route(first, f"rule:{rule.rule_id}", rule.reason), task_type, book, known)
             if top and known(top) and top != route.model:
-                return dataclasses.replace(route, escalate_to=top)
+                return with_consensus(dataclasses.replace(route, escalate_to=top), config, known)
             return route
         else:
             target = rule.target_model or rule.model
@@ -239,8 +258,13 @@ def auto_route(route: Route, *, tier: tuple[str, float, str] | None, task_type: 
     if top is None or top == first:
         return route
     why = f"tier {tier[0]}" if tier is not None and tier[0] in cascade.tiers else f"task type {task_type}"
-    return Route(first, "cascade", f"cascade for {why}: {first}, then {top} if the answer fails the gate",
-                 escalate_to=top)
+    route = with_consensus(Route(first, "cascade", "", escalate_to=top), config)
+    if route.consensus:
+        how = (f"{' and '.join(route.plan.tries)} together, then {top} unless every answer passes the gate"
+               " and they agree")
+    else:
+        how = f"{first}, then {top} if the answer fails the gate"
+    return dataclasses.replace(route, reason=f"cascade for {why}: {how}")
 
 
 def tier_of(prompt: str, task_type: str | None, confidence: float, config: Config) -> tuple[str, float, str] | None:
@@ -268,12 +292,15 @@ def without_premium(route: Route, user: str, config: Config) -> Route:
     models = config.models
     ok = [m for m in (route.model, *route.chain) if models[m].tier is not Tier.premium]
     top = route.escalate_to if route.escalate_to and models[route.escalate_to].tier is not Tier.premium else None
-    if ok and ok[0] == route.model and len(ok) == 1 + len(route.chain) and top == route.escalate_to:
+    partners = tuple(m for m in route.consensus if models[m].tier is not Tier.premium) if top else ()
+    if ok and ok[0] == route.model and len(ok) == 1 + len(route.chain) and top == route.escalate_to \
+            and partners == route.consensus:
         return route
     if not ok:
         default = config.defaults.model
         return Route(default, "default", f"{route.reason}; premium models left out: the default {default}")
-    return dataclasses.replace(route, model=ok[0], chain=tuple(ok[1:]), escalate_to=top,
+    partners = tuple(m for m in partners if m != ok[0])
+    return dataclasses.replace(route, model=ok[0], chain=tuple(ok[1:]), escalate_to=top, consensus=partners,
                                reason=f"{route.reason}; premium models left out")
 
 

@@ -30,6 +30,8 @@ from enum import Enum
 
 import numpy as np
 
+from tm_resources.code_ask import CODE_LINE_STARTS, CODE_TERMS
+
 
 class Tier(str, Enum):
     SIMPLE = "SIMPLE"
@@ -65,15 +67,7 @@ _KEYWORDS: dict[str, tuple[str, ...]] = {
         "minimize", "maximize", "calculate", "compute", "sequence", "function's", "ln", "sin", "cos", "tan",
         "mph", "percent", "ratio", "odds", "expected", "increasing", "decreasing", "bounded", "infinitely",
     ),
-    "code": (
-        "function", "functions", "class", "method", "implement", "implementation", "refactor", "debug", "bug",
-        "compile", "compiler", "api", "regex", "sql", "python", "javascript", "typescript", "rust", "golang",
-        "go", "java", "kotlin", "swift", "ruby", "php", "bash", "script", "code", "codebase", "algorithm",
-        "recursion", "recursive", "async", "await", "thread", "thread-safe", "docker", "kubernetes",
-        "stacktrace", "traceback", "exception", "endpoint", "library", "module", "package", "unittest",
-        "pytest", "tests", "repository", "git", "html", "css", "react", "node", "django", "flask", "numpy",
-        "pandas", "struct", "pointer", "runtime", "terraform", "cli", "extension", "query",
-    ),
+    "code": CODE_TERMS,
     "technical": (
         "architecture", "distributed", "latency", "throughput", "scalability", "scalable", "database",
         "schema", "microservice", "microservices", "concurrency", "concurrent", "encryption", "protocol",
@@ -132,8 +126,6 @@ _MATH_CHARS = "^∑∫√∞≤≥≠π∀∃∈"
 _OTHER_SCRIPT = re.compile("[\u0370-\u03ff\u0400-\u04ff\u0590-\u06ff\u0900-\u0dff\u0e00-\u0e7f"
                            "\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 _LATEX = ("\\frac", "\\sum", "\\int", "\\sqrt", "\\lim", "\\prod", "\\cdot", "\\infty")
-_CODE_LINE_STARTS = ("def ", "class ", "function ", "import ", "from ", "#include", "public ", "private ",
-                     "return ", "const ", "let ", "var ", "select ", "for (", "while (", "if (", "}", "fn ")
 _LOOKUP_STARTS = ("what is ", "what's ", "who ", "when ", "where ", "which ", "what does ", "what are ",
                   "how many ", "how do you say", "is ", "are ")
 
@@ -188,7 +180,7 @@ def signals(prompt: str) -> Signals:
             continue
         if (s[0] in "-*•" and s[1:2] == " ") or (s[0].isdigit() and (s[1:2] in (".", ")") or s[2:3] in (".", ")"))):
             listed += 1
-        if s.startswith(_CODE_LINE_STARTS) or (line[:1] == "\t" or line[:4] == "    "):
+        if s.startswith(CODE_LINE_STARTS) or (line[:1] == "\t" or line[:4] == "    "):
             code_lines += 1
     fences = low.count("```")
     math_marks = sum(low.count(c) for c in _MATH_CHARS) + sum(low.count(x) for x in _LATEX) + low.count(" = ")

@@ -259,6 +259,10 @@ class CascadeRouting(_Strict):
     # Default: defaults.model first, escalating to defaults.frontier_model.
     first: str | None = None
     escalate_to: str | None = None
+    # Cheap models that answer alongside the first, in parallel, wherever the gateway cascades (these
+    # settings, or a loop's cascade rule): their answers must pass the gate and agree, else the
+    # escalation model answers (a consensus plan, tm_gateway/router.py Plan). Empty: a plain cascade.
+    consensus: list[str] = Field(default_factory=list)
 
 
 class LearnedRouting(_Strict):
@@ -539,6 +543,7 @@ class Config(_Strict):
             value = getattr(self.routing.cascade, key)
             if value is not None and value not in self.models:
                 raise ValueError(f"routing.cascade.{key}: '{value}' is not one of the models")
+        models_exist("routing.cascade.consensus", self.routing.cascade.consensus)
         llm = self.routing.tiers.llm_classifier
         if llm is not None and llm not in self.models:
             raise ValueError(f"routing.tiers.llm_classifier: '{llm}' is not one of the models")

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
-import orjson
-
-from tm_resources import formats as fm
 from tm_resources.config import Config, ProviderConfig
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -86,22 +81,3 @@ class SecretScrubber:
     @classmethod
     def for_config(cls, config: Config) -> SecretScrubber:
         return cls([k for p in config.providers.values() for k in p.api_keys()])
-
-
-async def complete_text(session: aiohttp.ClientSession, ep: Endpoint, upstream: str, messages: list[dict],
-                        max_tokens: int, timeout: aiohttp.ClientTimeout | None = None) -> str | None:
-    """One short, whole, temperature-0 answer (the loop's judge, the gateway's LLM tier classifier):
-    its text, or None when the provider answered with an error status or a body it cannot read.
-    Connection failures and timeouts raise: the caller decides what they mean."""
-    body = {"model": upstream, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-    if ep.kind == "anthropic":
-        body = fm.openai_request_to_anthropic(body, model=upstream, default_max_tokens=max_tokens)
-    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-    async with session.post(ep.url, data=orjson.dumps(body), headers=ep.headers(), **kwargs) as resp:
-        if resp.status >= 400:
-            return None
-        try:
-            answer = orjson.loads(await resp.read())
-            return fm.response_text_anthropic(answer) if ep.kind == "anthropic" else fm.response_text_openai(answer)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None

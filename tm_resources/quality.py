@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from tm_resources.code_ask import involves_code
 from tm_resources.config import ScoringWeights
 
 SIGNALS = ("coherence", "completion", "brevity", "reprompt", "cost_efficiency")
@@ -146,9 +147,6 @@ _IMPERATIVE = re.compile(
     r"build|design|generate|summari[sz]e|translate|rewrite|refactor|convert|show|find|calculate|"
     r"make|draft|outline|analy[sz]e|review|suggest|propose|define|prove|solve|derive|tell|compute|evaluate|"
     r"estimate|determine|simplify|imagine|invent)\b", re.I)
-_CODE_REQUEST = re.compile(
-    r"```|\b(function|script|class|method|implement|code|program|sql|query|regex|python|javascript|"
-    r"typescript|java|rust|golang|c\+\+|bash|api|unit tests?|refactor)\b", re.I)
 _DETAIL_REQUEST = re.compile(
     r"\b(in detail|detailed|step[- ]by[- ]step|comprehensive|thorough(ly)?|in depth|in-depth|essay|"
     r"elaborate|walk me through|full (?:guide|tutorial|implementation)|long[- ]form|\d{3,}\s+words)\b", re.I)
@@ -176,7 +174,7 @@ def expected_output_tokens(prompt: str | None) -> float:
     """How many output tokens a right-sized answer to this prompt needs, estimated from the prompt alone.
 
     asks = questions + bullets/numbered items + imperative sentences (at least 1, at most 20);
-    expected = 60 + 45 per extra ask, + 110 if code is asked for, + 350 if detail is asked for,
+    expected = 60 + 45 per extra ask, + 110 if code is asked for or shown, + 350 if detail is asked for,
                + 40 x log2(1 + prompt_tokens / 100) (long pasted context needs somewhat more),
                at most 4000; a prompt asking for a terse answer ("one letter", "briefly",
                "without explanation") gets 12 whatever else it says.
@@ -190,7 +188,7 @@ def expected_output_tokens(prompt: str | None) -> float:
     asks = len(_QUESTION.findall(text)) + len(_BULLET.findall(text)) + len(_IMPERATIVE.findall(text))
     asks = max(1, min(asks, 20))
     expected: float = BREVITY_BASE_TOKENS + BREVITY_PER_EXTRA_ASK * (asks - 1)
-    if _CODE_REQUEST.search(text):
+    if involves_code(text):
         expected += BREVITY_CODE_TOKENS
     if _DETAIL_REQUEST.search(text):
         expected += BREVITY_DETAIL_TOKENS
@@ -321,7 +319,10 @@ def reprompt_signal(df: pd.DataFrame, prompt_vecs: np.ndarray | None = None,
     escalation = is_escalation(df)
     if "parent_id" in df:
         parents = set(df.loc[df["parent_id"].notna(), "parent_id"].astype(str))
-        out[df["id"].astype(str).isin(parents)] = np.nan
+        attempt = df["id"].astype(str).isin(parents)
+        out[attempt] = np.nan
+        # An attempt the gateway made is not the user asking again, whenever it was logged.
+        escalation = escalation | attempt
     session = df["session_id"] if "session_id" in df else pd.Series(None, index=df.index)
     # A request rejected before it had a prompt (bad JSON, no messages) says nothing about the answer before it.
     has_prompt = df["prompt"].map(lambda p: bool(text_or_empty(p).strip())) if "prompt" in df else True

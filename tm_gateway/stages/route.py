@@ -23,8 +23,8 @@ from tm_gateway.stages.classify import Classified, classified
 from tm_gateway.stages.context import BadRequest, Ctx
 from tm_gateway.stages.parse import unknown_model
 from tm_gateway.tiers import llm_tier_messages, parse_llm_tier
+from tm_resources.completions import TextClient
 from tm_resources.config import Tier
-from tm_resources.providers import complete_text
 
 if TYPE_CHECKING:
     from tm_gateway.proxy import Proxy
@@ -76,9 +76,12 @@ async def _llm_tier(gw: Proxy, prompt: str, unsure: tuple[str, float, str]) -> t
     assert model is not None  # asked only when one is configured
     mcfg = gw.config.models[model]
     ep = gw.endpoints[mcfg.provider]
+    client = gw.text_clients.get(ep.name)
+    if client is None or client.ep != ep:
+        client = gw.text_clients[ep.name] = TextClient(ep)
     try:
         async with asyncio.timeout(tiers.llm_timeout_s):
-            text = await complete_text(gw.session, ep, mcfg.upstream or model, llm_tier_messages(prompt), 8)
+            text = await client.complete(mcfg.upstream or model, llm_tier_messages(prompt), 8)
     except Exception as err:  # noqa: BLE001 - an unsure tier is still a tier; never fail the request
         log.info("tier classifier %s did not answer (%s): keeping %s", model, type(err).__name__, unsure[0])
         return unsure
