@@ -178,7 +178,12 @@ def test_decisions_are_sent_to_posthog(db_url, tmp_path, hour_of_traffic):
         materialize(db_url, write_config(tmp_path), hour,
                     posthog=PostHogResource(api_key="phc_test", host=ph.url, sync=True))
         rules = query(db_url, "SELECT rule_id, action FROM routing_rules")
-        events = ph.wait_for(len(rules))
+        grades = query(db_url, "SELECT user_id, grade FROM grades WHERE hour = %s", (hour,))
+        everything = ph.wait_for(len(rules) + len(grades))
+    # The grades asset sends one tm_grade per user, beside the decisions.
+    assert grades and {e["distinct_id"]: e["properties"]["grade"] for e in everything if e["event"] == "tm_grade"} \
+        == {g["user_id"]: g["grade"] for g in grades}
+    events = [e for e in everything if e["event"] != "tm_grade"]
     got = {(e["event"], e["properties"]["rule_id"]) for e in events}
     expected = {({"throttle": "tm_anomaly", "coach": "tm_coaching_brief"}.get(r["action"], "tm_routing_decision"),
                  r["rule_id"]) for r in rules}

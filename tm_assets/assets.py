@@ -15,6 +15,7 @@ import pandas as pd
 import psycopg
 
 from tm_assets import compute
+from tm_assets.grade_events import send_grade_events
 from tm_assets.quota_hour import QUOTA_COLUMNS, provider_quotas_hour
 from tm_assets.resources import TokenMachineConfig
 from tm_resources import cache, quality
@@ -221,6 +222,7 @@ def patterns(h: Hour) -> HourResult:
 @hourly_table(
     deps=[patterns],
     columns=compute.GRADE_COLUMNS,
+    resources=("posthog",),
     description="Per user: a rolling A-F grade from the trailing 24 hours, today's requests, tokens and cost, "
     "wrong-model rate, and prompt quality over 72 hours.",
 )
@@ -228,6 +230,7 @@ def grades(h: Hour) -> HourResult:
     window = compute.read_window(h.conn, h.start, hours=max(72, 24 * h.config.loop.thresholds.coaching_days + 24))
     table = compute.grades_table(window, h.start, h.config)
     return table, {
+        "posthog_events": send_grade_events(h.resources.posthog.sink(), table, h.start),
         "timezone": h.config.loop.timezone,
         "leaderboard": _preview(table.sort_values(["avg_quality_score"], ascending=False) if len(table) else table,
                                 ["user_id", "grade", "avg_quality_score", "requests_today", "cost_today",

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from tm_gateway import analytics, metrics
 from tm_gateway.learned import RouterSettings
 from tm_gateway.openapi import openapi_description
 from tm_gateway.proxy import Proxy, error_response
@@ -137,6 +138,8 @@ def create_app(settings: GatewaySettings) -> HotPaths:
             events=EventSink.from_env(),
         )
         app.state.proxy = proxy  # for tests that reach in
+        metrics.attach(proxy)
+        analytics.attach(proxy)
         # What start-up loaded (the model, the libraries) lives as long as the process: moving it out
         # of the collector's reach keeps full collections from pausing requests for 100+ ms under load.
         gc.collect()
@@ -151,6 +154,7 @@ def create_app(settings: GatewaySettings) -> HotPaths:
                 await cache_pool.close()
             # Every row the gateway accepted is written (or spooled) before the process ends.
             request_log.close()
+            proxy.metrics.close()
             proxy.events.close()
 
     async def chat_completions(request: Request) -> Response:
@@ -227,6 +231,7 @@ def create_app(settings: GatewaySettings) -> HotPaths:
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),
     ]
     return HotPaths(Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import psycopg.rows
 
-from tm_gateway import cli_quota, keys, loopctl
+from tm_gateway import cli_quota, cli_savings, keys, loopctl
 from tm_gateway.cli_views import _database, cmd_grades, cmd_models, cmd_requests, cmd_rules
 from tm_resources import db
 from tm_resources.config import EXAMPLE_CONFIG, Config, ConfigError, config_path, load_config, tm_home
@@ -173,6 +173,10 @@ def _serve(config: Config, url: str, home: Path, host: str, port: int, workers: 
            config_file: Path | None = None) -> int:
     import uvicorn
 
+    from tm_gateway.multiproc import prepare_multiprocess_dir
+
+    # Before prometheus_client is first imported (with the app): its mode is chosen then.
+    prepare_multiprocess_dir(home)
     from tm_gateway.app import GatewaySettings, create_app
 
     if workers > 1:
@@ -443,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="db_cmd", required=True)
     dsub.add_parser("migrate", help="apply the schema's migrations")
     d.set_defaults(func=cmd_db)
+    cli_savings.register(sub)
     return p
 
 

@@ -82,6 +82,7 @@ class Proxy:
         self.dispatcher = dispatcher
         # PostHog (alerts; a no-op without POSTHOG_API_KEY): the SDK queues and sends from its own thread.
         self.events = events or EventSink(None)
+        self.metrics: Any = None  # tm_gateway.metrics.GatewayMetrics, attached when the app starts
         self.logins = LoginGuard(free=config.gateway.login_free_failures,
                                  max_backoff_s=config.gateway.login_backoff_max_s)
         # Off the proxying path (the LLM tier classifier): a client per provider, opened at first use.

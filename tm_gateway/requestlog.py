@@ -221,6 +221,9 @@ class RequestLog:
         self.rows_spooled = 0
         self.rows_rejected = 0
         self.rows_dropped = 0  # spool or rejected folder full
+        # Called by the writer thread with each batch of new rows once it is stored or spooled (metrics,
+        # analytics): whatever they cost is paid here, off the request path.
+        self.observers: list[Callable[[RequestLog, list[dict]], None]] = []
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._conn: psycopg.Connection | None = None
         self._thread: threading.Thread | None = None
@@ -502,9 +505,22 @@ class RequestLog:
         except psycopg.OperationalError as err:
             log.warning("request log: Postgres unavailable (%s); spooling %d rows", type(err).__name__, len(rows))
             self._spool(rows)
-            return
-        if refused:
-            self._reject([r for r, _ in refused], refused[0][1])
+        else:
+            if refused:
+                self._reject([r for r, _ in refused], refused[0][1])
+        for observe in self.observers:
+            try:
+                observe(self, batch)
+            except Exception:  # noqa: BLE001 - an observer's fault must not stop the log
+                log.exception("request log: observer %s failed", getattr(observe, "__qualname__", observe))
+
+    def spooled_on_disk(self) -> int:
+        """Bytes of rows waiting in the spool folder for Postgres to come back."""
+        return _folder_bytes(self.spool_dir, "*.jsonl")
+
+    def queued(self) -> int:
+        """Rows (and markers) waiting for the writer thread."""
+        return self._queue.qsize()
 
     def _reject(self, rows: list[tuple], reason: str) -> None:
         """Keep rows Postgres will never take where an operator can see them (`tm log replay-rejected`),

@@ -491,6 +491,16 @@ def _check_agents(agents: dict[str, AgentConfig], dispatch: DispatchConfig) -> N
                          f"({', '.join(sorted(agents)) or 'none defined'})")
 
 
+class PostHogConfig(_Strict):
+    """What the gateway sends PostHog (with POSTHOG_API_KEY set): each request as PostHog's LLM analytics
+    event `$ai_generation`, and cache hits as `tm_cache_hit`."""
+
+    llm_analytics: bool = True
+    # Prompts and answers ($ai_input, $ai_output_choices), redacted as log.redact says; off, PostHog sees
+    # models, tokens, cost, latency and status only.
+    capture_content: bool = False
+
+
 class Config(_Strict):
     gateway: GatewayConfig = GatewayConfig()
     log: LogConfig = LogConfig()
@@ -505,6 +515,7 @@ class Config(_Strict):
     users: dict[str, UserConfig] = Field(default_factory=dict)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     dispatch: DispatchConfig = DispatchConfig()
+    posthog: PostHogConfig = PostHogConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
     defaults: Defaults
