@@ -89,3 +89,11 @@ print(len(resources.files("tm_resources").joinpath("dagster.yaml").read_text()))
     assert (tmp_path / "tm.yaml").read_text() == EXAMPLE_CONFIG.read_text()
     again = _run(installed, tmp_path, str(tm), "init")
     assert again.returncode == 1 and (tmp_path / "tm.yaml").read_text() == EXAMPLE_CONFIG.read_text()
+
+
+def test_the_wheel_ships_the_dashboard_pages_and_chart_library(installed):
+    dashboard = installed / "tm_gateway" / "dashboard"
+    for page in ("base.html", "login.html", "overview.html", "quality.html", "decisions.html", "customer.html"):
+        assert (dashboard / "templates" / page).is_file(), page
+    for asset in ("echarts.min.js", "dashboard.js", "dashboard.css", "echarts-LICENSE.txt"):
+        assert (dashboard / "static" / asset).is_file(), asset

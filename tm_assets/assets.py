@@ -1,6 +1,7 @@
 """The loop's asset graph, one asset per table, hourly partitions:
 requests -> scored_requests -> task_types -> patterns -> grades -> routing_rules -> finetune_jobs,
-and scored_requests -> cache_entries (what the gateway's semantic cache may serve).
+and scored_requests -> cache_entries (what the gateway's semantic cache may serve),
+and task_types -> usage_hourly -> team_usage_hourly (the dashboard's roll-ups of the log).
 Each asset reads Postgres, calls the plain functions in `tm_assets.compute`, and replaces its hour."""
 
 
@@ -14,7 +15,7 @@ import dagster as dg
 import pandas as pd
 import psycopg
 
-from tm_assets import compute
+from tm_assets import compute, rollups
 from tm_assets.grade_events import send_grade_events
 from tm_assets.quota_hour import QUOTA_COLUMNS, provider_quotas_hour
 from tm_assets.resources import TokenMachineConfig
@@ -134,6 +135,7 @@ def hourly_table(*, deps: list, description: str, columns: list[str] | None,
                     result, metadata = compute_hour(Hour(start, conn, config, context))
                     rows[f"{start:%Y-%m-%d-%H:%M}"] = (
                         result if columns is None else replace_hour_df(conn, table, start, result, columns))
+                    rollups.record_loop_run(conn, table, start, context.run_id)
             # A range run records one materialization per hour, all with this metadata: the last hour's
             # details, and every hour's row count.
             if len(rows) > 1:
@@ -305,5 +307,27 @@ def cache_entries(h: Hour) -> HourResult:
     return n, {"entries_in_table": int(total), "min_quality": h.config.loop.thresholds.cache_min_quality}
 
 
+@hourly_table(
+    deps=[task_types],
+    columns=None,
+    description="The dashboard's roll-up of the request log: per hour x user x agent x model x route x task type, "
+    "requests, errors, fallbacks, cache hits, tokens, cost, the all-frontier baseline cost, latency (sum and "
+    "log2 buckets). The dashboard reads this, never the raw log.",
+)
+def usage_hourly(h: Hour) -> HourResult:
+    n = rollups.replace_usage_hour(h.conn, h.start, h.config)
+    return n, {"frontier_model": h.config.defaults.frontier_model}
+
+
+@hourly_table(
+    deps=[usage_hourly],
+    columns=None,
+    description="usage_hourly added up over users and task types (per hour x agent x model x route): what the "
+    "dashboard's team overview reads.",
+)
+def team_usage_hourly(h: Hour) -> HourResult:
+    return rollups.replace_team_usage_hour(h.conn, h.start), {}
+
+
 loop_assets = [scored_requests, task_types, patterns, grades, provider_quotas, routing_rules, finetune_jobs,
-               cache_entries]
+               cache_entries, usage_hourly, team_usage_hourly]

@@ -21,14 +21,17 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from tm_gateway import analytics, metrics
+from tm_gateway.dashboard import Dashboard
+from tm_gateway.keepwarm import KeepWarm
 from tm_gateway.learned import RouterSettings
 from tm_gateway.openapi import openapi_description
 from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
+from tm_gateway.stages.limits import Limits
 from tm_gateway.state import SharedState
 from tm_resources import cache
 from tm_resources.config import Config
@@ -67,6 +70,7 @@ def prompt_classifier(config: Config) -> Callable[[str], tuple[np.ndarray, str, 
 
 def create_app(settings: GatewaySettings) -> HotPaths:
     config = settings.config
+    dashboard = Dashboard(config, settings.database_url, settings.home) if config.dashboard.enabled else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -137,6 +141,8 @@ def create_app(settings: GatewaySettings) -> HotPaths:
             dispatcher=dispatcher,
             events=EventSink.from_env(),
         )
+        proxy.limits = await Limits.open(config, settings.database_url)
+        proxy.keep_warm = KeepWarm.start(proxy, settings.database_url)
         app.state.proxy = proxy  # for tests that reach in
         metrics.attach(proxy)
         analytics.attach(proxy)
@@ -148,6 +154,10 @@ def create_app(settings: GatewaySettings) -> HotPaths:
             yield {"proxy": proxy}
         finally:
             await shared.stop()
+            if proxy.limits is not None:
+                await proxy.limits.close()
+            if proxy.keep_warm is not None:
+                await proxy.keep_warm.close()
             await session.close()
             await proxy.aclose()
             if cache_pool is not None:
@@ -156,6 +166,8 @@ def create_app(settings: GatewaySettings) -> HotPaths:
             request_log.close()
             proxy.metrics.close()
             proxy.events.close()
+            if dashboard is not None:
+                await dashboard.close()
 
     async def chat_completions(request: Request) -> Response:
         return await request.state.proxy.handle(request, "openai")
@@ -232,6 +244,7 @@ def create_app(settings: GatewaySettings) -> HotPaths:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),
+        *([Mount("/dashboard", app=dashboard.app)] if dashboard is not None else []),
     ]
     return HotPaths(Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}))
 

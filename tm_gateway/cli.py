@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import psycopg.rows
 
-from tm_gateway import cli_quota, cli_savings, keys, loopctl
+from tm_gateway import cli_ops, cli_quota, cli_savings, keys, loopctl
 from tm_gateway.cli_views import _database, cmd_grades, cmd_models, cmd_requests, cmd_rules
 from tm_resources import db
 from tm_resources.config import EXAMPLE_CONFIG, Config, ConfigError, config_path, load_config, tm_home
@@ -148,6 +148,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  gateway   http://{host}:{port}  (OpenAI: /v1/chat/completions, Anthropic: /v1/messages)")
     print(f"  Claude Code: ANTHROPIC_BASE_URL=http://{host}:{port} ANTHROPIC_AUTH_TOKEN=<key> claude --model auto"
           "  (README: Claude Code)")
+    print(f"  dashboard http://{host}:{port}/dashboard  (sign in with a key; the team pages need an admin key)")
     loop: list = []
     if not args.no_loop:
         loop = loopctl.start_loop(loopctl.dagster_env(home, url, cfg_path), host, args.ui_port, home / "dagster.log")
@@ -374,9 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show Dagster's own output of the run")
     lp.set_defaults(func=cmd_loop)
 
-    ru = sub.add_parser("rules", help="the routing rules in force (or proposed, in dry-run)")
-    ru.add_argument("--all", action="store_true", help="also the inactive rules of manual mode")
+    ru = sub.add_parser("rules", help="the routing rules in force (or proposed, in dry-run)",
+                        description="The loop's routing rules and the operator's (tm optimize --apply)."
+                        " Example: tm rules --evidence; tm rules revert op-3")
+    ru.add_argument("--all", action="store_true", help="also the inactive rules of manual mode, and reverted"
+                    " operator rules")
     ru.add_argument("--evidence", action="store_true", help="show each rule's evidence")
+    ru.add_argument("--json", action="store_true", help="the rules as JSON, for scripts")
+    ru.add_argument("verb", nargs="?", metavar="revert", help="revert ID: take an operator rule out of force")
+    ru.add_argument("rule_id", nargs="?", metavar="ID", help="an operator rule's id (op-3)")
     ru.set_defaults(func=cmd_rules)
 
     rq = sub.add_parser("requests", help="the request log's recent rows")
@@ -442,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=cmd_log)
 
     cli_quota.register(sub)
+    cli_ops.register(sub)
 
     d = sub.add_parser("db", help="the database schema")
     dsub = d.add_subparsers(dest="db_cmd", required=True)

@@ -27,24 +27,38 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
+    from tm_gateway.ops import rules_report
+
+    if args.verb == "revert":
+        from tm_gateway.cli_ops import cmd_rules_revert
+
+        return cmd_rules_revert(args)
+    if args.verb is not None or args.rule_id is not None:
+        return console.fail(f"tm rules: unknown '{args.verb or args.rule_id}' (tm rules, or tm rules revert ID)")
     url = _database(tm_home())
-    with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
-        hour = db.one(conn.execute("SELECT max(hour) AS h FROM routing_rules"))["h"]
-        if hour is None:
-            print("no routing rules yet: the loop has not run (tm loop run, or wait for the hourly run)")
-            return 0
-        statuses = ["active", "proposed", "inactive"] if args.all else ["active", "proposed"]
-        rows = conn.execute(
-            "SELECT rule_id, action, status, reason, evidence FROM routing_rules"
-            " WHERE hour = %s AND status = ANY(%s) ORDER BY action, rule_id", (hour, statuses)).fetchall()
-    print(f"routing rules of {hour:%Y-%m-%d %H:00} UTC ({len(rows)}):")
-    if not rows:
-        print("  none in force")
+    with psycopg.connect(url) as conn:
+        report = rules_report(conn, include_inactive=args.all)
+    if args.json:
+        console.emit(report, as_json=True)
         return 0
+    hour, rows, ops = report["hour"], report["loop_rules"], report["operator_rules"]
+    if hour is None:
+        print("no routing rules from the loop yet: it has not run (tm loop run, or wait for the hourly run)")
+    else:
+        print(f"routing rules of {hour:%Y-%m-%d %H:00} UTC ({len(rows)}):")
+        if not rows:
+            print("  none in force")
     for r in rows:
         print(f"  [{r['status']}] {r['rule_id']}: {r['reason']}")
         if args.evidence:
             print(f"      evidence: {r['evidence']}")
+    if ops:
+        print(f"operator rules ({len(ops)}; tm rules revert ID undoes one):")
+        for r in ops:
+            print(f"  [{r['status']}] {r['rule_id']}: {r['reason']}  (by {r['created_by']}, "
+                  f"{r['created_at']:%Y-%m-%d %H:%M})")
+            if args.evidence:
+                print(f"      evidence: {r['evidence']}")
     return 0
 
 

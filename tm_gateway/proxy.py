@@ -18,9 +18,10 @@ from starlette.responses import Response
 from tm_gateway import fallback
 from tm_gateway.dispatch import Dispatcher
 from tm_gateway.ids import uuid7
+from tm_gateway.keepwarm import KeepWarm
 from tm_gateway.logins import LoginGuard
 from tm_gateway.requestlog import RequestLog
-from tm_gateway.stages import auth, cache, call, cascade, classify, count, parse, route
+from tm_gateway.stages import auth, cache, call, cascade, classify, count, limits, parse, route
 from tm_gateway.stages.context import ApiFormat, BadRequest, Ctx, error_response
 from tm_gateway.stages.log import Row, log_bodiless
 from tm_gateway.state import SharedState
@@ -82,6 +83,10 @@ class Proxy:
         self.dispatcher = dispatcher
         # PostHog (alerts; a no-op without POSTHOG_API_KEY): the SDK queues and sends from its own thread.
         self.events = events or EventSink(None)
+        # Rate limits and loop detection (None: nothing to enforce); opened in the app's lifespan.
+        self.limits: limits.Limits | None = None
+        # Anthropic prompt prefixes re-sent before their cache expires (None: cache.keep_warm is off).
+        self.keep_warm: KeepWarm | None = None
         self.metrics: Any = None  # tm_gateway.metrics.GatewayMetrics, attached when the app starts
         self.logins = LoginGuard(free=config.gateway.login_free_failures,
                                  max_backoff_s=config.gateway.login_backoff_max_s)
@@ -160,6 +165,8 @@ class Proxy:
     async def _handle(self, request: Request, ctx: Ctx) -> Response:
         """The completion endpoints' stages, in order."""
         body, alias = await parse.parse(self, request, ctx)
+        if (refused := await limits.check(self, ctx, body)) is not None:
+            return refused
         body, classified = await classify.agent(self, ctx, body)
         system, prompt = parse.system_and_prompt(ctx.fmt, body)
         # The row's prompt stays this turn's own: the loop would read a task repeated on each tool

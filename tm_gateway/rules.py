@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +12,7 @@ import psycopg
 
 from tm_gateway.router import Plan
 from tm_gateway.tiers import TierClassifier
+from tm_resources import operator_rules
 from tm_resources.config import Config, Tier
 from tm_resources.db import one
 
@@ -37,6 +38,8 @@ class Rule:
     model: str | None
     target_model: str | None
     reason: str
+    # An operator override's agent (tm_resources/operator_rules.py); the loop's rules name none.
+    agent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,24 @@ class RuleBook:
     hour: object = None
     # provider -> the shift rule that moves traffic off it
     shifted: dict[str, Rule] = field(default_factory=dict)
+    # Operator overrides: ("agent" | "user", name, task type or None for every type) -> rule.
+    overrides: dict[tuple[str, str | None, str | None], Rule] = field(default_factory=dict)
+
+    def override_for(self, agent: str | None, user_id: str, task_type: str | None) -> Rule | None:
+        """The operator's override for this request: an agent's before its user's (the agent is the
+        work), a task type's before one for every type."""
+        if not self.overrides:
+            return None
+        for kind, who in (("agent", agent), ("user", user_id)):
+            if who is None:
+                continue
+            for t in ((task_type, None) if task_type else (None,)):
+                if (rule := self.overrides.get((kind, who, t))) is not None:
+                    return rule
+        return None
 
     @classmethod
-    def from_rules(cls, rules: list[Rule], hour: object = None) -> RuleBook:
+    def from_rules(cls, rules: list[Rule], hour: object = None, overrides: Sequence[Rule] = ()) -> RuleBook:
         by_type: dict[str, Rule] = {}
         swaps: dict[tuple[str, str], Rule] = {}
         throttled: dict[str, Rule] = {}
@@ -69,24 +87,28 @@ class RuleBook:
                 held = by_type.get(r.task_type)
                 if held is None or rank[r.action] < rank[held.action]:
                     by_type[r.task_type] = r
-        return cls(by_type=by_type, swaps=swaps, throttled=throttled, hour=hour, shifted=shifted)
+        by_who = {("agent", r.agent, r.task_type) if r.agent else ("user", r.user_id, r.task_type): r
+                  for r in overrides}
+        return cls(by_type=by_type, swaps=swaps, throttled=throttled, hour=hour, shifted=shifted, overrides=by_who)
 
     def __len__(self) -> int:
-        return len(self.by_type) + len(self.swaps) + len(self.throttled) + len(self.shifted)
+        return len(self.by_type) + len(self.swaps) + len(self.throttled) + len(self.shifted) + len(self.overrides)
 
 
 RULE_COLUMNS = "rule_id, action, task_type, user_id, model, target_model, reason"
 
 
 def load_rulebook(conn: psycopg.Connection) -> RuleBook:
+    overrides = [Rule(r.rule_id, r.action, r.task_type, r.user_id, r.model, r.target_model, r.reason, r.agent)
+                 for r in operator_rules.list_rules(conn)]
     hour = one(conn.execute("SELECT max(hour) FROM routing_rules"))[0]
     if hour is None:
-        return RuleBook()
+        return RuleBook.from_rules([], overrides=overrides)
     rows = conn.execute(
         f"SELECT {RULE_COLUMNS} FROM routing_rules WHERE hour = %s AND status = 'active' ORDER BY rule_id",
         (hour,),
     ).fetchall()
-    return RuleBook.from_rules([Rule(*r) for r in rows], hour)
+    return RuleBook.from_rules([Rule(*r) for r in rows], hour, overrides)
 
 
 @dataclass(frozen=True)
@@ -163,6 +185,12 @@ def route_request(requested: str, task_type: str | None, user_id: str, book: Rul
         return _swapped(Route(kept, f"rule:{throttle.rule_id}", throttle.reason), task_type, book, known)
     if not auto:
         return Route(requested, "requested", "the client named the model")
+    # An operator's override is a deliberate choice for this agent's or user's work: it beats the
+    # loop's type rules (which the operator can still read in `tm rules`), not a throttle.
+    override = book.override_for(agent, user_id, task_type)
+    if override is not None and override.target_model and known(override.target_model):
+        return _swapped(Route(override.target_model, f"rule:{override.rule_id}", override.reason), task_type,
+                        book, known)
     rule = book.by_type.get(task_type) if task_type else None
     if rule is not None and explore is not None and explore < config.loop.thresholds.explore_share:
         if (explored := _explored(rule, book, config, known)):

@@ -95,11 +95,12 @@ class SharedState:
                     self._keys = key_map(await cur.fetchall())
                     log.info("api keys reloaded: %d in force", len(self._keys))
                 relearn = False
-                if versions.get("routing_rules") != self._versions.get("routing_rules"):
+                loop_rules = versions.get("routing_rules") != self._versions.get("routing_rules")
+                if loop_rules or versions.get("operator_rules") != self._versions.get("operator_rules"):
                     self.rules = await asyncio.to_thread(self._read_rules)
                     log.info("routing rules reloaded: %d in force (hour %s)", len(self.rules), self.rules.hour)
                     # The loop has finished an hour: its new scores are in the log.
-                    relearn = True
+                    relearn = loop_rules
                 if versions.get("model_registry") != self._versions.get("model_registry"):
                     self.registry = await asyncio.to_thread(self._read_registry)
                     self.registry_version += 1

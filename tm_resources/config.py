@@ -136,6 +136,21 @@ class ProviderConfig(_Strict):
         return [v for name in self.api_key_env if (v := os.environ.get(name))]
 
 
+class ModelCapabilities(_Strict):
+    """What a model is known to be good at, 0..1 each, before the loop has seen it work (a benchmark,
+    the vendor's card). For a quantized local model, the full-precision model's scores: the factor
+    of its tag (optimize.capabilities.quantization) is applied to them."""
+
+    coding: float | None = Field(None, ge=0, le=1)
+    reasoning: float | None = Field(None, ge=0, le=1)
+    creative: float | None = Field(None, ge=0, le=1)
+    instruction_following: float | None = Field(None, ge=0, le=1)
+    context: float | None = Field(None, ge=0, le=1)
+    speed: float | None = Field(None, ge=0, le=1)
+    # The quantization tag (Q4_K_M) when the model's name does not carry it (Ollama's `:latest`).
+    quantization: str | None = None
+
+
 class ModelConfig(_Strict):
     provider: str
     # The model's name at the provider, when it differs from the name clients use.
@@ -147,6 +162,8 @@ class ModelConfig(_Strict):
     mlx_path: str | None = None
     # Models to try, in order, when this one fails (see tm_gateway/fallback.py for what each failure does).
     fallbacks: list[str] = Field(default_factory=list)
+    # Seed capability scores (0..1) until the loop has evidence of its own (tm_resources/capabilities.py).
+    capabilities: ModelCapabilities = ModelCapabilities()
 
 
 class GatewayConfig(_Strict):
@@ -213,6 +230,17 @@ class SemanticCacheConfig(_Strict):
     hnsw_ef_search: int = Field(100, ge=1, le=1000)
 
 
+class KeepWarmConfig(_Strict):
+    """Re-send an agent's cached prompt prefix just before the provider's cache forgets it, when the
+    agent's habits say the saving beats the ping's cost."""
+
+    enabled: bool = False
+    ttl_s: float = Field(300.0, gt=0)           # the provider's cache lifetime (Anthropic: 5 minutes)
+    lead_s: float = Field(30.0, gt=0)           # ping this long before it ends
+    active_h: float = Field(24.0, gt=0)         # only agents active within this many hours
+    interval_s: float = Field(10.0, gt=0)       # how often the (one) warming worker looks
+
+
 class CacheConfig(_Strict):
     enabled: bool = True
     # Who shares answers: each user their own, a team (users.<id>.team), or everyone.
@@ -224,6 +252,11 @@ class CacheConfig(_Strict):
     # a request or holds it up for long.
     lookup_timeout_s: float = Field(0.25, gt=0)
     semantic: SemanticCacheConfig = SemanticCacheConfig()
+    # Anthropic prompt caching: auto adds cache breakpoints to a long system prompt or tool list that
+    # has none; passthrough sends bodies as they came; off does that too and never keeps a cache warm.
+    prompt_caching: Literal["auto", "passthrough", "off"] = "auto"
+    prompt_caching_min_tokens: int = Field(1024, ge=1)
+    keep_warm: KeepWarmConfig = KeepWarmConfig()
 
 
 TierName = Literal["SIMPLE", "MEDIUM", "COMPLEX", "REASONING"]
@@ -401,6 +434,18 @@ class LoopConfig(_Strict):
     start: datetime | None = None
 
 
+class DashboardConfig(_Strict):
+    """The read-only dashboard the gateway serves at /dashboard (tm_gateway/dashboard)."""
+
+    enabled: bool = True
+    # Where the Dagster UI is, so a routing rule links to the run that wrote it (`tm up --ui-port`).
+    dagster_url: str = "http://127.0.0.1:3000"
+    # A model whose share of answers that needed a fallback passes this is flagged on the overview.
+    fallback_alert_rate: float = Field(0.05, ge=0, le=1)
+    # How long a sign-in lasts before the key must be entered again.
+    session_hours: float = Field(12, gt=0)
+
+
 class UserConfig(_Strict):
     # Premium models cost extra: only users allowed them may use them (others get a 403, never a bill).
     premium: bool = False
@@ -491,6 +536,80 @@ def _check_agents(agents: dict[str, AgentConfig], dispatch: DispatchConfig) -> N
                          f"({', '.join(sorted(agents)) or 'none defined'})")
 
 
+QualityCapability = Literal["coding", "reasoning", "creative", "instruction_following"]
+_TASK_CAPABILITIES: dict[str, QualityCapability] = {
+    "coding": "coding", "math": "reasoning", "reasoning": "reasoning", "writing": "creative",
+    "chat": "instruction_following", "extraction": "instruction_following", "summarization": "instruction_following"}
+
+
+class CapabilityScoring(_Strict):
+    """How capability scores are learned (tm_resources/capabilities.py)."""
+
+    # Quality a quantization keeps of the full-precision model, by the tag in a local model's name
+    # (llama3.1:8b-instruct-q4_K_M); matched without regard to case, longest tag first.
+    quantization: dict[str, float] = Field(default_factory=lambda: {
+        "Q8_0": 0.99, "Q6_K": 0.97, "Q5_K_M": 0.95, "Q4_K_M": 0.92, "Q3_K_M": 0.85})
+    # Which capability the loop's task types show (types not listed show none).
+    task_types: dict[str, QualityCapability] = Field(default_factory=lambda: dict(_TASK_CAPABILITIES))
+    # A seeded score counts as this many scored requests against the loop's own evidence.
+    prior_weight: float = Field(10.0, ge=0)
+    # Output tokens per second that score 0.5 for speed (faster approaches 1).
+    speed_half_tps: float = Field(40.0, gt=0)
+
+    @field_validator("quantization")
+    @classmethod
+    def _factors(cls, value: dict[str, float]) -> dict[str, float]:
+        for tag, factor in value.items():
+            if not 0 < factor <= 1:
+                raise ValueError(f"{tag}: a quantization factor is in (0, 1], not {factor}")
+        return value
+
+
+class OptimizeConfig(_Strict):
+    """`tm analyze` / `tm optimize`: which work a cheaper model serves as well (tm_resources/optimize.py)."""
+
+    # Days of scored requests read.
+    window_days: float = Field(7.0, gt=0)
+    # A group (agent or user) needs this many requests of a task type on one model to be worth a rule.
+    min_requests: int = Field(5, ge=1)
+    # A cheaper model needs this many scored answers of the type to be compared at all ...
+    min_samples: int = Field(5, ge=1)
+    # ... and this many for --safe-only, with its quality's lower bound (confidence_z standard
+    # errors) no more than max_quality_drop under the current model's average.
+    safe_min_samples: int = Field(20, ge=1)
+    confidence_z: float = Field(1.0, ge=0)
+    # "As well": the cheaper model's average quality at most this far under the current one's.
+    max_quality_drop: float = Field(0.02, ge=0, le=1)
+    capabilities: CapabilityScoring = CapabilityScoring()
+
+
+class LimitValues(_Strict):
+    """One set of rate limits; a limit left out is no limit."""
+
+    requests_per_minute: int | None = Field(None, ge=1)  # per key
+    tokens_per_turn: int | None = Field(None, ge=1)      # input (estimated) plus max_tokens
+    turns_per_hour: int | None = Field(None, ge=1)       # per agent
+    concurrent_turns: int | None = Field(None, ge=1)     # per agent
+
+
+class LoopDetection(_Strict):
+    """The same tool call (name and arguments) answered `repeats` times within `window_s` in one
+    session is refused; repeats 0 turns it off."""
+
+    repeats: int = Field(3, ge=0)
+    window_s: float = Field(60.0, gt=0)
+
+
+class LimitsConfig(LimitValues):
+    """Rate limits for everyone, overridden per user (their keys) and per agent (x-tm-agent)."""
+
+    users: dict[str, LimitValues] = Field(default_factory=dict)
+    agents: dict[str, LimitValues] = Field(default_factory=dict)
+    loop: LoopDetection = LoopDetection()
+    # How long a turn in flight holds its place when its worker dies before it ends.
+    lease_s: int = Field(900, ge=1)
+
+
 class PostHogConfig(_Strict):
     """What the gateway sends PostHog (with POSTHOG_API_KEY set): each request as PostHog's LLM analytics
     event `$ai_generation`, and cache hits as `tm_cache_hit`."""
@@ -515,6 +634,9 @@ class Config(_Strict):
     users: dict[str, UserConfig] = Field(default_factory=dict)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     dispatch: DispatchConfig = DispatchConfig()
+    optimize: OptimizeConfig = OptimizeConfig()
+    limits: LimitsConfig = LimitsConfig()
+    dashboard: DashboardConfig = DashboardConfig()
     posthog: PostHogConfig = PostHogConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]

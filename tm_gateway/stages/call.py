@@ -13,6 +13,7 @@ import orjson
 from starlette.responses import Response
 
 from tm_gateway import fallback, schemas
+from tm_gateway.stages import prompt_cache
 from tm_gateway.stages.context import JSON, SSE, BadRequest, Ctx, error_response
 from tm_gateway.stages.log import answered
 from tm_gateway.stages.relay import relay
@@ -118,6 +119,8 @@ async def call(gw: Proxy, ctx: Ctx, body: dict, model: str, stream: bool, preset
                                  "outcome": f"not translatable: {err.message}"})
                 last = (err.status, err.error_class, err.message)
                 continue
+            if gw.keep_warm is not None and ep.kind == "anthropic":
+                gw.keep_warm.saw(ctx.row.data, name, payloads[key])
         n_keys = max(1, len(ep.keys))
         key_index, retried, waited = 0, False, False
         while True:
@@ -199,6 +202,8 @@ def _upstream_body(gw: Proxy, fmt: str, ep: Endpoint, body: dict, upstream_model
             out = fm.anthropic_request_to_openai(body, model=upstream_model)
     except fm.FormatError as err:
         raise BadRequest(400, "invalid_request", str(err)) from None
+    if ep.kind == "anthropic":
+        out = prompt_cache.add_breakpoints(gw.config, out)
     return orjson.dumps(out)
 
 

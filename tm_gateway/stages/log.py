@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,13 +21,15 @@ from tm_resources.config import Config
 class Row:
     """The one row a request leaves; `done()` hands it to the log exactly once."""
 
-    __slots__ = ("data", "started", "log", "written")
+    __slots__ = ("data", "started", "log", "written", "after")
 
     def __init__(self, data: dict, started: float, request_log: RequestLog):
         self.data = data
         self.started = started
         self.log = request_log
         self.written = False
+        # Run once the request has ended, however it ended (the limits stage frees its turn here).
+        self.after: Callable[[], None] | None = None
 
     def done(self, **fields: Any) -> None:
         if self.written:
@@ -37,6 +40,8 @@ class Row:
             self.data["attempts"] = orjson.dumps(self.data["attempts"]).decode()
         self.data["latency_ms"] = (time.perf_counter() - self.started) * 1000
         self.log.write(self.data)
+        if self.after is not None:
+            self.after()
 
 
 def log_bodiless(request_log: RequestLog, request: Request, fmt: str, ident: tuple[str, str], status: int, *,
