@@ -22,7 +22,8 @@ from tm_assets.resources import PostgresResource, PostHogResource, TokenMachineC
 
 pytestmark = pytest.mark.slow  # the file takes over 20 s: out of the fast tier
 
-DERIVED = ("scored_requests", "task_types", "patterns", "grades", "routing_rules", "finetune_jobs", "cache_entries")
+DERIVED = ("scored_requests", "task_types", "patterns", "grades", "provider_quotas", "routing_rules", "finetune_jobs",
+           "cache_entries")
 
 
 def test_the_definitions_load():
@@ -52,7 +53,8 @@ def test_the_hour_in_progress_can_be_scored_but_the_automation_takes_the_hour_ju
                                              evaluation_time=top + timedelta(minutes=6))
     requested = {r.key.to_user_string(): r.true_subset.expensively_compute_partition_keys()
                  for r in tick.results if r.true_subset.size}
-    assert requested == {"scored_requests": {(top - timedelta(hours=1)).strftime("%Y-%m-%d-%H:%M")}}
+    just_ended = {(top - timedelta(hours=1)).strftime("%Y-%m-%d-%H:%M")}
+    assert requested == {"scored_requests": just_ended, "provider_quotas": just_ended}
 
 
 def snapshot(db_url: str) -> dict[str, list]:

@@ -17,11 +17,13 @@ import psycopg
 
 from tm_assets import compute, rollups
 from tm_assets.grade_events import send_grade_events
+from tm_assets.quota_hour import QUOTA_COLUMNS, provider_quotas_hour
 from tm_assets.resources import TokenMachineConfig
 from tm_resources import cache, quality
 from tm_resources.config import Config, ConfigError
 from tm_resources.db import one
 from tm_resources.loop_start import first_hour
+from tm_resources.quotas import with_loop_mode
 from tm_resources.registry import served_config
 from tm_resources.tables import read_df, replace_hour_df
 
@@ -239,15 +241,34 @@ def grades(h: Hour) -> HourResult:
 
 
 @hourly_table(
-    deps=[grades],
+    deps=[requests_source],
+    columns=QUOTA_COLUMNS,
+    automation_condition=root_condition,
+    resources=("posthog",),
+    description="Per provider: its quota's usage since the last reset, the recent rate, when it runs out at that "
+    "rate (with an interval), and its state (ok, warning, critical, exhausted); a change of state is an alert.",
+)
+def provider_quotas(h: Hour) -> HourResult:
+    table, forecasts, moved = provider_quotas_hour(h.conn, h.config, h.start, h.resources.posthog.sink())
+    return table, {
+        "forecasts": dg.MetadataValue.json(forecasts),
+        "state_changes": dg.MetadataValue.json(moved),
+        "summary": dg.MetadataValue.md("\n".join(f"- **{f['state']}** {f['summary']}" for f in forecasts)
+                                       or "_no providers_"),
+    }
+
+
+@hourly_table(
+    deps=[grades, provider_quotas],
     columns=compute.RULE_COLUMNS,
     resources=("posthog",),
-    description="The decision engine: seven decisions (throttle, escalate, cascade, lock_local, swap_model, "
-    "finetune_candidate, coach), each rule with its reason and evidence. "
+    description="The decision engine: eight decisions (throttle, escalate, cascade, lock_local, swap_model, "
+    "finetune_candidate, coach, shift away from a provider whose quota is critical), each rule with its reason "
+    "and evidence; the mode is `tm mode`'s when set, else loop.mode. "
     "The gateway obeys the active rules of the newest hour.",
 )
 def routing_rules(h: Hour) -> HourResult:
-    config = served_config(h.conn, h.config)
+    config = with_loop_mode(h.conn, served_config(h.conn, h.config))
     inputs = compute.read_decision_inputs(h.conn, h.start, config)
     rules = compute.decide_hour(inputs, config)
     sent = compute.send_decision_events(h.resources.posthog.sink(), rules, h.start)
@@ -308,5 +329,5 @@ def team_usage_hourly(h: Hour) -> HourResult:
     return rollups.replace_team_usage_hour(h.conn, h.start), {}
 
 
-loop_assets = [scored_requests, task_types, patterns, grades, routing_rules, finetune_jobs, cache_entries,
-               usage_hourly, team_usage_hourly]
+loop_assets = [scored_requests, task_types, patterns, grades, provider_quotas, routing_rules, finetune_jobs,
+               cache_entries, usage_hourly, team_usage_hourly]

@@ -71,7 +71,7 @@ def every_request_typed(context: dg.AssetCheckExecutionContext, postgres: Postgr
 # The count each action's evidence must show, above zero, for the rule to stand on something.
 EVIDENCE_COUNT = {"escalate": "local_samples", "cascade": "local_samples", "lock_local": "local_samples",
                   "finetune_candidate": "samples", "coach": "low_prompt_days", "throttle": "cost_usd",
-                  "swap_model": "margin"}
+                  "swap_model": "margin", "shift": "used"}
 
 
 @loop_check(routing_rules, severity=dg.AssetCheckSeverity.ERROR,

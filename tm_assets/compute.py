@@ -239,8 +239,10 @@ def read_decision_inputs(conn: psycopg.Connection, hour: datetime, config: Confi
     if one(conn.execute("SELECT to_regclass('model_versions')"))[0] is not None:
         versions = read_df(conn, "SELECT version AS model, base_model, task_type, eval_score, base_eval_score"
                                  " FROM model_versions WHERE status IN ('won', 'lost') ORDER BY version")
+    quotas = read_df(conn, "SELECT provider, state, used, quota_limit, used_fraction, exhausts_at, reset_at, summary"
+                           " FROM provider_quotas WHERE hour = %s ORDER BY provider", (hour,))
     return {"patterns": pats, "grades": grade_rows, "user_hour_costs": grading.user_hour_costs(costs),
-            "model_versions": versions, "hour": pd.Timestamp(hour)}
+            "model_versions": versions, "hour": pd.Timestamp(hour), "provider_quotas": quotas}
 
 
 def decide_hour(inputs: dict[str, Any], config: Config) -> pd.DataFrame:
@@ -248,6 +250,7 @@ def decide_hour(inputs: dict[str, Any], config: Config) -> pd.DataFrame:
         inputs["patterns"], inputs["grades"], inputs["user_hour_costs"], inputs["model_versions"],
         config.loop.thresholds, tiers_of(config), config.loop.mode,
         frontier_model=config.defaults.frontier_model, hour=inputs["hour"],
+        provider_quotas=inputs.get("provider_quotas"),
     )
     return pd.DataFrame([{c: getattr(d, c) for c in RULE_COLUMNS} for d in found], columns=RULE_COLUMNS)
 

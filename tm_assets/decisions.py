@@ -6,15 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
 from tm_resources.config import Thresholds
 from tm_resources.grading import low_prompt_streak, tier_name
+from tm_resources.quotas import SHIFT_STATES
 
-Action = Literal["escalate", "cascade", "lock_local", "coach", "finetune_candidate", "throttle", "swap_model"]
+Action = Literal["escalate", "cascade", "lock_local", "coach", "finetune_candidate", "throttle", "swap_model", "shift"]
 Mode = Literal["manual", "dry-run", "auto"]
 
 # auto: the gateway obeys the rule; dry-run: written as a proposal; manual: computed and shown,
@@ -27,7 +28,7 @@ STATUS_BY_MODE: dict[str, str] = {"auto": "active", "dry-run": "proposed", "manu
 # is under escalate_below, between, or over lock_above); swap_model only picks which
 # local model serves; coach and finetune_candidate do not route.
 ACTION_ORDER: tuple[Action, ...] = ("throttle", "escalate", "cascade", "lock_local", "swap_model",
-                                    "finetune_candidate", "coach")
+                                    "finetune_candidate", "coach", "shift")
 
 BASELINE_WINDOW_H = 168        # a user's baseline: their hours in the trailing 7 days ...
 BASELINE_MIN_HOURS = 3         # ... when they had at least this many active hours; else the team's
@@ -176,10 +177,19 @@ def _completion_rule(task_type: str, g: pd.DataFrame, frontier: pd.DataFrame, ta
                     f"{target or 'the frontier model'} when its answer fails the quick gate.", ev)
 
 
-def _type_rules(pat: pd.DataFrame, t: Thresholds, frontier_model: str | None) -> list[Decision]:
+def _for_type(t: Thresholds, task_type: str) -> Thresholds:
+    """The thresholds a task type is decided on: its own quality bar where loop.thresholds.task_types sets one."""
+    escalate_below, lock_above = t.for_type(task_type)
+    if (escalate_below, lock_above) == (t.escalate_below, t.lock_above):
+        return t
+    return t.model_copy(update={"escalate_below": escalate_below, "lock_above": lock_above})
+
+
+def _type_rules(pat: pd.DataFrame, t_all: Thresholds, frontier_model: str | None) -> list[Decision]:
     out: list[Decision] = []
     local = pat[(pat["_tier"] == "local") & pat["avg_quality"].notna() & (pat["samples"] > 0)]
     for task_type, g in local.groupby("task_type", sort=True):
+        t = _for_type(t_all, task_type)
         n = int(g["samples"].sum())
         q = round(float((g["avg_quality"] * g["samples"]).sum() / n), _EPS_DIGITS)
         ev = {"local_samples": n, "local_avg_quality": _r(q), "local_models": sorted(g["model"].tolist())}
@@ -349,10 +359,32 @@ def _swap_rules(versions: pd.DataFrame, t: Thresholds) -> list[Decision]:
     return out
 
 
+def _shift_rules(quotas: pd.DataFrame | None) -> list[Decision]:
+    """A provider whose quota is critical or exhausted: `auto` and presets move to another model of the
+    chain while one can serve (the gateway applies it, tm_gateway/quota_routing.py)."""
+    out: list[Decision] = []
+    if quotas is None or quotas.empty:
+        return out
+    for _, q in quotas[quotas["state"].isin(SHIFT_STATES)].sort_values("provider", kind="stable").iterrows():
+        out.append(Decision(
+            f"shift:{q['provider']}", "shift", None, None, None, None,
+            f"{q['summary']}: its quota is {q['state']}, so auto and presets use another model of their chain "
+            "while one can serve.",
+            {"provider": q["provider"], "state": q["state"], "used": _none_or(q["used"]),
+             "limit": _none_or(q["quota_limit"]), "used_fraction": _none_or(q["used_fraction"]),
+             "exhausts_at": None if pd.isna(q["exhausts_at"]) else pd.Timestamp(q["exhausts_at"]).isoformat(),
+             "reset_at": None if pd.isna(q["reset_at"]) else pd.Timestamp(q["reset_at"]).isoformat()}))
+    return out
+
+
+def _none_or(x: Any) -> float | None:
+    return None if x is None or pd.isna(x) else float(x)
+
+
 def decide(type_model_patterns: pd.DataFrame, grades_df: pd.DataFrame | None, user_hour_costs: pd.DataFrame | None,
            model_versions: pd.DataFrame | None, thresholds: Thresholds, tiers: Mapping[str, object] | None,
            mode: Mode = "auto", *, frontier_model: str | None = None,
-           hour: pd.Timestamp | None = None) -> list[Decision]:
+           hour: pd.Timestamp | None = None, provider_quotas: pd.DataFrame | None = None) -> list[Decision]:
     """Every decision the current data supports, ordered by ACTION_ORDER then rule_id.
 
     type_model_patterns: grading.patterns(...)[1] (task_type, model, samples, avg_quality; tier
@@ -380,6 +412,7 @@ def decide(type_model_patterns: pd.DataFrame, grades_df: pd.DataFrame | None, us
     decisions += _coach_rules(grades_df, thresholds)
     decisions += _throttle_rules(user_hour_costs, thresholds, hour)
     decisions += _swap_rules(model_versions, thresholds)
+    decisions += _shift_rules(provider_quotas)
     status = STATUS_BY_MODE[mode]
     decisions = [Decision(**{**d.__dict__, "status": status}) for d in decisions]
     return sorted(decisions, key=lambda d: (ACTION_ORDER.index(d.action), d.rule_id))

@@ -15,11 +15,12 @@ from pathlib import Path
 import psycopg
 import psycopg.rows
 
-from tm_gateway import cli_budgets, cli_ops, cli_savings, keys, loopctl
+from tm_gateway import cli_budgets, cli_ops, cli_quota, cli_savings, keys, loopctl
 from tm_gateway.cli_views import _database, cmd_grades, cmd_models, cmd_requests, cmd_rules
 from tm_resources import db
 from tm_resources.config import EXAMPLE_CONFIG, Config, ConfigError, config_path, load_config, tm_home
 from tm_resources.loop_start import first_hour
+from tm_resources.quotas import loop_mode
 
 log = logging.getLogger("tm")
 
@@ -250,11 +251,13 @@ def cmd_loop(args: argparse.Namespace) -> int:
             print(f"0 requests in hour {key} UTC: nothing to score{hint}")
             return 0
         rules_before = loopctl.rules_in_force(conn)
+        mode, _ = loop_mode(conn, config)
     cfg_path = config_path(getattr(args, "config", None))
-    print(f"scoring {n} requests of hour {key} UTC (mode {config.loop.mode})"
+    print(f"scoring {n} requests of hour {key} UTC (mode {mode})"
           + (", the hour in progress: it is scored again whole at five past the next hour"
              if hour == loopctl.current_hour() else ""), flush=True)
-    code, output = loopctl.materialize(loopctl.dagster_env(home, url, cfg_path), hour, quiet=not args.verbose)
+    env = loopctl.dagster_env(home, url, cfg_path)
+    code, output = loopctl.materialize(env, hour) if args.verbose else loopctl.materialize_with_progress(env, hour)
     if code != 0:
         if output:
             # The run's own account of what failed is at its end; the whole of it is in the Dagster UI.
@@ -449,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     lrr.add_argument("--config", help="configuration file (default: $TM_CONFIG, ./tm.yaml)")
     lg.set_defaults(func=cmd_log)
 
+    cli_quota.register(sub)
     cli_ops.register(sub)
 
     d = sub.add_parser("db", help="the database schema")

@@ -4,6 +4,7 @@ The gateway side never imports the loop's code: it starts Dagster's own commands
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,35 @@ def materialize(env: dict[str, str], hour: datetime, selection: str = LOOP_SELEC
     done = subprocess.run(cmd, env=env, cwd=env["DAGSTER_HOME"], preexec_fn=_default_signals, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, errors="replace")
     return done.returncode, done.stdout
+
+
+_STEP_DONE = re.compile(r'STEP_(SUCCESS|FAILURE) - .*step "([^"]+)"')
+
+
+def materialize_with_progress(env: dict[str, str], hour: datetime, selection: str = LOOP_SELECTION) -> tuple[int, str]:
+    """`materialize`, quiet, with a progress bar on the terminal: one tick per step (asset or check) the run
+    ends (Dagster does not say how many it will run until it has, so the bar counts up). Returns its exit code
+    and output."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", DEFINITIONS_MODULE,
+           "--select", selection, "--partition", partition_key(hour)]
+    lines: list[str] = []
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} steps"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+                  disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task(f"hour {partition_key(hour)}: loading the loop", total=None)
+        with subprocess.Popen(cmd, env=env, cwd=env["DAGSTER_HOME"], preexec_fn=_default_signals,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+            assert proc.stdout is not None  # stdout=PIPE
+            for line in proc.stdout:
+                lines.append(line)
+                if m := _STEP_DONE.search(line):
+                    bar.update(task, advance=1, description=f"hour {partition_key(hour)}: {m[2]} "
+                                                            f"{'done' if m[1] == 'SUCCESS' else 'FAILED'}")
+            code = proc.wait()
+    return code, "".join(lines)
 
 
 def _bin(name: str) -> str:

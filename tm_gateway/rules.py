@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 TYPE_ACTIONS = ("escalate", "cascade", "lock_local")
 SWAP_ACTION = "swap_model"
 USER_ACTIONS = ("throttle",)
+# A provider whose quota is critical: `auto` and presets move to another model of their chain
+# (rule id shift:<provider>).
+SHIFT_ACTION = "shift"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class RuleBook:
     swaps: dict[tuple[str, str], Rule] = field(default_factory=dict)
     throttled: dict[str, Rule] = field(default_factory=dict)
     hour: object = None
+    # provider -> the shift rule that moves traffic off it
+    shifted: dict[str, Rule] = field(default_factory=dict)
     # Operator overrides: ("agent" | "user", name, task type or None for every type) -> rule.
     overrides: dict[tuple[str, str | None, str | None], Rule] = field(default_factory=dict)
 
@@ -69,9 +74,12 @@ class RuleBook:
         by_type: dict[str, Rule] = {}
         swaps: dict[tuple[str, str], Rule] = {}
         throttled: dict[str, Rule] = {}
+        shifted: dict[str, Rule] = {}
         rank = {a: i for i, a in enumerate(TYPE_ACTIONS)}
         for r in rules:
-            if r.action in USER_ACTIONS and r.user_id:
+            if r.action == SHIFT_ACTION:
+                shifted[r.rule_id.split(":", 1)[-1]] = r
+            elif r.action in USER_ACTIONS and r.user_id:
                 throttled[r.user_id] = r
             elif r.action == SWAP_ACTION and r.task_type and r.model and r.target_model:
                 swaps[(r.task_type, r.model)] = r
@@ -81,10 +89,10 @@ class RuleBook:
                     by_type[r.task_type] = r
         by_who = {("agent", r.agent, r.task_type) if r.agent else ("user", r.user_id, r.task_type): r
                   for r in overrides}
-        return cls(by_type=by_type, swaps=swaps, throttled=throttled, hour=hour, overrides=by_who)
+        return cls(by_type=by_type, swaps=swaps, throttled=throttled, hour=hour, shifted=shifted, overrides=by_who)
 
     def __len__(self) -> int:
-        return len(self.by_type) + len(self.swaps) + len(self.throttled) + len(self.overrides)
+        return len(self.by_type) + len(self.swaps) + len(self.throttled) + len(self.shifted) + len(self.overrides)
 
 
 RULE_COLUMNS = "rule_id, action, task_type, user_id, model, target_model, reason"

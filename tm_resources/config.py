@@ -48,6 +48,73 @@ class Price(_Strict):
         return (input_tokens * self.input + output_tokens * self.output + cache_read * cr + cache_write * cw) / 1e6
 
 
+Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+
+
+class QuotaReset(_Strict):
+    """When a provider's quota starts again, in the quota's timezone: every day at `hour`, every week on
+    `day` at `hour`, every month on `day` (1-28, so every month has it) at `hour`, or once on `date`."""
+
+    every: Literal["daily", "weekly", "monthly", "fixed"]
+    hour: int = Field(0, ge=0, le=23)
+    day: Weekday | int | None = None
+    date: datetime | None = None
+
+    @model_validator(mode="after")
+    def _day_fits(self) -> QuotaReset:
+        if self.every == "weekly" and not isinstance(self.day, str):
+            raise ValueError("a weekly reset needs `day`, a weekday name (e.g. wednesday)")
+        if self.every == "monthly" and not (isinstance(self.day, int) and 1 <= self.day <= 28):
+            raise ValueError("a monthly reset needs `day`, a day of the month from 1 to 28")
+        if self.every in ("daily", "fixed") and self.day is not None:
+            raise ValueError(f"a {self.every} reset takes no `day`")
+        if self.every == "fixed" and self.date is None:
+            raise ValueError("a fixed reset needs `date` (e.g. 2026-12-01T00:00)")
+        if self.every != "fixed" and self.date is not None:
+            raise ValueError("`date` is for a fixed reset only")
+        return self
+
+
+class QuotaConfig(_Strict):
+    """A provider's quota (tm_resources/quotas.py): how much of it is used since its last reset, and
+    when it runs out at the current rate."""
+
+    # self-tracked: counted from the request log; manual: what `tm set-usage` says; unlimited: usage
+    # shown, never a state; api: asked of the provider (OpenRouter's GET /api/v1/key).
+    source: Literal["self-tracked", "manual", "unlimited", "api"] = "self-tracked"
+    type: Literal["tokens", "messages", "requests", "budget"] = "tokens"
+    # In the type's unit (USD for a budget); none: usage is shown, exhaustion is not forecast.
+    limit: float | None = Field(None, gt=0)
+    reset: QuotaReset | None = None
+    timezone: str = "UTC"
+    warning: float = Field(0.8, gt=0, le=1)
+    critical: float = Field(0.95, gt=0, le=1)
+    # Ordering among providers (tier 1 first, then priority within it), for `tm status`.
+    tier: int = Field(1, ge=1)
+    priority: int = Field(1, ge=1)
+    # source api: the key endpoint (default: the provider's base_url + /key, OpenRouter's).
+    api_url: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"'{value}' is not a time zone (an IANA name such as Europe/Paris or UTC)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> QuotaConfig:
+        if self.warning > self.critical:
+            raise ValueError(f"warning ({self.warning}) must not be above critical ({self.critical})")
+        if self.source == "api" and self.type != "budget":
+            raise ValueError("an api source reports credits in USD: set type: budget")
+        return self
+
+
 class ProviderConfig(_Strict):
     kind: Literal["anthropic", "openai"]
     base_url: str
@@ -56,6 +123,7 @@ class ProviderConfig(_Strict):
     timeout_s: float = Field(300.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict)
+    quota: QuotaConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -251,6 +319,9 @@ class RoutingConfig(_Strict):
     tiers: TierRouting = TierRouting()
     cascade: CascadeRouting = CascadeRouting()
     learned: LearnedRouting = LearnedRouting()
+    # How `auto` and presets use local models (tm_gateway/quota_routing.py): never; simple-only (SIMPLE
+    # prompts only); when-available (where the chains put them, today's behaviour); prefer (first).
+    local_preference: Literal["never", "simple-only", "when-available", "prefer"] = "when-available"
 
 
 class Defaults(_Strict):
@@ -267,6 +338,24 @@ class ScoringWeights(_Strict):
     brevity: float = Field(0.20, ge=0)
     reprompt: float = Field(0.20, ge=0)
     cost_efficiency: float = Field(0.10, ge=0)
+
+
+class TypeThresholds(_Strict):
+    """A task type's own quality bar, in place of the global escalate_below / lock_above."""
+
+    escalate_below: float = Field(ge=0, le=1)
+    lock_above: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number_is_the_bar(cls, data: Any) -> Any:
+        return {"escalate_below": data} if isinstance(data, int | float) and not isinstance(data, bool) else data
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TypeThresholds:
+        if self.lock_above is not None and self.lock_above < self.escalate_below:
+            raise ValueError(f"lock_above ({self.lock_above}) must not be under escalate_below ({self.escalate_below})")
+        return self
 
 
 class Thresholds(_Strict):
@@ -307,6 +396,17 @@ class Thresholds(_Strict):
     anomaly_min_cost_usd: float = Field(0.05, ge=0)     # ignore anomalies cheaper than this in absolute terms
     swap_min_margin: float = Field(0.0, ge=0)           # a fine-tune must beat its base by at least this
     cache_min_quality: float = Field(0.8, ge=0, le=1)   # answers the semantic cache may serve
+    # Per task type, the quality its local models must reach (a number: escalate_below; or
+    # {escalate_below, lock_above}); a type not listed uses the global pair above.
+    task_types: dict[str, TypeThresholds] = Field(default_factory=dict)
+
+    def for_type(self, task_type: str) -> tuple[float, float]:
+        """(escalate_below, lock_above) for a task type; a bar above the global lock_above lifts it too."""
+        own = self.task_types.get(task_type)
+        if own is None:
+            return self.escalate_below, self.lock_above
+        return own.escalate_below, own.lock_above if own.lock_above is not None else max(self.lock_above,
+                                                                                          own.escalate_below)
 
 
 class LoopConfig(_Strict):

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from tm_gateway import quota_routing
 from tm_gateway.rules import (
     Route,
     auto_route,
@@ -54,6 +55,9 @@ async def choose_model(gw: Proxy, ctx: Ctx, requested: str, prompt: str, got: Cl
             tier = await _llm_tier(gw, prompt or task_text, tier)
         route = auto_route(route, tier=tier, task_type=task_type, learned=learned, config=config)
         route = without_premium(route, user, config)
+    if chooses:
+        route = quota_routing.adjust(route, book=gw.shared.rules, config=config, user=user,
+                                     prompt=prompt or task_text, task_type=task_type, confidence=confidence)
     row.data["route"] = route.route
     dispatched = row.data.pop("dispatch_reason", None)
     row.data["route_reason"] = f"dispatched to {dispatched}; {route.reason}" if dispatched else route.reason
