@@ -64,7 +64,7 @@ def test_tools_answer_and_only_admin_keys_write(setup):
         _server(db_url, path, home, plain),
         [("analyze", {"type": "agents"}), ("providers", {}), ("optimize", {"safe_only": True}),
          ("optimize", {"apply": True}), ("rules", {}), ("revert_rule", {"rule_id": "op-1"})]))
-    assert tools == ["analyze", "optimize", "providers", "revert_rule", "rules"]
+    assert tools == ["analyze", "optimize", "predict", "providers", "revert_rule", "rules", "status"]
     [opportunity] = _json(analysis)["opportunities"]
     assert (opportunity["who"], opportunity["proposed_model"], opportunity["safe"]) == ("coder", "local-test", True)
     assert {p["provider"] for p in _json(providers)["providers"]} == {"anthropic", "local"}
@@ -93,6 +93,30 @@ def test_tools_answer_and_only_admin_keys_write(setup):
 
 def bob_named(result) -> bool:
     return "user bob" in result.content[0].text
+
+
+def test_quota_questions_answer_what_tm_status_and_predict_answer(setup, monkeypatch, capsys):
+    from tm_gateway.cli import main
+
+    db_url, path, home, admin, plain = setup
+    _, (status, one, predicted, unknown, bad_hours) = asyncio.run(_calls(
+        _server(db_url, path, home, plain),
+        [("status", {}), ("status", {"provider": "anthropic"}), ("predict", {"hours": 12}),
+         ("status", {"provider": "nope"}), ("predict", {"hours": 0})]))
+    monkeypatch.setenv("TM_DATABASE_URL", db_url)
+    assert main(["status", "--json", "--config", str(path)]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    cli = cli["providers"] if isinstance(cli, dict) else cli
+    listed = _json(status)["providers"]
+    assert [p["provider"] for p in listed] == [p["provider"] for p in cli]
+    assert [p["used"] for p in listed] == [p["used"] for p in cli]
+    assert any(p["used"] for p in listed), "the seeded traffic shows as usage"
+    assert [p["provider"] for p in _json(one)["providers"]] == ["anthropic"]
+    forecasts = _json(predicted)["forecasts"]
+    assert {f["provider"] for f in forecasts} == {p["provider"] for p in listed}
+    assert all(f["hours"] == 12 for f in forecasts)
+    assert unknown.is_error and "'nope' is not one of the providers" in unknown.content[0].text
+    assert bad_hours.is_error and "hours must be from 1" in bad_hours.content[0].text
 
 
 def test_no_key_or_a_revoked_key_gets_nothing(setup):

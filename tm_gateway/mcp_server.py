@@ -16,16 +16,18 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from tm_gateway import console, keys, ops
+from tm_resources import quotas
 from tm_resources.config import Config, ConfigError, load_config
 from tm_resources.operator_rules import RuleNotFound
 
 KEY_ENV = "TM_API_KEY"
 
 INSTRUCTIONS = """Token Machine is the team's LLM gateway. These tools answer an operator's questions about it:
-which models exist and what they are good at (providers), which agents and users send work a cheaper model
-serves as well and what that would save (analyze), the overrides that would move that work (optimize; with
-apply=true it writes them as rules, which needs an admin key), and the rules in force (rules; revert_rule
-undoes an operator rule, admin key too)."""
+how much of each provider's quota is used and when it runs out (status, predict), which models exist
+and what they are good at (providers), which agents and users send work a cheaper model serves as well
+and what that would save (analyze), the overrides that would move that work (optimize; with apply=true
+it writes them as rules, which needs an admin key), and the rules in force (rules; revert_rule undoes
+an operator rule, admin key too)."""
 
 
 @dataclass(frozen=True)
@@ -56,13 +58,7 @@ class ToolServer:
     """The MCP server and what each tool call needs: a connection, the configuration read afresh (the
     operator may have edited tm.yaml), and the caller's key, checked on every call so a revoked key
     stops working at once. Adding a tool is a function under `build` that opens `self.session(ctx)`
-    (`admin=True` when it changes anything), e.g.
-
-        @mcp.tool(description="Each provider's quota: usage, rate, state, forecast.")
-        def status(ctx: Context, provider: str | None = None) -> dict:
-            with self.session(ctx) as s:
-                return _plain(quotas.status(s.conn, s.config, provider))
-    """
+    (`admin=True` when it changes anything), as `status` does."""
 
     def __init__(self, database_url: str, config_file: Path):
         self.database_url = database_url
@@ -88,6 +84,27 @@ class ToolServer:
 
     def build(self) -> None:
         mcp = self.mcp
+
+        @mcp.tool(description="Each provider's quota (or one provider's): usage since its last reset, limit,"
+                  " state (ok, warning, critical, exhausted), the current rate, and when at this rate it runs"
+                  " out, with an interval, compared with its next reset.")
+        def status(ctx: Context, provider: str | None = None) -> dict:
+            with self.session(ctx) as s:
+                try:
+                    return {"providers": _plain([q.as_dict() for q in quotas.status(s.conn, s.config,
+                                                                                    provider=provider)])}
+                except ConfigError as err:
+                    raise ToolError(str(err)) from None
+
+        @mcp.tool(description="Where each provider's quota (or one's) will stand `hours` from now (1 to a"
+                  " week) at the team's usual pace, with an interval, and whether it runs out or resets first:"
+                  " 'when will I run out of Anthropic tokens?'")
+        def predict(ctx: Context, hours: int = 24, provider: str | None = None) -> dict:
+            with self.session(ctx) as s:
+                try:
+                    return {"forecasts": _plain(quotas.predict(s.conn, s.config, hours=hours, provider=provider))}
+                except (ConfigError, ValueError) as err:
+                    raise ToolError(str(err)) from None
 
         @mcp.tool(description="Providers and their models: tier, price per million tokens, and capability"
                   " scores 0-1 (coding, reasoning, creative, instruction_following, context, speed), with where"
