@@ -213,3 +213,34 @@ def test_the_decisions_page_shows_the_rules_their_history_and_their_run(site):
 def test_the_chart_library_is_served_from_the_package(site):
     r = site.client().get("/dashboard/static/echarts.min.js")
     assert r.status_code == 200 and len(r.content) > 500_000 and b"echarts" in r.content[:5000]
+
+
+def test_budget_and_pool_gauges_show_what_each_used_and_only_your_own_to_a_customer(site):
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    from tm_gateway import budgets
+
+    now = datetime.now(UTC)
+    with psycopg.connect(site.db_url) as conn:
+        budgets.set_limit(conn, "user", "alice", "day", 10.0)
+        budgets.set_limit(conn, "user", "carol", "day", 4.0)
+        budgets.set_limit(conn, "team", "platform", "month", 100.0)
+        budgets.set_limit(conn, "pool", "design", "month", 1_000_000)
+        for subject, period, used in (("user:alice:day", "day", 5.0), ("user:carol:day", "day", 1.0),
+                                      ("pool:design", "month", 1_500_000)):
+            start = budgets.period_bounds(period, now, ZoneInfo("UTC"))[0]
+            conn.execute("INSERT INTO budget_usage (subject, period_start, used, cost_usd) VALUES (%s, %s, %s, %s)",
+                         (subject, start, used, used if period == "day" else 0))
+        conn.commit()
+
+    page = site.sign_in(site.admin_key).get("/dashboard/limits")
+    assert page.status_code == 200
+    fractions = dict(re.findall(r'<td>(?:user|team|pool)</td><td>(\w+)</td>.*?data-fraction="([0-9.]*)"', page.text,
+                                re.S))
+    assert fractions == {"alice": "0.5000", "carol": "0.2500", "platform": "0.0000", "design": "1.5000"}
+    assert "overage" in page.text and "$5.00 of $10.00" in page.text and "1,500,000 of 1,000,000" in page.text
+
+    mine = site.sign_in(site.keys["carol"]).get("/dashboard/me")
+    assert "$1.00 of $4.00" in mine.text and "platform" in mine.text
+    assert "alice" not in mine.text and "1,500,000" not in mine.text and "$5.00 of $10.00" not in mine.text

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from datetime import datetime, timedelta
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -286,3 +287,27 @@ def usage_now(conn: psycopg.Connection, limits: list[Limit], zone: ZoneInfo, now
                         " JOIN unnest(%s::text[], %s::timestamptz[]) AS w(subject, period_start)"
                         " ON u.subject = w.subject AND u.period_start = w.period_start", (subjects, starts))
     return dict(rows.fetchall())
+
+
+def report(conn: psycopg.Connection, config: Config, now: datetime | None = None,
+           for_users: Iterable[str] = ()) -> list[dict]:
+    """Every budget and pool in force (tm.yaml's and `tm budgets set`'s), what it used in its current
+    period, the fraction and when it resets: what `tm budgets list` and the dashboard's gauges show.
+    `for_users`: also each of these users' own row where only the every-user default ('*') applies."""
+    now = now or datetime.now(UTC)
+    book = BudgetBook(config)
+    book.replace(stored_map(conn.execute(STORED_SQL)))
+    rows = book.rows()
+    own_rows = {(r["scope"], r["subject"], r["period"]) for r in rows}
+    for default in [r for r in rows if r["subject"] == EVERY_USER]:
+        rows += [{**default, "subject": u, "source": f"{default['source']} (every user)"} for u in for_users
+                 if ("user", u, default["period"]) not in own_rows]
+    # '*' (every user's default) is listed as set; each user's own counter is what is used.
+    own = [r for r in rows if r["subject"] != EVERY_USER]
+    limits = [Limit(r["scope"], r["subject"], r["period"], r["amount"]) for r in own]
+    used = usage_now(conn, limits, book.zone, now)
+    for r, lim in zip(own, limits, strict=True):
+        r["used"] = used.get(lim.subject, 0.0)
+        r["fraction"] = r["used"] / r["amount"] if r["amount"] else None
+        r["resets_at"] = period_bounds(r["period"], now, book.zone)[1]
+    return rows

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
 
 import psycopg
 
@@ -43,20 +42,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
 
 def _list(conn: psycopg.Connection, args: argparse.Namespace) -> int:
-    book = bg.BudgetBook(load_config(args.config))
-    book.replace(bg.stored_map(conn.execute(bg.STORED_SQL)))
-    rows = book.rows()
-    now = datetime.now(UTC)
-    limits = [bg.Limit(r["scope"], r["subject"], r["period"], r["amount"]) for r in rows
-              if r["subject"] != bg.EVERY_USER]
-    used = bg.usage_now(conn, limits, book.zone, now)
-    for r in rows:
-        if r["subject"] == bg.EVERY_USER:
-            continue
-        lim = bg.Limit(r["scope"], r["subject"], r["period"], r["amount"])
-        r["used"] = used.get(lim.subject, 0.0)
-        r["fraction"] = r["used"] / r["amount"] if r["amount"] else None
-        r["resets_at"] = bg.period_bounds(r["period"], now, book.zone)[1]
+    rows = bg.report(conn, load_config(args.config))
     if not rows and not args.json:
         print("no budgets or pools: set them in tm.yaml (budgets:) or with tm budgets set")
         return 0

@@ -3,6 +3,7 @@ every other key, signed in by a form and held by a signed, HttpOnly, SameSite=St
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -27,8 +29,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from tm_gateway import budgets
 from tm_gateway.dashboard import queries
 from tm_gateway.dashboard.queries import Scope
+from tm_resources import quotas
 from tm_resources.config import Config
 
 log = logging.getLogger(__name__)
@@ -271,13 +275,22 @@ class Dashboard:
                           days=days, data=data, in_force=found["in_force"], history=found["history"][:200],
                           dagster_url=self.config.dashboard.dagster_url.rstrip("/"))
 
+    def _limits(self, users: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
+        """Budgets and pools with what each used this period, and each provider's quota: the same functions
+        `tm budgets list` and `tm status` answer with (sync: run in a thread)."""
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            spend = budgets.report(conn, self.config, for_users=users)
+            provider_quotas = [q.as_dict() for q in quotas.status(conn, self.config)] if not users else []
+        return spend, provider_quotas
+
     @_signed_in(admin=True)
     async def limits(self, request: Request, viewer: Viewer) -> Response:
         async with (await self._pool()).connection() as conn:
-            tables = await queries.limits_tables(conn)
             alerts = await queries.alerts(conn)
+        spend, provider_quotas = await asyncio.to_thread(self._limits)
         return self._page(request, "limits.html", viewer=viewer, nav=await self._nav(viewer), page="limits",
-                          tables=tables, alerts=alerts)
+                          budgets=[b for b in spend if b["scope"] != "pool"],
+                          pools=[b for b in spend if b["scope"] == "pool"], quotas=provider_quotas, alerts=alerts)
 
     @_signed_in(admin=False)
     async def customer(self, request: Request, viewer: Viewer) -> Response:
@@ -294,6 +307,10 @@ class Dashboard:
             grade = await queries.grade_of(conn, viewer.user_id)
         del data["tokens_by"]  # the customer view draws no heat map
         top = data["agents"][0]["agent"] if data["agents"] else None
+        spend, _ = await asyncio.to_thread(self._limits, (viewer.user_id,))
+        # Only what applies to this key holder: their own budgets, their key's, their team's and its pool.
+        mine = [b for b in spend if (b["scope"], b["subject"]) in
+                {("user", viewer.user_id), ("key", viewer.key_id), ("team", team), ("pool", team)}]
         return self._page(request, "customer.html", viewer=viewer, nav=await self._nav(viewer), page="me",
                           days=days, data=data, totals=data["totals"], grade=grade, top_agent=top, team=team,
-                          as_team=as_team, agents=data["agents"], models=data["models"])
+                          as_team=as_team, agents=data["agents"], models=data["models"], budgets=mine)

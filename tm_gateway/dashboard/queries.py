@@ -13,8 +13,8 @@ from psycopg.rows import dict_row
 # Latency bucket i of usage_hourly holds [2^(i-1), 2^i) ms: a percentile is reported as its bucket's top.
 LATENCY_BUCKETS = 16
 
-# Tables the budget, pool and quota work adds; the limits page is offered once one of them exists.
-LIMITS_TABLES = ("budgets", "pools", "token_pools", "quotas", "quota_forecasts")
+# The tables the limits page reads; it is offered once one of them exists (migrations 0014, 0016).
+LIMITS_TABLES = ("budgets", "budget_usage", "provider_quotas")
 
 
 @dataclass(frozen=True)
