@@ -67,7 +67,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from tm_gateway.ops import analysis_report
 
     config = _config(args)
-    with _connect() as conn:
+    with _connect() as conn, console.working("reading the scored requests…"):
         report = analysis_report(conn, config, args.type)
     if not report["opportunities"]:
         text = (f"nothing to move: over {report['scored_requests']} scored requests of the last "
@@ -89,7 +89,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from tm_gateway.ops import optimize_report
 
     config = _config(args)
-    with _connect() as conn:
+    with _connect() as conn, console.working("reading the scored requests…"):
         report = optimize_report(conn, config, apply=args.apply, safe_only=args.safe_only, by=operator())
     if not report["proposals"]:
         text = "no override to propose" + (" whose evidence says quality holds" if args.safe_only else "") + \

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -42,3 +43,16 @@ def fail(message: str, code: int = 2) -> int:
     """A clear error on stderr, and the exit code to return."""
     print(f"tm: {message}", file=sys.stderr)
     return code
+
+
+@contextlib.contextmanager
+def working(what: str) -> Iterator[None]:
+    """A spinner on stderr while something takes a while (reading a week of scored requests), shown only to
+    a person at a terminal: scripts and --json output stay clean."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(what):
+        yield
