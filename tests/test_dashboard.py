@@ -33,6 +33,7 @@ class Site:
     keys: dict[str, str]
     rows: list[dict]
     app: object
+    config: object = None
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30)
@@ -70,7 +71,7 @@ def site(db_url, upstreams, tmp_path, request) -> Iterator[Site]:
         user_keys = {u: keys.create_key(conn, u)[0] for u in TEAM}
     app, served = start_gateway(config, db_url, tmp_path)
     try:
-        yield Site(served.url, db_url, admin, user_keys, rows, app)
+        yield Site(served.url, db_url, admin, user_keys, rows, app, config)
     finally:
         served.stop()
 
@@ -244,3 +245,22 @@ def test_budget_and_pool_gauges_show_what_each_used_and_only_your_own_to_a_custo
     mine = site.sign_in(site.keys["carol"]).get("/dashboard/me")
     assert "$1.00 of $4.00" in mine.text and "platform" in mine.text
     assert "alice" not in mine.text and "1,500,000" not in mine.text and "$5.00 of $10.00" not in mine.text
+
+
+def test_a_customer_sees_what_they_were_billed_by_billing(site):
+    with psycopg.connect(site.db_url, autocommit=True) as conn:
+        conn.execute("UPDATE requests SET billing = 'overage', billed_usd = cost_usd * 1.25 WHERE user_id = 'carol'")
+        conn.execute("UPDATE requests SET billing = 'included', billed_usd = 0 WHERE user_id = 'dave'")
+        hours = [h for (h,) in conn.execute("SELECT DISTINCT date_trunc('hour', ts) FROM requests")]
+        for hour in hours:
+            replace_usage_hour(conn, hour, site.config)
+    carol = [x for x in site.rows if x["user_id"] == "carol"]
+    dave = [x for x in site.rows if x["user_id"] == "dave"]
+    overage = sum(x["cost_usd"] for x in carol) * 1.25
+    page = site.sign_in(site.keys["carol"]).get("/dashboard/me?days=1")
+    row = re.search(r"<tr><td>overage</td><td class=\"n\">\$([0-9,.]+)</td>", page.text)
+    assert row and float(row.group(1).replace(",", "")) == pytest.approx(overage, abs=0.005)
+    team = site.sign_in(site.keys["carol"]).get("/dashboard/me?days=1&scope=team")
+    included = re.search(r"drawn from the team's pool \(\$([0-9,.]+) at cost\)", team.text)
+    assert included and float(included.group(1).replace(",", "")) == pytest.approx(
+        sum(x["cost_usd"] for x in dave), abs=0.005)

@@ -18,12 +18,16 @@ _BUCKET = f"LEAST({LATENCY_BUCKETS - 1}, GREATEST(0, floor(log(2, GREATEST(r.lat
 USAGE_SQL = f"""
 INSERT INTO usage_hourly (hour, user_id, agent, model, tier, route, task_type, requests, errors, fallbacks,
     cache_hits, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, baseline_cost_usd,
-    latency_ms_sum, latency_buckets)
+    latency_ms_sum, latency_buckets, included_cost_usd, included_billed_usd, overage_billed_usd, premium_billed_usd,
+    local_billed_usd)
 SELECT %(hour)s, user_id, agent, model, COALESCE(%(tiers)s::jsonb ->> model, ''), route, task_type,
     count(*), count(*) FILTER (WHERE status >= 400), count(*) FILTER (WHERE fell_back), count(*) FILTER (WHERE cached),
     sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens),
     sum(cost_usd), sum(baseline_cost_usd), sum(latency_ms),
-    ARRAY[{", ".join(f"count(*) FILTER (WHERE bucket = {i})" for i in range(LATENCY_BUCKETS))}]
+    ARRAY[{", ".join(f"count(*) FILTER (WHERE bucket = {i})" for i in range(LATENCY_BUCKETS))}],
+    COALESCE(sum(cost_usd) FILTER (WHERE billing = 'included'), 0),
+    {", ".join(f"COALESCE(sum(billed_usd) FILTER (WHERE billing = '{b}'), 0)"
+               for b in ("included", "overage", "premium", "local"))}
 FROM (
     SELECT r.user_id, COALESCE(r.agent, '') AS agent, COALESCE(r.model, '') AS model, COALESCE(r.route, '') AS route,
         COALESCE(t.task_type, r.task_type, '') AS task_type, r.status,
@@ -32,7 +36,7 @@ FROM (
         r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_write_tokens, r.cost_usd,
         -- without a frontier model configured there is no baseline: the request then saved nothing
         COALESCE(r.baseline_cost_usd, r.cost_usd) AS baseline_cost_usd,
-        COALESCE(r.latency_ms, 0) AS latency_ms, {_BUCKET} AS bucket
+        COALESCE(r.latency_ms, 0) AS latency_ms, {_BUCKET} AS bucket, r.billing, r.billed_usd
     FROM requests r LEFT JOIN task_types t ON t.request_id = r.id
     WHERE r.ts >= %(hour)s AND r.ts < %(end)s AND r.endpoint = ANY(%(endpoints)s)
 ) r

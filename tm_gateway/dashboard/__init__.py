@@ -304,6 +304,7 @@ class Dashboard:
         scope = Scope(tuple(members) if as_team else (viewer.user_id,))
         async with (await self._pool()).connection() as conn:
             data = await queries.usage(conn, scope, queries.since(days))
+            billed = await queries.billing(conn, scope, queries.since(days))
             grade = await queries.grade_of(conn, viewer.user_id)
         del data["tokens_by"]  # the customer view draws no heat map
         top = data["agents"][0]["agent"] if data["agents"] else None
@@ -313,4 +314,5 @@ class Dashboard:
                 {("user", viewer.user_id), ("key", viewer.key_id), ("team", team), ("pool", team)}]
         return self._page(request, "customer.html", viewer=viewer, nav=await self._nav(viewer), page="me",
                           days=days, data=data, totals=data["totals"], grade=grade, top_agent=top, team=team,
-                          as_team=as_team, agents=data["agents"], models=data["models"], budgets=mine)
+                          as_team=as_team, agents=data["agents"], models=data["models"], budgets=mine,
+                          billed=billed)

@@ -247,6 +247,18 @@ def rule_history(rows: list[dict[str, Any]], hours: list[dict[str, Any]]) -> lis
     return events
 
 
+async def billing(conn: psycopg.AsyncConnection, scope: Scope, start: datetime) -> dict[str, float]:
+    """What `scope`'s requests since `start` cost and were billed, by billing (included / overage / premium /
+    local): from usage_hourly, so it needs the users named (the customer view)."""
+    clause, params = scope.sql()
+    rows = await _all(conn, f"""
+        SELECT COALESCE(sum(included_cost_usd), 0) AS included_cost, COALESCE(sum(included_billed_usd), 0) AS included,
+            COALESCE(sum(overage_billed_usd), 0) AS overage, COALESCE(sum(premium_billed_usd), 0) AS premium,
+            COALESCE(sum(local_billed_usd), 0) AS local
+        FROM usage_hourly WHERE hour >= %(since)s AND {clause}""", {"since": start, **params})
+    return {k: float(v) for k, v in rows[0].items()}
+
+
 async def grade_of(conn: psycopg.AsyncConnection, user: str) -> dict[str, Any] | None:
     rows = await _all(conn, """
         SELECT grade, avg_quality_score, prompt_weakness FROM grades
