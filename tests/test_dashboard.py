@@ -233,9 +233,14 @@ def test_budget_and_pool_gauges_show_what_each_used_and_only_your_own_to_a_custo
             start = budgets.period_bounds(period, now, ZoneInfo("UTC"))[0]
             conn.execute("INSERT INTO budget_usage (subject, period_start, used, cost_usd) VALUES (%s, %s, %s, %s)",
                          (subject, start, used, used if period == "day" else 0))
+        conn.execute("INSERT INTO provider_quotas (hour, provider, source, quota_type, used, quota_limit, used_fraction,"
+                     " rate_per_h, state, summary) VALUES (date_trunc('hour', now()), 'anthropic', 'self-tracked',"
+                     " 'tokens', 960000, 1000000, 0.96, 50000, 'critical',"
+                     " 'anthropic: 96% used, at this rate exhausted in 0.8 h')")
         conn.commit()
 
     page = site.sign_in(site.admin_key).get("/dashboard/limits")
+    assert 'class="state-critical"' in page.text and "exhausted in 0.8 h" in page.text
     assert page.status_code == 200
     fractions = dict(re.findall(r'<td>(?:user|team|pool)</td><td>(\w+)</td>.*?data-fraction="([0-9.]*)"', page.text,
                                 re.S))

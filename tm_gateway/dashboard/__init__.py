@@ -32,7 +32,6 @@ from starlette.templating import Jinja2Templates
 from tm_gateway import budgets
 from tm_gateway.dashboard import queries
 from tm_gateway.dashboard.queries import Scope
-from tm_resources import quotas
 from tm_resources.config import Config
 
 log = logging.getLogger(__name__)
@@ -275,19 +274,18 @@ class Dashboard:
                           days=days, data=data, in_force=found["in_force"], history=found["history"][:200],
                           dagster_url=self.config.dashboard.dagster_url.rstrip("/"))
 
-    def _limits(self, users: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
-        """Budgets and pools with what each used this period, and each provider's quota: the same functions
-        `tm budgets list` and `tm status` answer with (sync: run in a thread)."""
+    def _budgets(self, users: tuple[str, ...] = ()) -> list[dict]:
+        """Budgets and pools with what each used this period: what `tm budgets list` answers (sync: run in a
+        thread); their counters are a few rows, not the log."""
         with psycopg.connect(self.database_url, autocommit=True) as conn:
-            spend = budgets.report(conn, self.config, for_users=users)
-            provider_quotas = [q.as_dict() for q in quotas.status(conn, self.config)] if not users else []
-        return spend, provider_quotas
+            return budgets.report(conn, self.config, for_users=users)
 
     @_signed_in(admin=True)
     async def limits(self, request: Request, viewer: Viewer) -> Response:
         async with (await self._pool()).connection() as conn:
             alerts = await queries.alerts(conn)
-        spend, provider_quotas = await asyncio.to_thread(self._limits)
+            provider_quotas = await queries.provider_quotas(conn)
+        spend = await asyncio.to_thread(self._budgets)
         return self._page(request, "limits.html", viewer=viewer, nav=await self._nav(viewer), page="limits",
                           budgets=[b for b in spend if b["scope"] != "pool"],
                           pools=[b for b in spend if b["scope"] == "pool"], quotas=provider_quotas, alerts=alerts)
@@ -308,7 +306,7 @@ class Dashboard:
             grade = await queries.grade_of(conn, viewer.user_id)
         del data["tokens_by"]  # the customer view draws no heat map
         top = data["agents"][0]["agent"] if data["agents"] else None
-        spend, _ = await asyncio.to_thread(self._limits, (viewer.user_id,))
+        spend = await asyncio.to_thread(self._budgets, (viewer.user_id,))
         # Only what applies to this key holder: their own budgets, their key's, their team's and its pool.
         mine = [b for b in spend if (b["scope"], b["subject"]) in
                 {("user", viewer.user_id), ("key", viewer.key_id), ("team", team), ("pool", team)}]

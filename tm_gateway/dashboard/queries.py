@@ -247,6 +247,15 @@ def rule_history(rows: list[dict[str, Any]], hours: list[dict[str, Any]]) -> lis
     return events
 
 
+async def provider_quotas(conn: psycopg.AsyncConnection) -> list[dict[str, Any]]:
+    """Each provider's quota as the loop's provider_quotas asset last wrote it (its newest hour): what `tm status`
+    computes live, read here from the hourly table so the page does not scan the log."""
+    return await _all(conn, """
+        SELECT DISTINCT ON (provider) hour, provider, quota_type AS unit, used, quota_limit AS "limit", used_fraction,
+            rate_per_h, state, summary
+        FROM provider_quotas ORDER BY provider, hour DESC""", {})
+
+
 async def billing(conn: psycopg.AsyncConnection, scope: Scope, start: datetime) -> dict[str, float]:
     """What `scope`'s requests since `start` cost and were billed, by billing (included / overage / premium /
     local): from usage_hourly, so it needs the users named (the customer view)."""
