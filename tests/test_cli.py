@@ -156,8 +156,9 @@ def test_tm_up_starts_on_the_embedded_default_and_says_where_everything_is(tmp_p
     url = db.start_embedded(tmp_path / "home")
     from tm_gateway.keys import hash_key
     with psycopg.connect(url) as conn:
-        assert conn.execute("SELECT user_id FROM api_keys WHERE key_hash = %s", (hash_key(key),)).fetchone() == (
-            "founder",)
+        # ... an admin key: whoever starts the install can open the dashboard's team pages with it.
+        assert conn.execute("SELECT user_id, admin FROM api_keys WHERE key_hash = %s", (hash_key(key),)
+                            ).fetchone() == ("founder", True)
 
 
 def test_a_port_in_use_is_reported_before_the_banner_and_before_any_key_is_made(tmp_path, monkeypatch, capsys):

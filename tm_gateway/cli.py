@@ -141,7 +141,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     with psycopg.connect(url) as conn:
         first_key = None
         if not keys.list_keys(conn):
-            first_key, info = keys.create_key(conn, os.environ.get("TM_USER") or getpass.getuser() or "admin")
+            # Whoever starts the first install runs it: their key opens the dashboard's team pages.
+            first_key, info = keys.create_key(conn, os.environ.get("TM_USER") or getpass.getuser() or "admin",
+                                              admin=True)
     cfg_path = config_path(getattr(args, "config", None))
     print(f"Token Machine is starting (home {home}, config {cfg_path})")
     print(f"  database  {db.redact_url(url)}")
@@ -155,7 +157,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  loop UI   http://{host}:{args.ui_port}  (Dagster: the hourly loop, its runs and backfills;"
               f" log in {home / 'dagster.log'})")
     if first_key:
-        print(f"  first API key, for user '{info.user_id}' (shown once; `tm keys create --user NAME` for more):")
+        print(f"  first API key, an admin key for user '{info.user_id}' (shown once; `tm keys create --user NAME`"
+              " for the team's):")
         print(f"    {first_key}")
     lines, any_ok = provider_report(config)
     print("Providers:")
