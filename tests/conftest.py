@@ -97,6 +97,11 @@ class ServedApp:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServedApp:
+        # A fresh clone exports the embedding model to ONNX on the first gateway start (tens of seconds on
+        # a slow machine): done here once per session, outside the start deadline; later starts share it.
+        from tm_resources.embedder import get_embedder
+
+        get_embedder()
         self.thread.start()
         deadline = time.monotonic() + 15
         while not self.server.started:
