@@ -42,7 +42,9 @@ def test_an_openai_compatible_judge_is_asked_through_httpx(fakes):
     anth, local = fakes
     config = make_config(anth.url, local.openai_url, loop={"judge_model": "local-test"})
     assert judge_answers(config, CONVERSATIONS, score) == [0.9, 0.9, 0.9]
-    req = local.requests[0]
+    # The judge asks concurrently: the requests arrive in any order, one per conversation.
+    assert sorted(str(r.body["messages"]) for r in local.requests) == sorted(str(c) for c in CONVERSATIONS)
+    req = next(r for r in local.requests if r.body["messages"] == CONVERSATIONS[0])
     assert req.path == "/v1/chat/completions" and req.headers["user-agent"].startswith("python-httpx/")
     assert req.body["model"] == "tiny-local" and req.body["messages"] == CONVERSATIONS[0]
     assert req.body["max_tokens"] == 16 and req.body["temperature"] == 0
