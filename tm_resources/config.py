@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from datetime import datetime
 from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from tm_resources.config_base import ConfigError as ConfigError
+from tm_resources.config_base import Strict as _Strict
+from tm_resources.config_base import TimeZone as TimeZone
+from tm_resources.config_loop import LoopConfig as LoopConfig
+from tm_resources.config_loop import ScoringWeights as ScoringWeights
+from tm_resources.config_loop import Thresholds as Thresholds
+from tm_resources.config_loop import TypeThresholds as TypeThresholds
+from tm_resources.config_optimize import CapabilityScoring as CapabilityScoring
+from tm_resources.config_optimize import OptimizeConfig as OptimizeConfig
+from tm_resources.config_quota import QuotaConfig as QuotaConfig
+from tm_resources.config_quota import QuotaReset as QuotaReset
+from tm_resources.config_spend import BillingConfig as BillingConfig
+from tm_resources.config_spend import BudgetsConfig as BudgetsConfig
+from tm_resources.config_spend import Limits as Limits
+from tm_resources.config_spend import LimitsConfig as LimitsConfig
+from tm_resources.config_spend import LimitValues as LimitValues
+from tm_resources.config_spend import LoopDetection as LoopDetection
+from tm_resources.config_spend import MarkupBand as MarkupBand
 
 # The example tm.yaml ships inside the package, so a wheel installed anywhere runs as it is; setuptools
 # installs package data as plain files, which callers read and copy as a Path.
 EXAMPLE_CONFIG = Path(str(resources.files("tm_resources").joinpath("tm.yaml")))
-
-
-class ConfigError(Exception):
-    """A configuration problem, worded so the operator knows which key to fix."""
-
-
-class _Strict(BaseModel):
-    # A misspelt key is the commonest config mistake: refuse it rather than ignore it.
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Tier(str, Enum):
@@ -46,73 +55,6 @@ class Price(_Strict):
         cr = self.input if self.cache_read is None else self.cache_read
         cw = self.input if self.cache_write is None else self.cache_write
         return (input_tokens * self.input + output_tokens * self.output + cache_read * cr + cache_write * cw) / 1e6
-
-
-Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
-
-
-class QuotaReset(_Strict):
-    """When a provider's quota starts again, in the quota's timezone: every day at `hour`, every week on
-    `day` at `hour`, every month on `day` (1-28, so every month has it) at `hour`, or once on `date`."""
-
-    every: Literal["daily", "weekly", "monthly", "fixed"]
-    hour: int = Field(0, ge=0, le=23)
-    day: Weekday | int | None = None
-    date: datetime | None = None
-
-    @model_validator(mode="after")
-    def _day_fits(self) -> QuotaReset:
-        if self.every == "weekly" and not isinstance(self.day, str):
-            raise ValueError("a weekly reset needs `day`, a weekday name (e.g. wednesday)")
-        if self.every == "monthly" and not (isinstance(self.day, int) and 1 <= self.day <= 28):
-            raise ValueError("a monthly reset needs `day`, a day of the month from 1 to 28")
-        if self.every in ("daily", "fixed") and self.day is not None:
-            raise ValueError(f"a {self.every} reset takes no `day`")
-        if self.every == "fixed" and self.date is None:
-            raise ValueError("a fixed reset needs `date` (e.g. 2026-12-01T00:00)")
-        if self.every != "fixed" and self.date is not None:
-            raise ValueError("`date` is for a fixed reset only")
-        return self
-
-
-class QuotaConfig(_Strict):
-    """A provider's quota (tm_resources/quotas.py): how much of it is used since its last reset, and
-    when it runs out at the current rate."""
-
-    # self-tracked: counted from the request log; manual: what `tm set-usage` says; unlimited: usage
-    # shown, never a state; api: asked of the provider (OpenRouter's GET /api/v1/key).
-    source: Literal["self-tracked", "manual", "unlimited", "api"] = "self-tracked"
-    type: Literal["tokens", "messages", "requests", "budget"] = "tokens"
-    # In the type's unit (USD for a budget); none: usage is shown, exhaustion is not forecast.
-    limit: float | None = Field(None, gt=0)
-    reset: QuotaReset | None = None
-    timezone: str = "UTC"
-    warning: float = Field(0.8, gt=0, le=1)
-    critical: float = Field(0.95, gt=0, le=1)
-    # Ordering among providers (tier 1 first, then priority within it), for `tm status`.
-    tier: int = Field(1, ge=1)
-    priority: int = Field(1, ge=1)
-    # source api: the key endpoint (default: the provider's base_url + /key, OpenRouter's).
-    api_url: str | None = None
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"'{value}' is not a time zone (an IANA name such as Europe/Paris or UTC)") from None
-        return value
-
-    @model_validator(mode="after")
-    def _thresholds_ordered(self) -> QuotaConfig:
-        if self.warning > self.critical:
-            raise ValueError(f"warning ({self.warning}) must not be above critical ({self.critical})")
-        if self.source == "api" and self.type != "budget":
-            raise ValueError("an api source reports credits in USD: set type: budget")
-        return self
 
 
 class ProviderConfig(_Strict):
@@ -330,110 +272,6 @@ class Defaults(_Strict):
     frontier_model: str | None = None
 
 
-class ScoringWeights(_Strict):
-    """Weights of the five quality signals; a missing signal's weight is spread over the others."""
-
-    coherence: float = Field(0.25, ge=0)
-    completion: float = Field(0.25, ge=0)
-    brevity: float = Field(0.20, ge=0)
-    reprompt: float = Field(0.20, ge=0)
-    cost_efficiency: float = Field(0.10, ge=0)
-
-
-class TypeThresholds(_Strict):
-    """A task type's own quality bar, in place of the global escalate_below / lock_above."""
-
-    escalate_below: float = Field(ge=0, le=1)
-    lock_above: float | None = Field(None, ge=0, le=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _number_is_the_bar(cls, data: Any) -> Any:
-        return {"escalate_below": data} if isinstance(data, int | float) and not isinstance(data, bool) else data
-
-    @model_validator(mode="after")
-    def _ordered(self) -> TypeThresholds:
-        if self.lock_above is not None and self.lock_above < self.escalate_below:
-            raise ValueError(f"lock_above ({self.lock_above}) must not be under escalate_below ({self.escalate_below})")
-        return self
-
-
-class Thresholds(_Strict):
-    """Every number the decision engine compares against."""
-
-    escalate_below: float = Field(0.5, ge=0, le=1)      # local average quality under this ...
-    escalate_min_samples: int = Field(10, ge=1)         # ... over at least this many requests
-    lock_above: float = Field(0.8, ge=0, le=1)          # local average quality over this ...
-    lock_min_samples: int = Field(20, ge=1)             # ... over at least this many requests
-    # A local type averaging between escalate_below and lock_above over escalate_min_samples+
-    # requests is cascaded: its local model answers first, the frontier when that answer fails
-    # the gateway's quick gate. False: such a type keeps the default route.
-    cascade_borderline: bool = True
-    # When the completion judge (loop.judge_model) has given verdicts on completion_min_samples+ answers
-    # of a type's best local model, the type is decided on that judge's rate of completed answers, not on
-    # the composite (which hides wrong answers behind coherent, brief ones): escalate when the rate is
-    # under completion_escalate_below, or more than completion_max_gap under the frontier's rate on the
-    # same type (frontier judged completion_min_samples+ times, the gap widened by
-    # completion_confidence_z standard errors); lock local when within
-    # completion_lock_gap of the frontier's (or, no frontier evidence, over completion_lock_above);
-    # in between, cascade. Fewer verdicts: the composite rules above.
-    completion_min_samples: int = Field(10, ge=1)
-    completion_escalate_below: float = Field(0.6, ge=0, le=1)
-    completion_max_gap: float = Field(0.1, ge=0, le=1)
-    completion_lock_gap: float = Field(0.03, ge=0, le=1)
-    completion_lock_above: float = Field(0.9, ge=0, le=1)
-    # The gap to the frontier is taken this many standard errors wide before a type is handed to a
-    # local model (0: on the estimate alone).
-    completion_confidence_z: float = Field(1.0, ge=0)
-    # This share of `auto` requests of a type under an escalate, cascade or lock rule goes to another
-    # model (a local one, or the frontier), so both sides keep the evidence the rule rests on.
-    explore_share: float = Field(0.05, ge=0, le=0.5)
-    coaching_below: float = Field(0.4, ge=0, le=1)      # a user's prompt quality under this ...
-    coaching_days: int = Field(3, ge=1)                 # ... on each of this many days in a row
-    finetune_min_samples: int = Field(50, ge=1)         # a pattern this common ...
-    finetune_min_quality: float = Field(0.75, ge=0, le=1)  # ... and this well served
-    anomaly_cost_multiple: float = Field(2.0, gt=1)     # a user's hour costing this many times their baseline
-    anomaly_min_cost_usd: float = Field(0.05, ge=0)     # ignore anomalies cheaper than this in absolute terms
-    swap_min_margin: float = Field(0.0, ge=0)           # a fine-tune must beat its base by at least this
-    cache_min_quality: float = Field(0.8, ge=0, le=1)   # answers the semantic cache may serve
-    # Per task type, the quality its local models must reach (a number: escalate_below; or
-    # {escalate_below, lock_above}); a type not listed uses the global pair above.
-    task_types: dict[str, TypeThresholds] = Field(default_factory=dict)
-
-    def for_type(self, task_type: str) -> tuple[float, float]:
-        """(escalate_below, lock_above) for a task type; a bar above the global lock_above lifts it too."""
-        own = self.task_types.get(task_type)
-        if own is None:
-            return self.escalate_below, self.lock_above
-        return own.escalate_below, own.lock_above if own.lock_above is not None else max(self.lock_above,
-                                                                                          own.escalate_below)
-
-
-class LoopConfig(_Strict):
-    # manual: no rule is applied; dry-run: rules are written as proposals; auto: applied.
-    mode: Literal["manual", "dry-run", "auto"] = "auto"
-    weights: ScoringWeights = ScoringWeights()
-    thresholds: Thresholds = Thresholds()
-    # A configured model that judges task completion; none (or unreachable): the signal is missing.
-    judge_model: str | None = None
-    judge_concurrency: int = Field(8, ge=1)
-    # How far back patterns look (hours) and how soon a follow-up counts as a re-prompt (seconds).
-    pattern_window_h: int = Field(168, ge=1)
-    reprompt_window_s: int = Field(600, ge=1)
-    # Answers are embedded only for the coherence signal: their opening tokens with the faster int8
-    # model keep an hour of 10,000 requests near a minute on 2 cores (docs/benchmarks.md). Prompts
-    # always use the gateway's fp32 model, so their vectors and task types match the gateway's.
-    answer_embedding_tokens: int = Field(48, ge=8, le=256)
-    answer_embedding_precision: Literal["fp32", "int8"] = "int8"
-    # Grades: the day that requests_today etc. count resets at local midnight of this zone.
-    timezone: str = "UTC"
-    # Seed examples per task type; none: the built-in ones (tm_resources/task_seeds.yaml).
-    task_seeds: dict[str, list[str]] | None = None
-    # The first hour the loop's hourly partitions offer (UTC unless the time says otherwise); none:
-    # the hour of the first logged request (tm_resources/loop_start.py).
-    start: datetime | None = None
-
-
 class DashboardConfig(_Strict):
     """The read-only dashboard the gateway serves at /dashboard (tm_gateway/dashboard)."""
 
@@ -536,161 +374,6 @@ def _check_agents(agents: dict[str, AgentConfig], dispatch: DispatchConfig) -> N
                          f"({', '.join(sorted(agents)) or 'none defined'})")
 
 
-QualityCapability = Literal["coding", "reasoning", "creative", "instruction_following"]
-_TASK_CAPABILITIES: dict[str, QualityCapability] = {
-    "coding": "coding", "math": "reasoning", "reasoning": "reasoning", "writing": "creative",
-    "chat": "instruction_following", "extraction": "instruction_following", "summarization": "instruction_following"}
-
-
-class CapabilityScoring(_Strict):
-    """How capability scores are learned (tm_resources/capabilities.py)."""
-
-    # Quality a quantization keeps of the full-precision model, by the tag in a local model's name
-    # (llama3.1:8b-instruct-q4_K_M); matched without regard to case, longest tag first.
-    quantization: dict[str, float] = Field(default_factory=lambda: {
-        "Q8_0": 0.99, "Q6_K": 0.97, "Q5_K_M": 0.95, "Q4_K_M": 0.92, "Q3_K_M": 0.85})
-    # Which capability the loop's task types show (types not listed show none).
-    task_types: dict[str, QualityCapability] = Field(default_factory=lambda: dict(_TASK_CAPABILITIES))
-    # A seeded score counts as this many scored requests against the loop's own evidence.
-    prior_weight: float = Field(10.0, ge=0)
-    # Output tokens per second that score 0.5 for speed (faster approaches 1).
-    speed_half_tps: float = Field(40.0, gt=0)
-
-    @field_validator("quantization")
-    @classmethod
-    def _factors(cls, value: dict[str, float]) -> dict[str, float]:
-        for tag, factor in value.items():
-            if not 0 < factor <= 1:
-                raise ValueError(f"{tag}: a quantization factor is in (0, 1], not {factor}")
-        return value
-
-
-class OptimizeConfig(_Strict):
-    """`tm analyze` / `tm optimize`: which work a cheaper model serves as well (tm_resources/optimize.py)."""
-
-    # Days of scored requests read.
-    window_days: float = Field(7.0, gt=0)
-    # A group (agent or user) needs this many requests of a task type on one model to be worth a rule.
-    min_requests: int = Field(5, ge=1)
-    # A cheaper model needs this many scored answers of the type to be compared at all ...
-    min_samples: int = Field(5, ge=1)
-    # ... and this many for --safe-only, with its quality's lower bound (confidence_z standard
-    # errors) no more than max_quality_drop under the current model's average.
-    safe_min_samples: int = Field(20, ge=1)
-    confidence_z: float = Field(1.0, ge=0)
-    # "As well": the cheaper model's average quality at most this far under the current one's.
-    max_quality_drop: float = Field(0.02, ge=0, le=1)
-    capabilities: CapabilityScoring = CapabilityScoring()
-
-
-class LimitValues(_Strict):
-    """One set of rate limits; a limit left out is no limit."""
-
-    requests_per_minute: int | None = Field(None, ge=1)  # per key
-    tokens_per_turn: int | None = Field(None, ge=1)      # input (estimated) plus max_tokens
-    turns_per_hour: int | None = Field(None, ge=1)       # per agent
-    concurrent_turns: int | None = Field(None, ge=1)     # per agent
-
-
-class LoopDetection(_Strict):
-    """The same tool call (name and arguments) answered `repeats` times within `window_s` in one
-    session is refused; repeats 0 turns it off."""
-
-    repeats: int = Field(3, ge=0)
-    window_s: float = Field(60.0, gt=0)
-
-
-class LimitsConfig(LimitValues):
-    """Rate limits for everyone, overridden per user (their keys) and per agent (x-tm-agent)."""
-
-    users: dict[str, LimitValues] = Field(default_factory=dict)
-    agents: dict[str, LimitValues] = Field(default_factory=dict)
-    loop: LoopDetection = LoopDetection()
-    # How long a turn in flight holds its place when its worker dies before it ends.
-    lease_s: int = Field(900, ge=1)
-
-
-Period = Literal["day", "week", "month"]
-
-
-class Limits(_Strict):
-    """USD per calendar day, week (from Monday) and month, in budgets.timezone; none: no limit."""
-
-    day: float | None = Field(None, ge=0)
-    week: float | None = Field(None, ge=0)
-    month: float | None = Field(None, ge=0)
-
-
-class MarkupBand(_Strict):
-    """A markup for models whose price (the mean of input and output, USD per million tokens) is up to `up_to`."""
-
-    up_to: float | None = Field(None, gt=0)   # none: any price above the bands before
-    markup: float = Field(ge=0)
-
-
-class BillingConfig(_Strict):
-    """How rows are billed (`billed_usd`, `billing`): tokens of included models draw from their team's
-    monthly pool, counted in standard tokens (each token weighted by its model's price against
-    `reference_model`'s); past the pool, overage at the markup of the model's price band; premium
-    models outside the pool at their own bands."""
-
-    reference_model: str | None = None   # default: defaults.frontier_model
-    markup: list[MarkupBand] = Field(default_factory=lambda: [
-        MarkupBand(up_to=0.5, markup=0.35), MarkupBand(up_to=1.2, markup=0.25), MarkupBand(markup=0.20)])
-    premium_markup: list[MarkupBand] = Field(default_factory=lambda: [
-        MarkupBand(up_to=20.0, markup=0.10), MarkupBand(markup=0.08)])
-
-    @field_validator("markup", "premium_markup")
-    @classmethod
-    def _bands_cover_every_price(cls, bands: list[MarkupBand]) -> list[MarkupBand]:
-        limits = [b.up_to for b in bands]
-        if not bands or limits[-1] is not None or None in limits[:-1]:
-            raise ValueError("bands in rising up_to order, the last without up_to (every price above)")
-        rising = [u for u in limits[:-1] if u is not None]
-        if rising != sorted(rising):
-            raise ValueError("bands in rising up_to order")
-        return bands
-
-
-class BudgetsConfig(_Strict):
-    """Spend limits the gateway enforces (tm_gateway/stages/guard.py), the defaults that `tm budgets set`
-    overrides at run time; teams are users.<id>.team, or a key's own (`tm keys create --team`)."""
-
-    # The calendar the day, week and month periods follow (an IANA zone name).
-    timezone: str = "UTC"
-    # Every user's limits unless users.<id> sets their own.
-    user: Limits = Limits()
-    users: dict[str, Limits] = Field(default_factory=dict)
-    teams: dict[str, Limits] = Field(default_factory=dict)
-    # By key id (k_...; `tm keys list`).
-    keys: dict[str, Limits] = Field(default_factory=dict)
-    # A team's monthly token pool, in standard tokens.
-    pools: dict[str, int] = Field(default_factory=dict)
-    # Fractions of a budget or pool at which an alert fires, once per period; from the first, the
-    # response header x-tm-budget-used says how much is used.
-    alert_at: list[float] = Field(default_factory=lambda: [0.5, 0.75, 0.9, 1.0, 1.5])
-    # A reservation not settled within this long (its gateway died) is given back by another replica;
-    # a request still running then (a stream longer than this) is counted at its real cost all the same.
-    reservation_ttl_s: float = Field(900.0, gt=0)
-    billing: BillingConfig = BillingConfig()
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone_exists(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"'{value}' is not a time zone (an IANA name such as Europe/Paris)") from None
-        return value
-
-    @field_validator("alert_at")
-    @classmethod
-    def _fractions(cls, value: list[float]) -> list[float]:
-        if any(v <= 0 for v in value):
-            raise ValueError("fractions of a budget, above 0 (0.5 is half)")
-        return sorted(set(value))
 class PostHogConfig(_Strict):
     """What the gateway sends PostHog (with POSTHOG_API_KEY set): each request as PostHog's LLM analytics
     event `$ai_generation`, and cache hits as `tm_cache_hit`."""
