@@ -32,6 +32,7 @@ from tm_gateway.openapi import openapi_description
 from tm_gateway.proxy import Proxy, error_response
 from tm_gateway.requestlog import RequestLog
 from tm_gateway.stages.limits import Limits
+from tm_gateway.stages.log import Row
 from tm_gateway.state import SharedState
 from tm_resources import cache
 from tm_resources.config import Config
@@ -273,8 +274,15 @@ class HotPaths:
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive, send)
-        response = await scope["state"]["proxy"].handle(request, fmt)
-        await response(scope, receive, send)
+        held: list[Row] = []
+        try:
+            response = await scope["state"]["proxy"].handle(request, fmt, held=held)
+            await response(scope, receive, send)
+        finally:
+            # The row goes to the log once the answer is on its way (or the request is over however
+            # it ended): the journal write and the settling are then off the client's time.
+            for row in held:
+                row.release()
 
 
 def caller_format(request: Request) -> str:

@@ -123,9 +123,11 @@ class Proxy:
     async def count_tokens(self, request: Request, ctx: Ctx) -> Response:
         return await count.count_tokens(self, request, ctx)
 
-    async def handle(self, request: Request, fmt: str, answer: Answer | None = None) -> Response:
+    async def handle(self, request: Request, fmt: str, answer: Answer | None = None,
+                     held: list[Row] | None = None) -> Response:
         """One request, whoever answers it (`answer`, by default a model call): authenticated, and
-        logged in exactly one row however it ends."""
+        logged in exactly one row however it ends. With `held`, the row is appended there and handed to
+        the log only when the caller calls its `release()`, after sending the response (HotPaths)."""
         started = time.perf_counter()
         fmt = ApiFormat(fmt)
         self._sync_registry()
@@ -148,7 +150,10 @@ class Proxy:
             },
             started,
             self.request_log,
+            hold=held is not None,
         )
+        if held is not None:
+            held.append(row)
         ctx = Ctx(fmt, h, {"x-tm-request-id": str(rid)}, row)
         try:
             return await (answer or self._handle)(request, ctx)

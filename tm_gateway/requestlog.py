@@ -225,6 +225,9 @@ class RequestLog:
         self.rows_spooled = 0
         self.rows_rejected = 0
         self.rows_dropped = 0  # spool or rejected folder full
+        # Rows done but held until their response is sent (stages/log.py Row): changed by the event
+        # loop's thread only, read by `flush`.
+        self.parked = 0
         # Called by the writer thread with each batch of new rows once it is stored or spooled (metrics,
         # analytics): whatever they cost is paid here, off the request path.
         self.observers: list[Callable[[RequestLog, list[dict]], None]] = []
@@ -263,10 +266,14 @@ class RequestLog:
             self._queue.put(row)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Block until every row written before this call is in Postgres or on disk."""
+        """Block until every row written before this call is in Postgres or on disk, with the rows of
+        requests answered but not yet handed over (`parked`: microseconds, stages/log.py Row.release)."""
+        deadline = time.monotonic() + timeout
+        while self.parked > 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
         done = threading.Event()
         self._queue.put(done)
-        return done.wait(timeout)
+        return done.wait(max(0.0, deadline - time.monotonic()))
 
     def start(self) -> RequestLog:
         _private_dir(self.spool_dir)

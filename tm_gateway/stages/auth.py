@@ -30,7 +30,8 @@ def login(gw: Proxy, request: Request, fmt: str, h: Any) -> tuple[str, str] | Re
     """The (key id, user) of the request's key, or the 401 to answer; a 429 while its address is
     backing off after too many failures, whatever key it sends, so that ignoring the 429 makes
     guessing no faster (a valid key refused that way still leaves its row)."""
-    source = request.client.host if request.client else "unknown"
+    client = request.scope.get("client")
+    source = client[0] if client else "unknown"
     wait = gw.logins.retry_after(source)
     ident = gw.shared.lookup(key_of(h))
     if wait > 0:

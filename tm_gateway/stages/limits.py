@@ -49,11 +49,16 @@ def effective(config: Config, user: str, agent: str | None) -> LimitValues:
     return LimitValues(**values)
 
 
-def enforced(config: Config) -> bool:
-    """Whether anything here needs the database: a limit set anywhere, or loop detection on."""
+def any_limit(config: Config) -> bool:
+    """Whether a limit is set anywhere: the defaults, a user's or an agent's."""
     lc = config.limits
     sets = [lc, *lc.users.values(), *lc.agents.values()]
-    return lc.loop.repeats > 0 or any(getattr(s, k) is not None for s in sets for k in _LIMITS)
+    return any(getattr(s, k) is not None for s in sets for k in _LIMITS)
+
+
+def enforced(config: Config) -> bool:
+    """Whether anything here needs the database: a limit set anywhere, or loop detection on."""
+    return config.limits.loop.repeats > 0 or any_limit(config)
 
 
 def estimate_tokens(*parts: Any) -> int:
@@ -125,6 +130,8 @@ class Limits:
     def __init__(self, config: Config, pool: AsyncConnectionPool):
         self.config = config
         self.pool = pool
+        # False: only loop detection is on (the default), and a request without tool results costs nothing.
+        self.limited = any_limit(config)
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
 
@@ -219,6 +226,12 @@ async def check(gw: Proxy, ctx: Ctx, body: dict) -> Response | None:
     if limits is None:
         return None
     config, r = gw.config, ctx.row.data
+    calls: list[ToolCall] | None = None
+    if not limits.limited:
+        # The default: loop detection alone, which only a request carrying tool results pays for.
+        calls = answered_tool_calls(ctx.fmt, body["messages"]) if config.limits.loop.repeats > 0 else []
+        if not calls:
+            return None
     user, agent, key_id = r["user_id"], r["agent"], r["api_key_id"]
     values = effective(config, user, agent)
     if values.tokens_per_turn is not None:
@@ -232,7 +245,8 @@ async def check(gw: Proxy, ctx: Ctx, body: dict) -> Response | None:
                 "not help"), 60)
     try:
         if config.limits.loop.repeats > 0:
-            calls = answered_tool_calls(ctx.fmt, body["messages"])
+            if calls is None:
+                calls = answered_tool_calls(ctx.fmt, body["messages"])
             if calls:
                 refusal = await _loop(limits, ctx, body, calls)
                 if refusal is not None:

@@ -22,15 +22,21 @@ if TYPE_CHECKING:
 
 
 class Row:
-    """The one row a request leaves; `done()` hands it to the log exactly once."""
+    """The one row a request leaves; `done()` hands it to the log exactly once.
 
-    __slots__ = ("data", "started", "log", "written", "after", "tally")
+    A held row (`hold=True`: the completion routes, tm_gateway/app.py) is finished by `done()` but handed to
+    the log by `release()`, called once the response has gone out: the journal write, the budget's
+    settlement and the limits' release then cost the client nothing. Its latency is still measured at
+    `done()`, and `RequestLog.flush` waits for rows done but not yet released."""
 
-    def __init__(self, data: dict, started: float, request_log: RequestLog):
+    __slots__ = ("data", "started", "log", "written", "after", "tally", "held")
+
+    def __init__(self, data: dict, started: float, request_log: RequestLog, hold: bool = False):
         self.data = data
         self.started = started
         self.log = request_log
         self.written = False
+        self.held = hold
         # Run once the request has ended, however it ended (the limits stage frees its turn here).
         self.after: Callable[[], None] | None = None
         # The guard's reservation (stages/guard.py): billed and settled as the row is written.
@@ -41,11 +47,26 @@ class Row:
             return
         self.written = True
         self.data.update(fields)
+        self.data["latency_ms"] = (time.perf_counter() - self.started) * 1000
+        if self.held:
+            self.log.parked += 1
+        else:
+            self._hand_over()
+
+    def release(self) -> None:
+        """Hand a held row to the log (if it is done; else `done()` will), once its response is sent."""
+        if not self.held:
+            return
+        self.held = False
+        if self.written:
+            self.log.parked -= 1
+            self._hand_over()
+
+    def _hand_over(self) -> None:
         if self.tally is not None:
             self.tally.row_done(self.data)
         if isinstance(self.data.get("attempts"), list):
             self.data["attempts"] = orjson.dumps(self.data["attempts"]).decode()
-        self.data["latency_ms"] = (time.perf_counter() - self.started) * 1000
         self.log.write(self.data)
         if self.after is not None:
             self.after()
