@@ -12,6 +12,11 @@ fresh TM_HOME) as separate processes, then drives them all from this process wit
            reversed in the second: requests/s, each proxy as a % of direct, the gateway as a % of nginx;
   --stream the same again with streaming requests (time to first body byte and to the last byte).
 
+A/B: --ab-ref REF adds a second gateway ("gateway_b") running the code of git ref REF (a temporary
+worktree), --ab-env K=V a second gateway of this tree with K=V in its environment; it shares the fake,
+the database and the interleaving with the first, so one run compares the two with the machine's drift
+cancelled (the figures of two separate runs here differ by up to 20 %).
+
 Every prompt is unique (a counter in the text). At the end the gateway is stopped with SIGINT so it
 flushes its log, and the rows in `requests` for the benchmark's key must equal the answers the gateway
 gave: `rows logged: X of Y`, exit 1 when they differ or any request failed.
@@ -90,13 +95,13 @@ def tm_command() -> list[str]:
 class Child:
     """A process of ours, in its own session, with its output in a file."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path = REPO):
         self.name = name
         self.cmd = cmd
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            cmd, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, preexec_fn=_default_signals, start_new_session=True,
         )
 
@@ -571,6 +576,12 @@ def headline(report: dict, c: int) -> dict:
         if "gateway_pct_of_nginx" in p2:
             out[f"{label}_c{c}_gateway_pct_of_nginx"] = p2["gateway_pct_of_nginx"]
         out[f"{label}_c{c}_rps"] = {n: p2[n]["rps"] for n in p2["targets"]}
+        if "gateway_b" in p2["targets"]:
+            out[f"{label}_c1_b_minus_a_p50_ms"] = round(
+                r["c1"]["gateway_b_added_ms"][key]["p50"] - added[key]["p50"], 3)
+            out[f"{label}_c{c}_b_pct_of_a"] = round(100 * p2["gateway_b"]["rps"] / p2["gateway"]["rps"], 1)
+            out[f"{label}_c{c}_cpu_us_a_b"] = [p2["gateway"]["cpu_us_per_request"].get("gateway"),
+                                                p2["gateway_b"]["cpu_us_per_request"].get("gateway_b")]
     rows = report.get("rows", {})
     out["rows_logged"] = f"{rows.get('logged')} of {rows.get('gateway_answered')}"
     return out
@@ -634,7 +645,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--database-url", help="log to this Postgres instead of an embedded one in a temp TM_HOME")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (TM_HOME, config, process logs)")
     p.add_argument("--no-nginx", action="store_true", help="leave nginx's reference line out")
+    p.add_argument("--ab-ref", help="also measure a gateway running this git ref's code (as gateway_b)")
+    p.add_argument("--ab-env", action="append", default=[], metavar="K=V",
+                   help="also measure a gateway of this tree with K=V in its environment (as gateway_b)")
     return p.parse_args(argv)
+
+
+def create_key(tm: list[str], env: dict[str, str], user: str) -> tuple[str, str]:
+    """(key, key id) of a new key for `user`."""
+    out = subprocess.run([*tm, "keys", "create", "--user", user], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120, preexec_fn=_default_signals)
+    if out.returncode != 0:
+        raise RuntimeError(f"tm keys create failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    key = next((ln.strip() for ln in out.stdout.splitlines() if ln.strip().startswith("tm-")), None)
+    key_id = re.search(r"\(id (k_[0-9a-f]+)\)", out.stdout)
+    if key is None or key_id is None:
+        raise RuntimeError(f"no key in the output of tm keys create:\n{out.stdout}")
+    return key, key_id.group(1)
+
+
+def ab_command(args: argparse.Namespace, work: Path, env: dict[str, str],
+               tm: list[str]) -> tuple[list[str], dict, Path]:
+    """The second gateway's command, environment and working folder (--ab-ref: a worktree of the ref)."""
+    env_b = dict(env)
+    for kv in args.ab_env:
+        k, _, v = kv.partition("=")
+        env_b[k] = v
+    if not args.ab_ref:
+        return tm, env_b, REPO
+    tree = work / "ab-tree"
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), args.ab_ref], cwd=REPO, check=True,
+                   timeout=60)
+    env_b["PYTHONPATH"] = str(tree)  # ahead of the editable install of this tree
+    return [sys.executable, "-m", "tm_gateway.cli"], env_b, tree
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -655,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fake: Child | None = None
     gw: Child | None = None
+    gw_b: Child | None = None
     nginx: Child | None = None
     report: dict[str, Any] = {"command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
                               "machine": machine_info()}
@@ -680,19 +724,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = work / "bench.yaml"
         write_config(cfg, up_port, gw_port, cache=not args.no_cache, journal=args.journal)
         tm = tm_command()
-        out = subprocess.run([*tm, "keys", "create", "--user", "bench"], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=120, preexec_fn=_default_signals)
-        if out.returncode != 0:
-            raise RuntimeError(f"tm keys create failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-        key = next((ln.strip() for ln in out.stdout.splitlines() if ln.strip().startswith("tm-")), None)
-        key_id = re.search(r"\(id (k_[0-9a-f]+)\)", out.stdout)
-        if key is None or key_id is None:
-            raise RuntimeError(f"no key in the output of tm keys create:\n{out.stdout}")
-        key_id = key_id.group(1)
+        key, key_id = create_key(tm, env, "bench")
 
         gw = Child("gateway", [*tm, "gateway", "--config", str(cfg), "--port", str(gw_port),
                                "--workers", str(args.workers)], env, work / "gateway.log")
         wait_http(f"http://127.0.0.1:{gw_port}/healthz", gw, 90)
+        if args.ab_ref or args.ab_env:
+            key_b, key_id_b = create_key(tm, env, "bench-b")
+            tm_b, env_b, cwd_b = ab_command(args, work, env, tm)
+            gw_b_port = free_port()
+            gw_b = Child("gateway_b", [*tm_b, "gateway", "--config", str(cfg), "--port", str(gw_b_port),
+                                       "--workers", str(args.workers)], env_b, work / "gateway_b.log", cwd=cwd_b)
+            wait_http(f"http://127.0.0.1:{gw_b_port}/healthz", gw_b, 90)
+            print(f"gateway_b pid {gw_b.pid} on :{gw_b_port}: "
+                  + (f"ref {args.ab_ref}" if args.ab_ref else "this tree") + (f", env {args.ab_env}" if args.ab_env
+                                                                               else ""), flush=True)
         print(f"fake upstream pid {fake.pid} on :{up_port}; gateway pid {gw.pid} on :{gw_port}; "
               f"TM_HOME {home}; ready after {time.monotonic() - t0:.1f} s", flush=True)
 
@@ -700,12 +746,18 @@ def main(argv: list[str] | None = None) -> int:
         direct = Target("direct", f"http://127.0.0.1:{up_port}/v1/chat/completions", UPSTREAM_MODEL, auth)
         gateway = Target("gateway", f"http://127.0.0.1:{gw_port}/v1/chat/completions", MODEL, auth)
         targets = [direct, gateway]
+        pids = {"fake": fake.pid, "gateway": gw.pid}
+        if gw_b is not None:
+            gateway_b = Target("gateway_b", f"http://127.0.0.1:{gw_b_port}/v1/chat/completions", MODEL,
+                               {**auth, "authorization": f"Bearer {key_b}"})
+            targets.append(gateway_b)
+            pids["gateway_b"] = gw_b.pid
         trees = {}
         if nginx is not None:
             targets.insert(1, Target("nginx", f"http://127.0.0.1:{nginx_port}/v1/chat/completions", UPSTREAM_MODEL,
                                      auth))
             trees["nginx"] = nginx.pid
-        cpu = Cpu({"fake": fake.pid, "gateway": gw.pid}, None if args.database_url else home, trees)
+        cpu = Cpu(pids, None if args.database_url else home, trees)
 
         try:
             import uvloop
@@ -722,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["gateway_healthz_before_stop"] = json.loads(r.read())
         except (urllib.error.URLError, OSError):
             pass
+        if gw_b is not None:
+            gw_b.stop(signal.SIGINT)
         graceful, secs = gw.stop(signal.SIGINT)
         report["gateway_stop"] = {"graceful": graceful, "seconds": round(secs, 2), "returncode": gw.proc.returncode}
         if not graceful:
@@ -744,6 +798,12 @@ def main(argv: list[str] | None = None) -> int:
             by_status = dict(conn.execute(
                 "SELECT status, count(*) FROM requests WHERE api_key_id = %s GROUP BY status", (key_id,)
             ).fetchall())
+            if gw_b is not None:
+                logged_b = conn.execute("SELECT count(*) FROM requests WHERE api_key_id = %s",
+                                        (key_id_b,)).fetchone()[0]
+                report["rows_b"] = {"logged": logged_b, "gateway_answered": gateway_b.answered}
+                print(f"gateway_b rows logged: {logged_b} of {gateway_b.answered}", flush=True)
+                ok = ok and logged_b == gateway_b.answered
         logged = sum(by_status.values())
         answered = gateway.answered
         spooled = sorted(p.name for p in (home / "spool").glob("*.jsonl")) if (home / "spool").exists() else []
@@ -773,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark failed: {type(err).__name__}: {err}", file=sys.stderr)
         ok = False
     finally:
-        for child, sig in ((gw, signal.SIGINT), (nginx, signal.SIGQUIT), (fake, signal.SIGTERM)):
+        for child, sig in ((gw_b, signal.SIGINT), (gw, signal.SIGINT), (nginx, signal.SIGQUIT), (fake, signal.SIGTERM)):
             if child is not None and child.alive():
                 child.stop(sig, timeout=20)
         if not args.database_url:
@@ -787,6 +847,9 @@ def main(argv: list[str] | None = None) -> int:
                     pass
             db._embedded.clear()
             stop_postgres(home)
+        if (work / "ab-tree").exists():
+            subprocess.run(["git", "worktree", "remove", "--force", str(work / "ab-tree")], cwd=REPO, timeout=60,
+                           capture_output=True)
         if args.keep or not (ok or interrupted):
             print(f"kept {work} (config, TM_HOME, fake.log, gateway.log, nginx/)", file=sys.stderr)
         else:
