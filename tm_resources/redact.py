@@ -156,8 +156,24 @@ def redact(text: str, *, secrets: bool = True, pii: bool = True) -> str:
     versions and loopback addresses stay as they are. Idempotent: redacting twice changes nothing more."""
     patterns = _ALL if secrets and pii else _SECRET_ONLY if secrets else _PII_ONLY if pii else ()
     low = text.lower()
+    # A guard pattern's verdict holds until a substitution changes the text (two rules share _LONG_RUN).
+    verdicts: dict[re.Pattern, bool] = {}
     for pattern, repl, guard in patterns:
-        if guard is None or (guard.search(text) if isinstance(guard, re.Pattern) else any(g in low for g in guard)):
-            text = pattern.sub(repl, text)
-            low = text.lower()
+        if guard is None:
+            run = True
+        elif isinstance(guard, re.Pattern):
+            run = verdicts.get(guard)
+            if run is None:
+                run = verdicts[guard] = guard.search(text) is not None
+        else:
+            run = False
+            for g in guard:
+                if g in low:
+                    run = True
+                    break
+        if run:
+            changed = pattern.sub(repl, text)
+            if changed != text:
+                text, low = changed, changed.lower()
+                verdicts.clear()
     return text
