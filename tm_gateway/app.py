@@ -103,7 +103,9 @@ def create_app(settings: GatewaySettings) -> HotPaths:
         ).start()
         # One pooled session for every upstream; limits sized for a busy replica, not the default 100.
         connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=300)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        # No cookie jar: a cookie one provider answer sets (a load balancer's) must not ride along on the
+        # next user's request, and filtering a jar costs every call.
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar())
         shared.start()
         # The loop's own classifier (same code, same examples); loading the model takes a second or two.
         classify = await asyncio.to_thread(prompt_classifier, config) if config.gateway.classify_auto else None

@@ -14,6 +14,7 @@ import orjson
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 from starlette.responses import Response
+from yarl import URL
 
 from tm_gateway import fallback
 from tm_gateway.dispatch import Dispatcher
@@ -105,6 +106,8 @@ class Proxy:
         self._registry_seen = self.shared.registry_version
         self.config = with_registry(self._base_config, self.shared.registry)
         self.endpoints = provider_endpoints(self.config)
+        # Parsed once: aiohttp takes a URL object as it is, and parses a string on every call.
+        self.urls = {name: URL(ep.url) for name, ep in self.endpoints.items()}
         self.timeouts = {
             name: aiohttp.ClientTimeout(total=None, connect=ep.connect_timeout_s, sock_read=ep.timeout_s)
             for name, ep in self.endpoints.items()

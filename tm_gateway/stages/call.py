@@ -128,7 +128,7 @@ async def call(gw: Proxy, ctx: Ctx, body: dict, model: str, stream: bool, preset
             attempt: dict[str, Any] = {"model": name, "provider": ep.name, "key": key_index}
             attempts.append(attempt)
             try:
-                resp = await gw.session.post(ep.url, data=payloads[key], headers=ep.headers(key_index, h),
+                resp = await gw.session.post(gw.urls[ep.name], data=payloads[key], headers=ep.headers(key_index, h),
                                              timeout=gw.timeouts[ep.name])
             except TimeoutError:
                 status, message, retry_after = 504, f"provider '{ep.name}' did not answer in time", None
