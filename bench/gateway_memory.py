@@ -5,9 +5,9 @@ TM_HOME, the journal and the cache on, as bench/gateway_latency.py does), sends 
 the gateway's RSS at rest, then sends --requests more at --concurrency (every prompt unique), reading RSS
 after every --every requests and once more at rest at the end. The rows logged must equal the answers.
 
-What may grow by design: the exact cache's pre-filter (RecentHashes) keeps one 64-bit digest per distinct
-request hash answered within cache.exact_ttl_s (a day by default), about 60-100 bytes a request; with
---no-cache it is off and nothing should grow. A leak shows as growth per block that does not flatten.
+Bounded by configuration: the exact cache's pre-filter (RecentHashes) is a Bloom filter of fixed size
+(cache.exact_filter_capacity, 12 MB for 10 million hashes, allocated at start) plus this replica's hashes of
+the last 10 minutes; with --no-cache it is off. A leak shows as growth per block that does not flatten.
 
     .venv/bin/python bench/gateway_memory.py [--requests 100000] [--every 10000] [--no-cache]
 """

@@ -1,8 +1,9 @@
-"""What the hot path's cheaper pieces must still guarantee: ids unique across forked workers, and every
-row of a batch redacted as if it were alone."""
+"""What the hot path's cheaper pieces must still guarantee: ids unique across forked workers, every row
+of a batch redacted as if it were alone, and an exact cache filter of fixed size that never forgets."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from datetime import UTC, datetime
@@ -68,3 +69,30 @@ def test_rows_of_one_batch_are_each_redacted_as_if_alone(db_url, tmp_path):
         assert orjson.loads(messages) == [{"role": "system", "content": system_}, {"role": "user", "content": prompt}]
         assert answer == f"done {i}"
     assert orjson.loads(stored[plain["id"]][2]) == [{"role": "user", "content": "hi"}]
+
+
+def test_the_exact_cache_filter_stays_the_same_size_however_many_requests_pass():
+    # A replica holds the hashes answered within the cache's TTL so that a new request costs no query;
+    # at 100 requests/s a day is 8.6 million hashes, and the filter must not grow with them.
+    from tm_resources.cache import RecentHashes
+
+    hashes = RecentHashes(86_400, lambda user: "u:" + user, capacity=20_000)
+    hashes._loaded_at = datetime.now(UTC)  # as after the first read: `may_have` now consults the filter
+    size = hashes.memory_bytes
+    assert 20_000 <= size <= 40_000  # about 1.2 bytes a hash at a 1 % false positive rate
+    def digest(i: int) -> str:  # a request hash as cache.keys makes them (SHA-256, hex)
+        return hashlib.sha256(str(i).encode()).hexdigest()
+
+    sent = [digest(i) for i in range(20_000)]
+    for h in sent:
+        hashes.add(h, "alice")
+    assert all(hashes.may_have(h, "alice") for h in sent)  # never a request it has seen said unseen
+    unseen = [digest(i) for i in range(1_000_000, 1_020_000)]
+    false_positives = sum(hashes.may_have(h, "alice") for h in unseen) / len(unseen)
+    assert false_positives < 0.03
+    # Another user's scope (scope per user here) has not seen alice's requests.
+    assert sum(hashes.may_have(h, "bob") for h in sent) / len(sent) < 0.03
+    for i in range(200_000):  # ten times its capacity: the same memory, more lookups, no misses
+        hashes.add(digest(5_000_000 + i), "alice")
+    assert hashes.memory_bytes == size
+    assert all(hashes.may_have(h, "alice") for h in sent)

@@ -85,6 +85,7 @@ def create_app(settings: GatewaySettings) -> HotPaths:
             router_settings=RouterSettings(window_h=learned.window_h, min_rows=learned.min_rows, k=learned.k,
                                            temperature=learned.temperature, prior_weight=learned.prior_weight),
             exact_ttl_s=config.cache.exact_ttl_s if config.cache.enabled else None,
+            exact_capacity=config.cache.exact_filter_capacity,
             semantic_window_h=config.cache.semantic.window_h
             if config.cache.enabled and config.cache.semantic.enabled else None,
             cache_scope=functools.partial(cache.scope_key, config=config))

@@ -39,7 +39,8 @@ class SharedState:
 
     def __init__(self, url: str, interval_s: float = 1.0, *, learn_router: bool = False,
                  router_models: Iterable[str] | None = None, router_settings: RouterSettings | None = None,
-                 exact_ttl_s: float | None = None, semantic_window_h: int | None = None,
+                 exact_ttl_s: float | None = None, exact_capacity: int = 10_000_000,
+                 semantic_window_h: int | None = None,
                  cache_scope: Callable[[str], str] | None = None):
         self.url = url
         self.interval_s = interval_s
@@ -58,7 +59,7 @@ class SharedState:
         self._versions: dict[str, int] = {}
         # The exact cache's pre-filter (cache.RecentHashes), when the cache is on.
         # Both held per cache scope (`cache_scope`: user id -> cache.scope_key).
-        self.hashes = RecentHashes(exact_ttl_s, cache_scope) if exact_ttl_s else None
+        self.hashes = RecentHashes(exact_ttl_s, cache_scope, exact_capacity) if exact_ttl_s else None
         # The semantic cache's pre-filter (cache.CacheContexts), when it is on.
         self.contexts = CacheContexts(semantic_window_h, cache_scope) if semantic_window_h else None
         self._task: asyncio.Task | None = None

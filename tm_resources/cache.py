@@ -16,7 +16,10 @@ Only answers that ended normally (no tool call, not cut off) are served. Who sha
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 import psycopg
+from rbloom import Bloom
 
 from tm_resources.config import Config
 from tm_resources.db import one
@@ -77,20 +81,27 @@ class RecentHashes:
     """The request hashes answered in the last `ttl_s` seconds, by any replica, held in memory so that
     an exact lookup goes to Postgres only for a request that may have been answered before in the
     asker's cache scope (`scope_of`: user id -> scope_key; None: one scope for all): a miss, most
-    requests, costs a set lookup instead of a query. Read whole at start (`load`), then by time
+    requests, costs a filter test instead of a query. Read whole at start (`load`), then by time
     (`refresh`, each state poll, `overlap_s` back for rows logged late), read whole again after
-    `ttl_s / 2` so expired hashes go; this replica adds its own as it looks them up (`add`). Only a
-    64-bit digest of (scope, hash) is kept (about 120 bytes a request: it sits in two sets). A hash
-    held here may still miss in Postgres (expired, scored under the bar, failed): it only decides
-    whether to ask."""
+    `ttl_s / 2` so expired hashes go; this replica adds its own as it looks them up (`add`).
+
+    The hashes sit in a Bloom filter (rbloom) sized for `capacity` distinct hashes at a 1 % false
+    positive rate: its memory is fixed (12 MB for the default 10 million), whatever the traffic; a false
+    positive, or every test once more hashes than `capacity` crowd it, costs one exact query, never a
+    wrong answer. A hash held here may still miss in Postgres (expired, scored under the bar, failed):
+    the filter only decides whether to ask."""
 
     overlap_s = 30.0
+    # This replica's own hashes of the last few minutes, kept across a whole re-read: their rows may
+    # not be in Postgres yet when it runs (a long answer is logged when it ends).
+    recent_s = 600.0
 
-    def __init__(self, ttl_s: float, scope_of: Callable[[str], str] | None = None):
+    def __init__(self, ttl_s: float, scope_of: Callable[[str], str] | None = None, capacity: int = 10_000_000):
         self.ttl_s = ttl_s
+        self.capacity = capacity
         self.scope_of = scope_of or (lambda _user: "")
-        self._seen: set[int] = set()
-        self._local: set[int] = set()  # added here since the last whole read: maybe not logged yet
+        self._seen = Bloom(capacity, 0.01)
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._newest: datetime | None = None
         self._loaded_at: datetime | None = None
 
@@ -98,7 +109,12 @@ class RecentHashes:
         return hash((self.scope_of(user_id), request_hash[:16]))
 
     def __len__(self) -> int:
-        return len(self._seen)
+        """About how many distinct hashes the filter holds (rbloom's estimate from its set bits)."""
+        return round(self._seen.approx_items)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._seen.size_in_bits // 8
 
     def may_have(self, request_hash: str, user_id: str) -> bool:
         return self._loaded_at is None or self._key(request_hash, user_id) in self._seen
@@ -108,7 +124,10 @@ class RecentHashes:
         key = self._key(request_hash, user_id)
         had = self._loaded_at is None or key in self._seen
         self._seen.add(key)
-        self._local.add(key)
+        now = time.monotonic()
+        self._recent.append((now, key))
+        while self._recent[0][0] < now - self.recent_s:
+            self._recent.popleft()
         return had
 
     # One row of arrays rather than a row per request: a poll re-reads overlap_s seconds of traffic
@@ -117,22 +136,29 @@ class RecentHashes:
     _SQL = ("SELECT max(ts), array_agg(left(request_hash, 16)), array_agg(user_id) FROM requests"
             " WHERE ts > %(since)s AND request_hash IS NOT NULL AND status = 200 AND cache_hit IS NULL")
 
-    def _take(self, got: tuple, now: datetime, whole: bool) -> None:
-        newest, hashes, users = got
-        seen: set[int] = set()
-        if hashes:
-            scopes = {u: self.scope_of(u) for u in set(users)}
-            seen = {hash((scopes[u], h)) for h, u in zip(hashes, users, strict=True)}
-        if whole:
-            self._seen, self._local, self._loaded_at = seen | self._local, set(), now
-        else:
-            self._seen |= seen
+    def _keys(self, hashes: list[str] | None, users: list[str] | None) -> list[int]:
+        if not hashes or not users:
+            return []
+        scopes = {u: self.scope_of(u) for u in set(users)}
+        return [hash((scopes[u], h)) for h, u in zip(hashes, users, strict=True)]
+
+    def _whole(self, got: tuple) -> Bloom:
+        """A new filter of a whole read's hashes and this replica's recent ones (run off the event loop:
+        a day of busy traffic is millions of rows)."""
+        seen = Bloom(self.capacity, 0.01)
+        seen.update(self._keys(got[1], got[2]))
+        seen.update([key for _, key in list(self._recent)])
+        return seen
+
+    def _note_newest(self, newest: datetime | None) -> None:
         if newest is not None and (self._newest is None or newest > self._newest):
             self._newest = newest
 
     def load(self, conn: psycopg.Connection) -> None:
         now = one(conn.execute("SELECT now()"))[0]
-        self._take(one(conn.execute(self._SQL, {"since": now - timedelta(seconds=self.ttl_s)})), now, True)
+        got = one(conn.execute(self._SQL, {"since": now - timedelta(seconds=self.ttl_s)}))
+        self._seen, self._loaded_at = self._whole(got), now
+        self._note_newest(got[0])
 
     async def refresh(self, conn: psycopg.AsyncConnection) -> None:
         cur = await conn.execute("SELECT now()")
@@ -145,7 +171,15 @@ class RecentHashes:
         cur = await conn.execute(self._SQL, {"since": since})
         got = await cur.fetchone()
         assert got is not None  # an aggregate is one row
-        self._take(got, now, whole)
+        if whole:
+            started = time.monotonic()
+            seen = await asyncio.to_thread(self._whole, got)
+            # What this replica added while the new filter was being built (the event loop ran on).
+            seen.update([key for at, key in reversed(self._recent) if at >= started])
+            self._seen, self._loaded_at = seen, now
+        else:
+            self._seen.update(self._keys(got[1], got[2]))
+        self._note_newest(got[0])
 
 
 class CacheContexts:
