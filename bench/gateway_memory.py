@@ -5,9 +5,9 @@ TM_HOME, the journal and the cache on, as bench/gateway_latency.py does), sends 
 the gateway's RSS at rest, then sends --requests more at --concurrency (every prompt unique), reading RSS
 after every --every requests and once more at rest at the end. The rows logged must equal the answers.
 
-Bounded by configuration: the exact cache's pre-filter (RecentHashes) is a Bloom filter of fixed size
-(cache.exact_filter_capacity, 12 MB for 10 million hashes, allocated at start) plus this replica's hashes of
-the last 10 minutes; with --no-cache it is off. A leak shows as growth per block that does not flatten.
+Bounded by configuration: the exact cache's pre-filter (RecentHashes) is two Bloom filters of fixed size
+(cache.exact_filter_capacity: 2 x 6 MB for 5 million hashes each, its pages committed as bits are set);
+with --no-cache it is off. A leak shows as growth per block that does not flatten.
 
     .venv/bin/python bench/gateway_memory.py [--requests 100000] [--every 10000] [--no-cache]
 """

@@ -79,7 +79,7 @@ def test_the_exact_cache_filter_stays_the_same_size_however_many_requests_pass()
     hashes = RecentHashes(86_400, lambda user: "u:" + user, capacity=20_000)
     hashes._loaded_at = datetime.now(UTC)  # as after the first read: `may_have` now consults the filter
     size = hashes.memory_bytes
-    assert 20_000 <= size <= 40_000  # about 1.2 bytes a hash at a 1 % false positive rate
+    assert 20_000 <= size <= 80_000  # about 1.2 bytes a hash at a 1 % false positive rate, in each of two
     def digest(i: int) -> str:  # a request hash as cache.keys makes them (SHA-256, hex)
         return hashlib.sha256(str(i).encode()).hexdigest()
 

@@ -39,7 +39,7 @@ class SharedState:
 
     def __init__(self, url: str, interval_s: float = 1.0, *, learn_router: bool = False,
                  router_models: Iterable[str] | None = None, router_settings: RouterSettings | None = None,
-                 exact_ttl_s: float | None = None, exact_capacity: int = 10_000_000,
+                 exact_ttl_s: float | None = None, exact_capacity: int = 5_000_000,
                  semantic_window_h: int | None = None,
                  cache_scope: Callable[[str], str] | None = None):
         self.url = url

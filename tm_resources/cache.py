@@ -17,9 +17,7 @@ Only answers that ended normally (no tool call, not cut off) are served. Who sha
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -82,26 +80,26 @@ class RecentHashes:
     an exact lookup goes to Postgres only for a request that may have been answered before in the
     asker's cache scope (`scope_of`: user id -> scope_key; None: one scope for all): a miss, most
     requests, costs a filter test instead of a query. Read whole at start (`load`), then by time
-    (`refresh`, each state poll, `overlap_s` back for rows logged late), read whole again after
-    `ttl_s / 2` so expired hashes go; this replica adds its own as it looks them up (`add`).
+    (`refresh`, each state poll, `overlap_s` back for rows logged late); this replica adds its own as
+    it looks them up (`add`).
 
-    The hashes sit in a Bloom filter (rbloom) sized for `capacity` distinct hashes at a 1 % false
-    positive rate: its memory is fixed (12 MB for the default 10 million), whatever the traffic; a false
-    positive, or every test once more hashes than `capacity` crowd it, costs one exact query, never a
-    wrong answer. A hash held here may still miss in Postgres (expired, scored under the bar, failed):
-    the filter only decides whether to ask."""
+    The hashes sit in Bloom filters (rbloom) sized for `capacity` distinct hashes at a 1 % false
+    positive rate, so memory is fixed whatever the traffic (2 x 6 MB for the default 5 million): a
+    false positive, or every test once more hashes than `capacity` crowd one, costs one exact query,
+    never a wrong answer. Two generations: every `ttl_s / 2` a whole re-read fills a new filter and the
+    old one is kept beside it until the next, so expired hashes go while this replica's own recent
+    ones (whose rows may not be logged yet: a long answer is logged when it ends) stay. A hash held
+    here may still miss in Postgres (expired, scored under the bar, failed): it only decides whether
+    to ask."""
 
     overlap_s = 30.0
-    # This replica's own hashes of the last few minutes, kept across a whole re-read: their rows may
-    # not be in Postgres yet when it runs (a long answer is logged when it ends).
-    recent_s = 600.0
 
-    def __init__(self, ttl_s: float, scope_of: Callable[[str], str] | None = None, capacity: int = 10_000_000):
+    def __init__(self, ttl_s: float, scope_of: Callable[[str], str] | None = None, capacity: int = 5_000_000):
         self.ttl_s = ttl_s
         self.capacity = capacity
         self.scope_of = scope_of or (lambda _user: "")
         self._seen = Bloom(capacity, 0.01)
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._previous: Bloom | None = None
         self._newest: datetime | None = None
         self._loaded_at: datetime | None = None
 
@@ -109,25 +107,24 @@ class RecentHashes:
         return hash((self.scope_of(user_id), request_hash[:16]))
 
     def __len__(self) -> int:
-        """About how many distinct hashes the filter holds (rbloom's estimate from its set bits)."""
+        """About how many distinct hashes the newer filter holds (rbloom's estimate from its set bits)."""
         return round(self._seen.approx_items)
 
     @property
     def memory_bytes(self) -> int:
-        return self._seen.size_in_bits // 8
+        return sum(b.size_in_bits // 8 for b in (self._seen, self._previous) if b is not None)
+
+    def _has(self, key: int) -> bool:
+        return key in self._seen or (self._previous is not None and key in self._previous)
 
     def may_have(self, request_hash: str, user_id: str) -> bool:
-        return self._loaded_at is None or self._key(request_hash, user_id) in self._seen
+        return self._loaded_at is None or self._has(self._key(request_hash, user_id))
 
     def add(self, request_hash: str, user_id: str) -> bool:
         """Hold a request's hash; returns what `may_have` said before (the digest computed once)."""
         key = self._key(request_hash, user_id)
-        had = self._loaded_at is None or key in self._seen
+        had = self._loaded_at is None or self._has(key)
         self._seen.add(key)
-        now = time.monotonic()
-        self._recent.append((now, key))
-        while self._recent[0][0] < now - self.recent_s:
-            self._recent.popleft()
         return had
 
     # One row of arrays rather than a row per request: a poll re-reads overlap_s seconds of traffic
@@ -142,12 +139,9 @@ class RecentHashes:
         scopes = {u: self.scope_of(u) for u in set(users)}
         return [hash((scopes[u], h)) for h, u in zip(hashes, users, strict=True)]
 
-    def _whole(self, got: tuple) -> Bloom:
-        """A new filter of a whole read's hashes and this replica's recent ones (run off the event loop:
-        a day of busy traffic is millions of rows)."""
+    def _filled(self, got: tuple) -> Bloom:
         seen = Bloom(self.capacity, 0.01)
         seen.update(self._keys(got[1], got[2]))
-        seen.update([key for _, key in list(self._recent)])
         return seen
 
     def _note_newest(self, newest: datetime | None) -> None:
@@ -157,7 +151,7 @@ class RecentHashes:
     def load(self, conn: psycopg.Connection) -> None:
         now = one(conn.execute("SELECT now()"))[0]
         got = one(conn.execute(self._SQL, {"since": now - timedelta(seconds=self.ttl_s)}))
-        self._seen, self._loaded_at = self._whole(got), now
+        self._previous, self._seen, self._loaded_at = self._seen, self._filled(got), now
         self._note_newest(got[0])
 
     async def refresh(self, conn: psycopg.AsyncConnection) -> None:
@@ -172,11 +166,10 @@ class RecentHashes:
         got = await cur.fetchone()
         assert got is not None  # an aggregate is one row
         if whole:
-            started = time.monotonic()
-            seen = await asyncio.to_thread(self._whole, got)
-            # What this replica added while the new filter was being built (the event loop ran on).
-            seen.update([key for at, key in reversed(self._recent) if at >= started])
-            self._seen, self._loaded_at = seen, now
+            # Off the event loop: a day of busy traffic is millions of rows. Hashes added meanwhile go
+            # to the filter that becomes the previous one, still consulted.
+            seen = await asyncio.to_thread(self._filled, got)
+            self._previous, self._seen, self._loaded_at = self._seen, seen, now
         else:
             self._seen.update(self._keys(got[1], got[2]))
         self._note_newest(got[0])

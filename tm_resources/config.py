@@ -190,10 +190,11 @@ class CacheConfig(_Strict):
     # The exact cache serves the same request's answer for this long (unless the loop scored it
     # under loop.thresholds.cache_min_quality).
     exact_ttl_s: int = Field(86400, ge=1)
-    # The gateway keeps the hashes answered within exact_ttl_s in a fixed-size filter so that a request
-    # nobody sent before costs no query: sized for this many distinct requests (about 1.2 bytes each,
-    # 12 MB for the default); past it, more requests cost a lookup, none is answered wrongly.
-    exact_filter_capacity: int = Field(10_000_000, ge=1000)
+    # The gateway keeps the hashes answered within exact_ttl_s in fixed-size filters so that a request
+    # nobody sent before costs no query: two of them (this half of the TTL and the last), each sized
+    # for this many distinct requests (about 1.2 bytes each: 2 x 6 MB for the default); past it, more
+    # requests cost a lookup, none is answered wrongly.
+    exact_filter_capacity: int = Field(5_000_000, ge=1000)
     # A lookup slower than this is given up (the request goes to the model): the cache never fails
     # a request or holds it up for long.
     lookup_timeout_s: float = Field(0.25, gt=0)
