@@ -12,6 +12,10 @@ fresh TM_HOME) as separate processes, then drives them all from this process wit
            reversed in the second: requests/s, each proxy as a % of direct, the gateway as a % of nginx;
   --stream the same again with streaming requests (time to first body byte and to the last byte).
 
+--floor adds bench/asgi_floor.py ("floor"): a bare ASGI pass-through on the gateway's own server and
+client, the least any gateway on this stack costs, so a run shows how much of the gap to nginx is the
+stack's and how much the gateway's own work.
+
 A/B: --ab-ref REF adds a second gateway ("gateway_b") running the code of git ref REF (a temporary
 worktree), --ab-env K=V a second gateway of this tree with K=V in its environment; it shares the fake,
 the database and the interleaving with the first, so one run compares the two with the machine's drift
@@ -488,6 +492,8 @@ async def phase2(load: Load, targets: list[Target], args: argparse.Namespace, st
     if "nginx" in res:
         res["nginx_pct_of_direct"] = share("nginx", "direct")
         res["gateway_pct_of_nginx"] = share("gateway", "nginx")
+        if "floor" in res:
+            res["floor_pct_of_nginx"] = share("floor", "nginx")
     return res
 
 
@@ -541,6 +547,8 @@ def print_phase2(label: str, r: dict, stream: bool) -> None:
     line = f"  gateway = {r['gateway_pct_of_direct']}% of direct"
     if "nginx" in r:
         line += f"; nginx = {r['nginx_pct_of_direct']}% of direct; gateway = {r['gateway_pct_of_nginx']}% of nginx"
+        if "floor_pct_of_nginx" in r:
+            line += f"; floor = {r['floor_pct_of_nginx']}% of nginx"
     print(line, flush=True)
     warn_background(max((r[n]["background_cores"] or 0.0) for n in r["targets"]))
 
@@ -567,6 +575,9 @@ def headline(report: dict, c: int) -> dict:
         if label == "stream":
             out["stream_c1_ttfb_added_p50_ms"] = added["ttfb_ms"]["p50"]
             out["stream_c1_ttfb_added_p99_ms"] = added["ttfb_ms"]["p99"]
+        if "floor_added_ms" in r["c1"]:
+            out[f"{label}_c1_floor_added_p50_ms"] = r["c1"]["floor_added_ms"][key]["p50"]
+            out[f"{label}_c{c}_floor_pct_of_nginx"] = r[f"c{c}"].get("floor_pct_of_nginx")
         if "nginx_added_ms" in r["c1"]:
             out[f"{label}_c1_nginx_added_p50_ms"] = r["c1"]["nginx_added_ms"][key]["p50"]
             out[f"{label}_c1_gateway_minus_nginx_p50_ms"] = round(
@@ -645,6 +656,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--database-url", help="log to this Postgres instead of an embedded one in a temp TM_HOME")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (TM_HOME, config, process logs)")
     p.add_argument("--no-nginx", action="store_true", help="leave nginx's reference line out")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure bench/asgi_floor.py: a bare ASGI pass-through on the gateway's server and client")
     p.add_argument("--ab-ref", help="also measure a gateway running this git ref's code (as gateway_b)")
     p.add_argument("--ab-env", action="append", default=[], metavar="K=V",
                    help="also measure a gateway of this tree with K=V in its environment (as gateway_b)")
@@ -699,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     fake: Child | None = None
     gw: Child | None = None
     gw_b: Child | None = None
+    floor: Child | None = None
     nginx: Child | None = None
     report: dict[str, Any] = {"command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
                               "machine": machine_info()}
@@ -720,6 +734,16 @@ def main(argv: list[str] | None = None) -> int:
             wait_http(f"http://127.0.0.1:{nginx_port}/health", nginx, 30)
         elif not args.no_nginx:
             print("nginx is not installed (apt-get install nginx-light): no reference line this run", flush=True)
+
+        floor = None
+        if args.floor:
+            floor_port = free_port()
+            floor = Child("floor", [sys.executable, "-m", "uvicorn", "bench.asgi_floor:app", "--loop", "uvloop",
+                                    "--http", "httptools", "--no-access-log", "--log-level", "warning",
+                                    "--host", "127.0.0.1", "--port", str(floor_port)],
+                          {**env, "UPSTREAM": f"http://127.0.0.1:{up_port}/v1/chat/completions",
+                           "MODEL": UPSTREAM_MODEL}, work / "floor.log")
+            wait_http(f"http://127.0.0.1:{floor_port}/health", floor, 30)
 
         cfg = work / "bench.yaml"
         write_config(cfg, up_port, gw_port, cache=not args.no_cache, journal=args.journal)
@@ -753,6 +777,10 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(gateway_b)
             pids["gateway_b"] = gw_b.pid
         trees = {}
+        if floor is not None:
+            targets.insert(1, Target("floor", f"http://127.0.0.1:{floor_port}/v1/chat/completions", UPSTREAM_MODEL,
+                                     auth))
+            pids["floor"] = floor.pid
         if nginx is not None:
             targets.insert(1, Target("nginx", f"http://127.0.0.1:{nginx_port}/v1/chat/completions", UPSTREAM_MODEL,
                                      auth))
@@ -833,7 +861,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark failed: {type(err).__name__}: {err}", file=sys.stderr)
         ok = False
     finally:
-        for child, sig in ((gw_b, signal.SIGINT), (gw, signal.SIGINT), (nginx, signal.SIGQUIT), (fake, signal.SIGTERM)):
+        for child, sig in ((gw_b, signal.SIGINT), (gw, signal.SIGINT), (floor, signal.SIGTERM), (nginx, signal.SIGQUIT),
+                           (fake, signal.SIGTERM)):
             if child is not None and child.alive():
                 child.stop(sig, timeout=20)
         if not args.database_url:
