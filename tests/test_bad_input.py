@@ -289,3 +289,25 @@ def test_the_failed_login_table_stays_bounded_and_forgets_quiet_addresses():
     assert [guard.failed("10.9.9.9", None, "/") for _ in range(4)] == [2, 4, 8, 8]
     time.sleep(0.1)
     assert guard.failed("10.9.9.9", None, "/") == 0  # quiet long enough: it starts again
+
+
+def test_a_client_gone_before_its_body_arrived_leaves_a_499_row_and_no_traceback(gateway: Gateway, caplog):
+    # A client that sends its headers and part of the body, then closes (a killed process, a timeout
+    # on its side): nobody is there to answer, but the request reached the gateway with a valid key.
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(gateway.url)
+    body = b'{"model": "local-test", "messages": [{"role": "user", "content": "hel'
+    with caplog.at_level(logging.ERROR), socket.create_connection((url.hostname, url.port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {gateway.key}\r\nContent-Length: {len(body) + 500}\r\n\r\n".encode()
+                  + body)
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while not (rows := gateway.rows("endpoint = '/v1/chat/completions'")):
+        assert time.monotonic() < deadline, "the request left no row"
+        time.sleep(0.05)
+    assert len(rows) == 1
+    assert rows[0]["status"] == 499 and rows[0]["error_class"] == "client_disconnected"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "gateway error" in r.getMessage()]
