@@ -311,3 +311,59 @@ def test_a_client_gone_before_its_body_arrived_leaves_a_499_row_and_no_traceback
     assert len(rows) == 1
     assert rows[0]["status"] == 499 and rows[0]["error_class"] == "client_disconnected"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "gateway error" in r.getMessage()]
+
+
+def test_the_quick_check_of_stream_events_never_lets_through_what_the_full_check_refuses():
+    # Most streamed events are checked by hand (schemas._PLAIN_EVENT) rather than by pydantic: that
+    # check must accept only events the full one accepts, or a malformed event would reach the relay.
+    import random
+
+    from pydantic import ValidationError
+
+    from tm_gateway import schemas
+
+    rng = random.Random(7)
+    leaves = [None, 0, 1, True, 1.5, "x", "", [], {}, [1], {"a": 1}]
+    names = ["content", "tool_calls", "role", "text", "type", "partial_json", "stop_reason", "index", "x"]
+
+    def value(depth: int) -> object:
+        r = rng.random()
+        if depth < 3 and r < 0.3:
+            return {rng.choice(names): value(depth + 1) for _ in range(rng.randint(0, 3))}
+        if depth < 3 and r < 0.4:
+            return [value(depth + 1) for _ in range(rng.randint(0, 2))]
+        return rng.choice(leaves)
+
+    def event() -> dict:
+        d: dict = {}
+        for k in rng.sample(["choices", "usage", "id", "type", "index", "delta", "message", "content_block"],
+                            rng.randint(0, 4)):
+            if k == "choices" and rng.random() < 0.6:
+                d[k] = [{c: ({"content": rng.choice([None, "t", 1]), **({"tool_calls": value(2)} if rng.random() < 0.2
+                                                                        else {})} if c == "delta" and rng.random() < 0.7
+                             else value(1))
+                         for c in rng.sample(["index", "delta", "finish_reason", "x"], rng.randint(0, 4))}
+                        for _ in range(rng.randint(0, 2))]
+            elif k == "delta" and rng.random() < 0.6:
+                d[k] = {f: value(2) for f in rng.sample(["type", "text", "partial_json", "stop_reason", "x"],
+                                                         rng.randint(0, 4))}
+            else:
+                d[k] = value(1)
+        return d
+
+    quick = 0
+    for _ in range(20_000):
+        d = event()
+        for kind in ("openai", "anthropic"):
+            if schemas._PLAIN_EVENT[kind](d):
+                quick += 1
+                try:
+                    schemas._EVENTS[kind].validate_python(d)
+                except ValidationError as err:
+                    raise AssertionError(f"the quick check let through a {kind} event the full check refuses: {d}"
+                                         ) from err
+    assert quick > 5_000  # the quick path is taken, so the comparison means something
+    # The common events themselves take it.
+    assert schemas._PLAIN_EVENT["openai"]({"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]})
+    assert schemas._PLAIN_EVENT["anthropic"]({"type": "content_block_delta", "index": 0,
+                                              "delta": {"type": "text_delta", "text": "hi"}})
