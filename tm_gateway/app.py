@@ -101,7 +101,7 @@ def create_app(settings: GatewaySettings) -> HotPaths:
             redact_pii=config.log.redact.pii,
             spool_max_bytes=config.log.spool_max_mb << 20,
             rejected_max_bytes=config.log.rejected_max_mb << 20,
-        ).start()
+        )
         # One pooled session for every upstream; limits sized for a busy replica, not the default 100.
         connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=300)
         # No cookie jar: a cookie one provider answer sets (a load balancer's) must not ride along on the
@@ -153,6 +153,8 @@ def create_app(settings: GatewaySettings) -> HotPaths:
         app.state.proxy = proxy  # for tests that reach in
         metrics.attach(proxy)
         analytics.attach(proxy)
+        # Started once its observers are in: the journal of a killed process, replayed at start, is counted.
+        request_log.start()
         # What start-up loaded (the model, the libraries) lives as long as the process: moving it out
         # of the collector's reach keeps full collections from pausing requests for 100+ ms under load.
         gc.collect()

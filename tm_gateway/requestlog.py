@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,11 @@ _DEFAULTS = {"stream": False, "input_tokens": 0, "output_tokens": 0, "cache_read
              "cache_write_tokens": 0, "cost_usd": 0.0, "served": True, "nul_escaped": False}
 _COPY = f"COPY requests ({', '.join(COLUMNS)}) FROM STDIN"
 _REPLAY_COPY = f"COPY requests_replay ({', '.join(COLUMNS)}) FROM STDIN"
+# RETURNING: the rows a replay stored for the first time (the others were already there).
 _REPLAY_INSERT = (f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM requests_replay"
-                  " ON CONFLICT (id, ts) DO NOTHING")
+                  " ON CONFLICT (id, ts) DO NOTHING RETURNING id")
+# A spool file made of a dead process's journal (`_recover_journals`); other spool files are <ns>-<pid>.jsonl.
+_RECOVERED_PREFIX = "journal-"
 
 
 _COLUMN_DEFAULTS = tuple((c, _DEFAULTS.get(c)) for c in COLUMNS)
@@ -137,6 +141,14 @@ def _load_spooled(line: bytes) -> tuple:
         # A list would be sent as a Postgres array; the vector column wants the vector form.
         row[_VECTOR_AT] = np.asarray(row[_VECTOR_AT], dtype=np.float32)
     return tuple(row)
+
+
+def _spooled_dict(row: tuple) -> dict:
+    """A row read back from disk as the dict the caller once wrote (what observers take)."""
+    d = dict(zip(COLUMNS, row, strict=True))
+    if isinstance(d["ts"], str):
+        d["ts"] = datetime.fromisoformat(d["ts"])
+    return d
 
 
 def _read_spooled(path: Path) -> list[tuple]:
@@ -229,7 +241,8 @@ class RequestLog:
         # loop's thread only, read by `flush`.
         self.parked = 0
         # Called by the writer thread with each batch of new rows once it is stored or spooled (metrics,
-        # analytics): whatever they cost is paid here, off the request path.
+        # analytics): whatever they cost is paid here, off the request path. Each row reaches them once:
+        # when first written, or, for a dead process's journal, when replayed (`_replay_spool`).
         self.observers: list[Callable[[RequestLog, list[dict]], None]] = []
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._conn: psycopg.Connection | None = None
@@ -319,8 +332,9 @@ class RequestLog:
         return old_path
 
     def _recover_journals(self) -> int:
-        """A journal left by a process that died (kill -9, a crash) becomes a spool file to replay;
-        returns how many were found."""
+        """A journal left by a process that died (kill -9, a crash) becomes a spool file to replay
+        (journal-<pid>-<n>.jsonl: the name tells `_replay_spool` its rows were never observed); returns how
+        many were found."""
         found = 0
         for path in self.spool_dir.glob("journal-*.wal"):
             if path == self._journal_path:
@@ -468,9 +482,11 @@ class RequestLog:
         _escape_nul(r)
         return tuple(r)
 
-    def _copy(self, rows: list[tuple], dedupe: bool) -> None:
-        """One COPY of `rows` (in their stored form); `dedupe` (replays) skips rows already in Postgres."""
+    def _copy(self, rows: list[tuple], dedupe: bool) -> set[str] | None:
+        """One COPY of `rows` (in their stored form); `dedupe` (replays) skips rows already in Postgres
+        and returns the ids of those it stored."""
         conn = self._connection()
+        stored = None
         try:
             with conn.cursor() as cur:
                 if dedupe:
@@ -480,7 +496,9 @@ class RequestLog:
                         copy.write_row(r)
                 if dedupe:
                     cur.execute(_REPLAY_INSERT)
+                    stored = {str(i) for (i,) in cur.fetchall()}
             conn.commit()
+            return stored
         except psycopg.OperationalError:
             self._drop_connection()
             raise
@@ -496,12 +514,14 @@ class RequestLog:
             self._drop_connection()
             raise
 
-    def _land(self, rows: list[tuple], dedupe: bool) -> list[tuple[tuple, str]]:
+    def _land(self, rows: list[tuple], dedupe: bool, new_ids: set[str] | None = None) -> list[tuple[tuple, str]]:
         """Store `rows`; return those Postgres refuses, each with the reason. A refused batch is cut in
         halves until the bad rows stand alone, so k bad rows in n cost about 2k·log2(n) COPYs and the
-        good rows land in the same pass. Raises OperationalError when Postgres cannot be reached."""
+        good rows land in the same pass. Raises OperationalError when Postgres cannot be reached.
+        A replay (`dedupe`) adds to `new_ids` the ids of the rows that were not in Postgres before."""
         redacted: dict[str, str] = {}
-        return self._bisect(rows, [self._stored_or_raw(r, redacted) for r in rows], dedupe)
+        return self._bisect(rows, [self._stored_or_raw(r, redacted) for r in rows], dedupe,
+                            set() if new_ids is None else new_ids)
 
     def _stored_or_raw(self, row: tuple, redacted: dict[str, str]) -> tuple:
         try:
@@ -510,10 +530,14 @@ class RequestLog:
             log.error("request log: a row could not be prepared for storage (%s)", type(err).__name__)
             return row
 
-    def _bisect(self, rows: list[tuple], stored: list[tuple], dedupe: bool) -> list[tuple[tuple, str]]:
+    def _bisect(self, rows: list[tuple], stored: list[tuple], dedupe: bool,
+                new_ids: set[str]) -> list[tuple[tuple, str]]:
         try:
-            self._copy(stored, dedupe)
-            self.rows_written += len(rows)
+            ids = self._copy(stored, dedupe)
+            # A replayed row already in Postgres was counted when it was first written.
+            self.rows_written += len(rows) if ids is None else len(ids)
+            if ids:
+                new_ids |= ids
             return []
         except psycopg.OperationalError:
             raise
@@ -521,7 +545,8 @@ class RequestLog:
             if len(rows) == 1:
                 return [(rows[0], _reason(err))]
             mid = len(rows) // 2
-            return self._bisect(rows[:mid], stored[:mid], dedupe) + self._bisect(rows[mid:], stored[mid:], dedupe)
+            return (self._bisect(rows[:mid], stored[:mid], dedupe, new_ids)
+                    + self._bisect(rows[mid:], stored[mid:], dedupe, new_ids))
 
     def _write_batch(self, batch: list[dict]) -> None:
         rows = [copy_row(r) for r in batch]
@@ -533,6 +558,9 @@ class RequestLog:
         else:
             if refused:
                 self._reject([r for r, _ in refused], refused[0][1])
+        self._observe(batch)
+
+    def _observe(self, batch: list[dict]) -> None:
         for observe in self.observers:
             try:
                 observe(self, batch)
@@ -571,21 +599,35 @@ class RequestLog:
         self._next_replay = time.monotonic() + self.replay_interval_s
 
     def _replay_spool(self) -> None:
-        """Move spooled rows into Postgres; a row already there (an earlier replay) is skipped."""
+        """Move spooled rows into Postgres; a row already there (an earlier replay) is skipped.
+
+        Which replayed rows the observers (metrics, analytics) see: each row once in all. A spool file's
+        rows were handed to them by the process that spooled them, as it spooled them (`_write_batch`), so
+        they are not handed over again. A dead process's journal holds rows it had accepted but maybe not
+        stored: those it stored it had also observed, those it had not (still queued when it was killed)
+        nobody ever counted. So of a recovered journal the observers get the rows this replay stores for
+        the first time, and those Postgres refuses (observed like a live batch's refused rows). Only a
+        process killed in the microseconds between storing a batch and observing it (or between spooling
+        it and ending its journal segment) is miscounted, by that batch."""
         files = sorted(self.spool_dir.glob("*.jsonl"))
         for path in files:
             try:
                 rows = _read_spooled(path)
             except FileNotFoundError:
                 continue  # another worker replayed it
+            new_ids: set[str] = set()
             try:
-                refused = self._land(rows, dedupe=True) if rows else []
+                refused = self._land(rows, dedupe=True, new_ids=new_ids) if rows else []
             except psycopg.OperationalError as err:
                 log.warning("request log: replay of %s deferred (%s)", path.name, type(err).__name__)
                 self._next_replay = time.monotonic() + self.replay_interval_s
                 return
             if refused:
                 self._reject([r for r, _ in refused], refused[0][1])
+            if path.name.startswith(_RECOVERED_PREFIX) and self.observers:
+                unseen = [r for r in rows if str(r[0]) in new_ids] + [r for r, _ in refused]
+                if unseen:
+                    self._observe([_spooled_dict(r) for r in unseen])
             path.unlink(missing_ok=True)
             log.info("request log: replayed %d spooled rows from %s", len(rows) - len(refused), path.name)
         self._next_replay = time.monotonic() + self.replay_interval_s if files else float("inf")
