@@ -166,8 +166,11 @@ def test_two_worker_processes_add_up(db_url, upstreams, tmp_path: Path):
     cfg = tmp_path / "tm.yaml"
     cfg.write_text(yaml.safe_dump(_config(anth.url, local.openai_url).model_dump(mode="json")))
     home, port = tmp_path / "home", free_port()
-    # A previous run's counts must not come back.
-    (home / "metrics").mkdir(parents=True)
+    # A previous run's counts must not come back: an ended gateway's folder (its lock held by no one), or a
+    # file of the layout before folders per gateway.
+    (home / "metrics" / "gateway-1-ended").mkdir(parents=True)
+    (home / "metrics" / "gateway-1-ended" / "lock").touch()
+    (home / "metrics" / "gateway-1-ended" / "counter_1.db").write_bytes(b"stale")
     (home / "metrics" / "counter_1.db").write_bytes(b"stale")
     env = {**os.environ, "TM_HOME": str(home), "TM_DATABASE_URL": db_url}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -178,11 +181,13 @@ def test_two_worker_processes_add_up(db_url, upstreams, tmp_path: Path):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(lambda: _up(url), 60, "the gateway")
-        assert not (home / "metrics" / "counter_1.db").exists()
+        # The metrics of this run only: its own folder, the ended run's gone.
+        (folder,) = (home / "metrics").iterdir()
+        assert folder.name.startswith(f"gateway-{proc.pid}-")
         sent = 0
 
         def workers_counting() -> int:
-            return len(list((home / "metrics").glob("counter_*.db")))
+            return len(list(folder.glob("counter_*.db")))
 
         # A fresh connection per request, so the kernel spreads them over both workers.
         while sent < 8 or (workers_counting() < 2 and sent < 80):
@@ -205,8 +210,8 @@ def test_two_worker_processes_add_up(db_url, upstreams, tmp_path: Path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
     # Each worker marked itself dead: its live gauges left the sum, its counts stayed.
-    assert not list((home / "metrics").glob("gauge_livesum_*.db"))
-    assert len(list((home / "metrics").glob("counter_*.db"))) == 2
+    assert not list(folder.glob("gauge_livesum_*.db"))
+    assert len(list(folder.glob("counter_*.db"))) == 2
 
 
 def _up(url: str) -> bool:
