@@ -333,8 +333,8 @@ class RequestLog:
 
     def _recover_journals(self) -> int:
         """A journal left by a process that died (kill -9, a crash) becomes a spool file to replay
-        (journal-<pid>-<n>.jsonl: the name tells `_replay_spool` its rows were never observed); returns how
-        many were found."""
+        (journal-<pid>-<n>.jsonl: the name tells `_replay_spool` some of its rows may never have been
+        observed); returns how many were found."""
         found = 0
         for path in self.spool_dir.glob("journal-*.wal"):
             if path == self._journal_path:
@@ -607,7 +607,7 @@ class RequestLog:
         stored: those it stored it had also observed, those it had not (still queued when it was killed)
         nobody ever counted. So of a recovered journal the observers get the rows this replay stores for
         the first time, and those Postgres refuses (observed like a live batch's refused rows). Only a
-        process killed in the microseconds between storing a batch and observing it (or between spooling
+        process killed in the instant between storing a batch and observing it (or between spooling
         it and ending its journal segment) is miscounted, by that batch."""
         files = sorted(self.spool_dir.glob("*.jsonl"))
         for path in files:
