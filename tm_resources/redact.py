@@ -162,9 +162,9 @@ def redact(text: str, *, secrets: bool = True, pii: bool = True) -> str:
         if guard is None:
             run = True
         elif isinstance(guard, re.Pattern):
-            run = verdicts.get(guard)
-            if run is None:
-                run = verdicts[guard] = guard.search(text) is not None
+            if guard not in verdicts:
+                verdicts[guard] = guard.search(text) is not None
+            run = verdicts[guard]
         else:
             run = False
             for g in guard:

@@ -41,6 +41,13 @@ class SSEParser:
             if buf[0] == 10:
                 buf = buf[1:]
         events: list[SSEEvent] = []
+        if b"\r" not in buf:
+            # Nearly every provider ends lines with \n alone: one split instead of a search per line.
+            *lines, rest = buf.split(b"\n")
+            for raw in lines:
+                self._line(raw, events)
+            self._buf = rest
+            return events
         n = len(buf)
         start = 0
         # Lines split on ASCII bytes only, so a UTF-8 sequence cut by the chunking is never decoded half.
