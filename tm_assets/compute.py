@@ -38,7 +38,7 @@ RULE_COLUMNS = ["rule_id", "action", "task_type", "user_id", "model", "target_mo
 FINETUNE_COLUMNS = ["job_id", "task_type", "base_model", "samples", "avg_quality", "example_ids", "reason"]
 
 _SCORING_INPUT = ["id", "ts", "user_id", "session_id", "model", "prompt", "response_text", "status",
-                  "input_tokens", "output_tokens", "cost_usd", "baseline_cost_usd", "parent_id", "route",
+                  "input_tokens", "output_tokens", "cost_usd", "baseline_cost_usd", "parent_id", "served",
                   "prompt_embedding"]
 
 # How many of a pattern's best answers a fine-tune job lists at most.
@@ -193,7 +193,7 @@ def read_window(conn: psycopg.Connection, hour: datetime, *, hours: int) -> pd.D
         conn,
         "SELECT r.id, r.ts, r.user_id, r.session_id, r.model, r.status, r.prompt, r.input_tokens,"
         " r.output_tokens, r.cache_read_tokens, r.cache_write_tokens, r.cost_usd, r.baseline_cost_usd,"
-        " r.parent_id, r.route, r.cache_hit, s.quality, s.completion, s.prompt_quality, t.task_type"
+        " r.parent_id, r.served, r.route_reason, r.cache_hit, s.quality, s.completion, s.prompt_quality, t.task_type"
         " FROM scored_requests s"
         " JOIN requests r ON r.id = s.request_id AND r.ts = s.ts"
         " LEFT JOIN task_types t ON t.request_id = s.request_id"

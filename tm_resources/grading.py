@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from tm_resources.quality import PROMPT_PART_WEIGHTS, is_escalation, prompt_quality, prompt_quality_parts
+from tm_resources.escalation import escalated, escalated_away, first_attempt, served
+from tm_resources.quality import PROMPT_PART_WEIGHTS, prompt_quality, prompt_quality_parts
 
 # Lower bounds of average quality over the trailing 24 h; below the last band: F. D's floor is
 # the engine's default escalate_below (0.5) and A's its default lock_above (0.8), so a grade reads
@@ -42,30 +43,18 @@ def _utc(ts: pd.Series | pd.Timestamp):
     return ts.dt.tz_localize("UTC") if ts.dt.tz is None else ts.dt.tz_convert("UTC")
 
 
-def _escalated_away(df: pd.DataFrame) -> pd.Series:
-    """Rows whose answer the gateway replaced by an escalation: some other row's parent_id is them."""
-    if "parent_id" not in df or "id" not in df:
-        return pd.Series(False, index=df.index)
-    parents = set(df.loc[df["parent_id"].notna(), "parent_id"].astype(str))
-    return df["id"].astype(str).isin(parents)
-
-
-def _user_originated(df: pd.DataFrame) -> pd.Series:
-    # A cascade's second attempt repeats the user's request: one request, two rows.
-    return ~is_escalation(df)
-
-
 def patterns(df: pd.DataFrame, tiers: Mapping[str, object] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Aggregates per (task_type, model, user_id) and per (task_type, model).
 
     df: scored, classified requests (task_type, model, user_id, quality, cost_usd, input_tokens,
-    output_tokens; optional id, parent_id, route). Rows without a model (nothing answered) or a
+    output_tokens; optional id, parent_id, served, route_reason). Rows without a model (nothing answered) or a
     task type are left out. `requests` counts every row and carries all cost and tokens;
     `samples` and `avg_quality` count only rows with a quality (answered, status 200), so a
     failed call costs but never drags an average; `judged` and `avg_completion` count the rows
-    the completion judge gave a verdict (optional column `completion`); `escalations` are rows that were an
-    escalation (they sit under the model escalated to); `escalated_away` are rows whose answer
-    was replaced by one (they sit under the local model that tried first).
+    the completion judge gave a verdict (optional column `completion`); `escalations` are escalated
+    requests' answers (they sit under the model escalated to); `escalated_away` are the cheap attempts
+    an escalation replaced (they sit under the models that tried first). Both as tm_resources.escalation
+    defines them: a passed cascade or an agreed consensus is neither, nor is its partner's row.
     """
     df = df.reset_index(drop=True)
     d = df[df["model"].notna() & df["task_type"].notna()].copy()
@@ -77,8 +66,8 @@ def patterns(df: pd.DataFrame, tiers: Mapping[str, object] | None = None) -> tup
     d["_cost"] = d["cost_usd"].fillna(0).astype("float64") if "cost_usd" in d else 0.0
     d["_in"] = d["input_tokens"].fillna(0).astype("int64") if "input_tokens" in d else 0
     d["_out"] = d["output_tokens"].fillna(0).astype("int64") if "output_tokens" in d else 0
-    d["_esc"] = is_escalation(d).astype("int64")
-    d["_away"] = _escalated_away(df).loc[d.index].astype("int64")
+    d["_esc"] = escalated(df).loc[d.index].astype("int64")
+    d["_away"] = escalated_away(df).loc[d.index].astype("int64")
 
     def aggregate(keys: list[str]) -> pd.DataFrame:
         columns = keys[:2] + PATTERN_COLUMNS[2:3] + keys[2:] + PATTERN_COLUMNS[3:]
@@ -163,17 +152,17 @@ def grades(df: pd.DataFrame, now: pd.Timestamp, tz: str = "UTC", *,
     """One row per user active in the last `history_days` local days up to `now`.
 
     df: scored requests (id, ts, user_id, quality, prompt_quality or prompt, cost_usd, token
-    columns, status; optional parent_id, route). Rows after `now` are ignored, so re-grading a
+    columns, status; optional parent_id, served, route_reason). Rows after `now` are ignored, so re-grading a
     past hour gives what it gave then.
 
     - grade, avg_quality_score, samples: answers the user received in the trailing 24 h (quality
-      present; a local attempt that was escalated away is not one); grade None under
-      min_grade_samples.
-    - requests_today, tokens_today, cost_today: since local midnight in `tz`. A cascade is one
-      request but two rows: both rows' tokens and cost count, the request once.
-    - escalations, wrong_model_rate: over the trailing 24 h, the share of the user's escalations
-      whose local attempt (the parent_id row) scored above wrong_model_above; a local attempt
-      that failed or has no score counts as rightly escalated; NaN when there were none.
+      present, served: a cascade's unserved attempt is not one); grade None under min_grade_samples.
+    - requests_today, tokens_today, cost_today: since local midnight in `tz`. A cascade or consensus is
+      one request but a row per attempt: every row's tokens and cost count, the request once (its served row).
+    - escalations, wrong_model_rate: over the trailing 24 h, the user's escalated requests
+      (tm_resources.escalation: an agreed consensus or a passed cascade is none) and the share of them
+      whose first cheap attempt (the answer the plan would have served) scored above wrong_model_above;
+      an attempt that failed or has no score counts as rightly escalated; NaN when there were none.
     - prompt_quality_avg: trailing 72 h. prompt_quality_daily: {local date: average} over the
       history; low_prompt_days: the latest run of active days under coaching_below (see
       low_prompt_streak); coaching_example: the user's weakest prompt in that run;
@@ -196,9 +185,10 @@ def grades(df: pd.DataFrame, now: pd.Timestamp, tz: str = "UTC", *,
                      if "id" in df and "quality" in df else pd.Series(dtype="float64"))
 
     d["_quality"] = d["quality"].astype("float64") if "quality" in d else np.nan
-    d["_delivered"] = d["_quality"].notna() & ~_escalated_away(df).loc[d.index]
-    d["_user"] = _user_originated(d)
-    d["_esc"] = is_escalation(d)
+    d["_user"] = served(df).loc[d.index]
+    d["_delivered"] = d["_quality"].notna() & d["_user"]
+    d["_esc"] = escalated(df).loc[d.index]
+    d["_first"] = first_attempt(df).loc[d.index]
     d["_tokens"] = sum(d[c].fillna(0).astype("int64") for c in _TOKEN_COLUMNS if c in d) \
         if any(c in d for c in _TOKEN_COLUMNS) else 0
     d["_cost"] = d["cost_usd"].fillna(0).astype("float64") if "cost_usd" in d else 0.0
@@ -213,9 +203,9 @@ def grades(df: pd.DataFrame, now: pd.Timestamp, tz: str = "UTC", *,
         avg_q = float(q.mean()) if len(q) else float("nan")
         t = u[today[u.index]]
         esc = u[last24[u.index] & u["_esc"]]
-        if len(esc) and "parent_id" in esc:
-            parent_q = esc["parent_id"].astype(str).map(quality_by_id)
-            wrong = float((parent_q.fillna(-1.0) > wrong_model_above).mean())
+        if len(esc):
+            first_q = esc["_first"].map(quality_by_id).astype("float64")
+            wrong = float((first_q.fillna(-1.0) > wrong_model_above).mean())
         else:
             wrong = float("nan")
         mine = u[u["_user"]]

@@ -12,6 +12,7 @@ import pandas as pd
 
 from tm_resources.code_ask import involves_code
 from tm_resources.config import ScoringWeights
+from tm_resources.escalation import served
 
 SIGNALS = ("coherence", "completion", "brevity", "reprompt", "cost_efficiency")
 
@@ -283,26 +284,17 @@ def followup_evidence(prev_prompt: str | None, next_prompt: str | None, similari
     return float(score)
 
 
-def is_escalation(df: pd.DataFrame) -> pd.Series:
-    """Rows the gateway sent on after a local attempt: a parent_id, or a route that says escalated."""
-    flag = pd.Series(False, index=df.index)
-    if "parent_id" in df:
-        flag |= df["parent_id"].notna()
-    if "route" in df:
-        flag |= df["route"].astype("string").str.contains("escalat", case=False, na=False).astype(bool)
-    return flag
-
-
 def reprompt_signal(df: pd.DataFrame, prompt_vecs: np.ndarray | None = None,
                     reprompt_window_s: float = 600) -> pd.Series:
     """Per request (indexed like df): 1.0 no correction followed, 0.0 one did, in between for weaker evidence.
 
     The follow-up is the same user's next request within reprompt_window_s: in the same session
-    when the request has one, else the user's next request at all. Cascade attempts (rows with a
-    parent_id, or a route saying they were escalated) are the gateway's doing, not the user's, so
-    they are never a follow-up; and a local attempt that was escalated away was never seen by the
-    user, so its signal is NaN. Vectors come from prompt_vecs (rows aligned with df) or a
-    `prompt_vec` column; without either, word overlap detects a reworded prompt.
+    when the request has one, else the user's next request at all. A request is its served row
+    (tm_resources.escalation.served): a cascade's or consensus's unserved attempts are the gateway's
+    doing, never a follow-up, and were never seen by the user, so their signal is NaN; the served row
+    (an escalation's or an agreed consensus's included) is the user's request and its answer.
+    Vectors come from prompt_vecs (rows aligned with df) or a `prompt_vec` column; without either,
+    word overlap detects a reworded prompt.
     The caller must include requests up to reprompt_window_s past the last row it wants scored.
     """
     out = pd.Series(1.0, index=df.index, dtype="float64")
@@ -316,17 +308,13 @@ def reprompt_signal(df: pd.DataFrame, prompt_vecs: np.ndarray | None = None,
                          for v in df["prompt_vec"]], dtype=object)
     pos = pd.Series(np.arange(len(df)), index=df.index)
     ts = pd.to_datetime(df["ts"], utc=True)
-    escalation = is_escalation(df)
-    if "parent_id" in df:
-        parents = set(df.loc[df["parent_id"].notna(), "parent_id"].astype(str))
-        attempt = df["id"].astype(str).isin(parents)
-        out[attempt] = np.nan
-        # An attempt the gateway made is not the user asking again, whenever it was logged.
-        escalation = escalation | attempt
+    shown = served(df)
+    out[~shown] = np.nan
     session = df["session_id"] if "session_id" in df else pd.Series(None, index=df.index)
     # A request rejected before it had a prompt (bad JSON, no messages) says nothing about the answer before it.
     has_prompt = df["prompt"].map(lambda p: bool(text_or_empty(p).strip())) if "prompt" in df else True
-    rows = df.assign(_ts=ts, _sess=session, _followup=~escalation & has_prompt)
+    # An attempt the gateway made is not the user asking again, whenever it was logged.
+    rows = df.assign(_ts=ts, _sess=session, _followup=shown & has_prompt)
     window = pd.Timedelta(seconds=reprompt_window_s)
     for _, g in rows.sort_values(["_ts", "id"], kind="stable").groupby("user_id", sort=True):
         idx = list(g.index)

@@ -19,6 +19,7 @@ from tm_gateway.stages.call import Whole, answer, call, send_whole
 from tm_gateway.stages.context import Ctx
 from tm_gateway.stages.log import Row, answered, costs
 from tm_gateway.stages.relay import text_stream
+from tm_resources.escalation import ESCALATED
 
 if TYPE_CHECKING:
     from tm_gateway.proxy import Proxy
@@ -153,10 +154,11 @@ async def _escalate(gw: Proxy, ctx: Ctx, body: dict, route: Route, tries: list[_
         if t.verdict is not None and not t.verdict.passed:
             reason = f"{route.reason}; failed the gate: {'; '.join(t.verdict.reasons)}"
         else:
-            reason = f"{route.reason}; escalated: {why}"
+            reason = f"{route.reason}; {ESCALATED}{why}"
         spent += _write_refused(gw, t, reason)
     row, headers = ctx.row, ctx.reply_headers
-    row.data.update(parent_id=tries[-1].row.data["id"], route_reason=f"{route.reason}; escalated: {why}")
+    # The loop's escalation counts (tm_resources.escalation) read this mark on the served row.
+    row.data.update(parent_id=tries[-1].row.data["id"], route_reason=f"{route.reason}; {ESCALATED}{why}")
     headers["x-tm-cascade"] = f"escalated: {why}"
     headers["x-tm-cascade-first"] = str(tries[0].row.data["id"])
     headers["x-tm-plan"] = plan.name
