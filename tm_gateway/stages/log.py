@@ -59,8 +59,11 @@ class Row:
             return
         self.held = False
         if self.written:
-            self.log.parked -= 1
-            self._hand_over()
+            try:
+                self._hand_over()
+            finally:
+                # Only once the row is queued: `flush` must never see no parked row and no row queued.
+                self.log.parked -= 1
 
     def _hand_over(self) -> None:
         if self.tally is not None:
