@@ -39,11 +39,16 @@ def chromium(width: int = 1440, height: int = 1000) -> Iterator:
 
 def sign_in(driver, base_url: str, key: str) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(f"{base_url}/dashboard/login")
     field = driver.find_element(By.ID, "key")
     field.send_keys(key)
     field.submit()
+    # submit() may return before the answer's page has replaced the form (a fresh clone's CI run read the
+    # login page's URL once): wait until it has, whichever page the server answered with.
+    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(field))
 
 
 # What every chart on the page holds once drawn: its name, whether it drew on a canvas, and the number of
