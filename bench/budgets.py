@@ -41,7 +41,7 @@ from gateway_latency import (
     _default_signals,
     free_port,
     machine_info,
-    stop_postgres,
+    stop_embedded,
     summary,
     tm_command,
     wait_http,
@@ -174,15 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         for child in reversed(children):
             if child.alive():
                 child.stop(signal.SIGINT if child.name != "fake upstream" else signal.SIGTERM, timeout=20)
-        from tm_resources import db
-
-        for server in list(db._embedded.values()):
-            try:
-                server._cleanup()  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001
-                pass
-        db._embedded.clear()
-        stop_postgres(home)
+        stop_embedded(home)
         if ok:
             shutil.rmtree(work, ignore_errors=True)
         else:

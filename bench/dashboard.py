@@ -25,7 +25,7 @@ from tests.dashboard_data import loop_tables, request_rows
 from tm_assets.rollups import replace_team_usage_hour, replace_usage_hour
 from tm_gateway import keys
 from tm_gateway.app import GatewaySettings, create_app
-from tm_gateway.requestlog import COLUMNS
+from tm_gateway.logrows import COLUMNS
 from tm_resources import db
 
 PAGES = ("overview", "quality", "decisions", "me")

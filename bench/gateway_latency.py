@@ -202,6 +202,19 @@ def write_nginx_config(work: Path, upstream_port: int, port: int) -> Path:
     return conf
 
 
+def stop_embedded(home: Path) -> None:
+    """Stop the embedded Postgres this process or a killed gateway left running in `home`."""
+    from tm_resources import db
+
+    for server in list(db._embedded.values()):
+        try:
+            server._cleanup()  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001
+            pass
+    db._embedded.clear()
+    stop_postgres(home)
+
+
 def postmaster_pid(home: Path) -> int | None:
     try:
         return int((home / "pgdata" / "postmaster.pid").read_text().split("\n", 1)[0])
@@ -867,15 +880,7 @@ def main(argv: list[str] | None = None) -> int:
                 child.stop(sig, timeout=20)
         if not args.database_url:
             # Only left running when the gateway had to be killed, or when we started it to count.
-            from tm_resources import db
-
-            for server in list(db._embedded.values()):
-                try:
-                    server._cleanup()  # type: ignore[attr-defined]
-                except Exception:  # noqa: BLE001
-                    pass
-            db._embedded.clear()
-            stop_postgres(home)
+            stop_embedded(home)
         if (work / "ab-tree").exists():
             subprocess.run(["git", "worktree", "remove", "--force", str(work / "ab-tree")], cwd=REPO, timeout=60,
                            capture_output=True)

@@ -37,7 +37,7 @@ from gateway_latency import (
     Target,
     _default_signals,
     free_port,
-    stop_postgres,
+    stop_embedded,
     tm_command,
     wait_http,
     write_config,
@@ -143,14 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         for child, sig in ((gw, signal.SIGINT), (fake, signal.SIGTERM)):
             if child is not None and child.alive():
                 child.stop(sig, timeout=20)
-        from tm_resources import db
-
-        for server in list(db._embedded.values()):
-            try:
-                server._cleanup()  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001
-                pass
-        stop_postgres(home)
+        stop_embedded(home)
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
 

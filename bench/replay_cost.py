@@ -22,15 +22,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tm_gateway.ids import uuid7  # noqa: E402
+from tm_gateway.logrows import copy_row, dump_row  # noqa: E402
 from tm_gateway.metrics import GatewayMetrics  # noqa: E402
-from tm_gateway.requestlog import RequestLog, _dump_spooled, copy_row  # noqa: E402
+from tm_gateway.requestlog import RequestLog  # noqa: E402
 from tm_resources import db  # noqa: E402
 
 PROMPT = "Summarise this note in one sentence: the nightly build took longer after the cache was cleared. " * 3
 
 
 def _rows(n: int) -> list[bytes]:
-    return [_dump_spooled(copy_row({
+    return [dump_row(copy_row({
         "id": uuid7(), "ts": datetime.now(UTC), "user_id": f"user{i % 20}", "api_format": "openai",
         "endpoint": "/v1/chat/completions", "model": "local-test", "provider": "local", "status": 200,
         "input_tokens": 120, "output_tokens": 40, "latency_ms": 250.0, "cost_usd": 0.0001, "prompt": PROMPT,

@@ -10,7 +10,8 @@ import psycopg
 import pytest
 
 from tm_gateway.ids import uuid7
-from tm_gateway.requestlog import RequestLog, copy_row
+from tm_gateway.logrows import copy_row
+from tm_gateway.requestlog import RequestLog
 from tm_resources import db
 from tm_resources.config import EXAMPLE_CONFIG
 
@@ -96,7 +97,7 @@ def test_a_row_postgres_refuses_is_kept_aside_and_its_batch_still_lands(db_url, 
 def test_a_nul_character_still_leaves_a_row_with_the_original_recoverable(gateway):
     import openai
 
-    from tm_gateway.requestlog import unescape_nul
+    from tm_gateway.logrows import unescape_nul
 
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.key, max_retries=0)
     text = "hi \u0000 there \\0 and a backslash \\"

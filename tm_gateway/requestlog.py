@@ -6,45 +6,34 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import orjson
 import psycopg
 from pgvector.psycopg import register_vector
 
+from tm_gateway.logrows import (
+    COLUMNS,
+    MESSAGES_AT,
+    REDACT_TEXT_AT,
+    copy_row,
+    dump_row,
+    escape_nul,
+    folder_bytes,
+    map_strings,
+    private_dir,
+    read_rows,
+    row_dict,
+    write_private,
+)
 from tm_resources.redact import redact
 
 log = logging.getLogger(__name__)
 
-# The columns the gateway writes, in COPY order. A row is a dict with any subset of these keys.
-COLUMNS = (
-    "id", "ts", "user_id", "api_key_id", "api_format", "endpoint", "session_id", "agent",
-    "requested_model", "model", "provider", "upstream_model", "stream", "system", "prompt",
-    "messages", "params", "response_text", "finish_reason", "input_tokens", "output_tokens",
-    "cache_read_tokens", "cache_write_tokens", "cost_usd", "latency_ms", "ttft_ms", "status",
-    "error_class", "error_message", "route", "route_reason", "task_type", "prompt_embedding",
-    "parent_id", "baseline_cost_usd", "attempts", "request_hash", "context_hash", "cache_hit",
-    "cache_source_id", "cache_similarity", "served", "nul_escaped", "team", "billed_usd", "billing",
-)  # fmt: skip
-_VECTOR_AT = COLUMNS.index("prompt_embedding")
-_ESCAPED_AT = COLUMNS.index("nul_escaped")
-# jsonb columns, given as JSON text.
-_JSON_AT = tuple(COLUMNS.index(c) for c in ("messages", "params", "attempts"))
-# What `log.redact` applies to: the text people typed and the answers they got.
-_REDACT_TEXT_AT = tuple(COLUMNS.index(c) for c in ("system", "prompt", "response_text"))
-_MESSAGES_AT = COLUMNS.index("messages")
-# COPY writes NULL for a missing value, so the NOT NULL columns' defaults are filled in here.
-_DEFAULTS = {"stream": False, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
-             "cache_write_tokens": 0, "cost_usd": 0.0, "served": True, "nul_escaped": False}
 _COPY = f"COPY requests ({', '.join(COLUMNS)}) FROM STDIN"
 _REPLAY_COPY = f"COPY requests_replay ({', '.join(COLUMNS)}) FROM STDIN"
 # RETURNING: the rows a replay stored for the first time (the others were already there).
@@ -52,144 +41,6 @@ _REPLAY_INSERT = (f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {', '.joi
                   " ON CONFLICT (id, ts) DO NOTHING RETURNING id")
 # A spool file made of a dead process's journal (`_recover_journals`); other spool files are <ns>-<pid>.jsonl.
 _RECOVERED_PREFIX = "journal-"
-
-
-_COLUMN_DEFAULTS = tuple((c, _DEFAULTS.get(c)) for c in COLUMNS)
-
-
-def copy_row(row: dict) -> tuple:
-    """A row dict as the tuple COPY takes, with the NOT NULL columns' defaults filled in."""
-    get = row.get  # a list comprehension and one lookup per column: a third of a generator's CPU
-    return tuple([get(c, d) for c, d in _COLUMN_DEFAULTS])
-
-
-# -- what Postgres cannot hold: NUL ---------------------------------------------------------------
-
-_UNESCAPE = re.compile(r"\\([\\0])")
-
-
-def _escape(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("\x00", "\\0")
-
-
-def unescape_nul(s: str) -> str:
-    """The original text of a string stored in a row marked `nul_escaped` (\\\\ -> \\, \\0 -> NUL)."""
-    return _UNESCAPE.sub(lambda m: "\x00" if m.group(1) == "0" else "\\", s)
-
-
-def _map_strings(value: Any, fn: Callable[[str], str], keys: bool = False) -> Any:
-    if isinstance(value, str):
-        return fn(value)
-    if isinstance(value, list):
-        return [_map_strings(v, fn, keys) for v in value]
-    if isinstance(value, dict):
-        return {(fn(k) if keys else k): _map_strings(v, fn, keys) for k, v in value.items()}
-    return value
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    if isinstance(value, dict):
-        return any("\x00" in k or _has_nul(v) for k, v in value.items())
-    return False
-
-
-def _escape_nul(r: list) -> None:
-    """Escape every string of a row that holds a NUL anywhere (text columns, jsonb keys and values),
-    and mark it; a row without one is left exactly as it is."""
-    found = False
-    parsed: dict[int, Any] = {}
-    for i, v in enumerate(r):
-        if not isinstance(v, str):
-            continue
-        if i in _JSON_AT:
-            if "\\u0000" in v:  # how JSON writes a NUL (or, rarely, a literal backslash-u0000)
-                parsed[i] = orjson.loads(v)
-                found = found or _has_nul(parsed[i])
-        elif "\x00" in v:
-            found = True
-    if not found:
-        return
-    for i, v in enumerate(r):
-        if isinstance(v, str):
-            r[i] = orjson.dumps(_map_strings(parsed.get(i) or orjson.loads(v), _escape, keys=True)).decode() \
-                if i in _JSON_AT else _escape(v)
-    r[_ESCAPED_AT] = True
-
-
-# -- spool files ----------------------------------------------------------------------------------
-
-
-def _spool_default(obj: Any) -> Any:
-    if isinstance(obj, uuid.UUID):
-        return str(obj)
-    raise TypeError
-
-
-def _dump_spooled(row: tuple) -> bytes:
-    return orjson.dumps(row, default=_spool_default, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _load_spooled(line: bytes) -> tuple:
-    row = orjson.loads(line)
-    # Spooled by an older version with fewer columns (new ones are appended): the rest are NULL.
-    row += [_DEFAULTS.get(c) for c in COLUMNS[len(row):]]
-    if row[_VECTOR_AT] is not None:
-        # A list would be sent as a Postgres array; the vector column wants the vector form.
-        row[_VECTOR_AT] = np.asarray(row[_VECTOR_AT], dtype=np.float32)
-    return tuple(row)
-
-
-def _spooled_dict(row: tuple) -> dict:
-    """A row read back from disk as the dict the caller once wrote (what observers take)."""
-    d = dict(zip(COLUMNS, row, strict=True))
-    if isinstance(d["ts"], str):
-        d["ts"] = datetime.fromisoformat(d["ts"])
-    return d
-
-
-def _read_spooled(path: Path) -> list[tuple]:
-    """The rows of a spool, rejected or journal file. A journal's last line may have been cut off by
-    kill -9 in the middle of a write: that row was never answered, and is skipped."""
-    rows = []
-    for line in path.read_bytes().splitlines():
-        if line.strip():
-            try:
-                rows.append(_load_spooled(line))
-            except orjson.JSONDecodeError:
-                log.warning("request log: skipped a partial line in %s", path.name)
-    return rows
-
-
-def _private_dir(path: Path) -> Path:
-    # Spooled rows hold whole prompts: only the gateway's own user may read them (like pgdata).
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.chmod(0o700)
-    return path
-
-
-def _write_private(path: Path, rows: list[tuple]) -> int:
-    """Write rows to a new file readable by its owner only, whole or not at all; returns its size."""
-    data = b"".join(_dump_spooled(r) + b"\n" for r in rows)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    tmp.rename(path)
-    return len(data)
-
-
-def _folder_bytes(path: Path, pattern: str) -> int:
-    total = 0
-    for p in path.glob(pattern):
-        try:
-            total += p.stat().st_size
-        except FileNotFoundError:
-            pass
-    return total
 
 
 def _pid_alive(pid: int) -> bool:
@@ -261,7 +112,7 @@ class RequestLog:
         if self._journal_fd is None:
             self._queue.put(row)
             return
-        line = _dump_spooled(copy_row(row)) + b"\n"
+        line = dump_row(copy_row(row)) + b"\n"
         with self._lock:
             # Journal and queue in one step, so a segment's rows all sit before its end marker.
             if self._journal_fd is not None:
@@ -289,7 +140,7 @@ class RequestLog:
         return done.wait(max(0.0, deadline - time.monotonic()))
 
     def start(self) -> RequestLog:
-        _private_dir(self.spool_dir)
+        private_dir(self.spool_dir)
         if self.journal != "off":
             with self._lock:
                 self._open_segment()
@@ -310,7 +161,7 @@ class RequestLog:
 
     def rejected_on_disk(self) -> int:
         """Bytes of rows Postgres refused, waiting in spool/rejected for `tm log replay-rejected`."""
-        return _folder_bytes(self.rejected_dir, "*.jsonl")
+        return folder_bytes(self.rejected_dir, "*.jsonl")
 
     # -- the journal -------------------------------------------------------------------------
 
@@ -471,15 +322,15 @@ class RequestLog:
                 changed = changed or out != text
                 return out
 
-            for i in _REDACT_TEXT_AT:
+            for i in REDACT_TEXT_AT:
                 if r[i]:
                     r[i] = clean(r[i])
-            if r[_MESSAGES_AT]:
+            if r[MESSAGES_AT]:
                 changed = False
-                messages = _map_strings(orjson.loads(r[_MESSAGES_AT]), clean)
+                messages = map_strings(orjson.loads(r[MESSAGES_AT]), clean)
                 if changed:  # else nothing was redacted, and the JSON text stays as it came
-                    r[_MESSAGES_AT] = orjson.dumps(messages).decode()
-        _escape_nul(r)
+                    r[MESSAGES_AT] = orjson.dumps(messages).decode()
+        escape_nul(r)
         return tuple(r)
 
     def _copy(self, rows: list[tuple], dedupe: bool) -> set[str] | None:
@@ -569,7 +420,7 @@ class RequestLog:
 
     def spooled_on_disk(self) -> int:
         """Bytes of rows waiting in the spool folder for Postgres to come back."""
-        return _folder_bytes(self.spool_dir, "*.jsonl")
+        return folder_bytes(self.spool_dir, "*.jsonl")
 
     def queued(self) -> int:
         """Rows (and markers) waiting for the writer thread."""
@@ -578,23 +429,23 @@ class RequestLog:
     def _reject(self, rows: list[tuple], reason: str) -> None:
         """Keep rows Postgres will never take where an operator can see them (`tm log replay-rejected`),
         out of the replay queue: one file per batch, within log.rejected_max_mb."""
-        rejected = _private_dir(self.rejected_dir)
+        rejected = private_dir(self.rejected_dir)
         if self.rejected_on_disk() >= self.rejected_max_bytes:
             self.rows_dropped += len(rows)
             log.error("request log: %d row(s) refused by Postgres (%s) and dropped: %s is full (log.rejected_max_mb)",
                       len(rows), reason, rejected)
             return
-        _write_private(rejected / f"{time.time_ns()}-{os.getpid()}.jsonl", rows)
+        write_private(rejected / f"{time.time_ns()}-{os.getpid()}.jsonl", rows)
         self.rows_rejected += len(rows)
         log.error("request log: %d row(s) refused by Postgres (%s), kept in %s", len(rows), reason, rejected)
 
     def _spool(self, rows: list[tuple]) -> None:
-        if _folder_bytes(self.spool_dir, "*.jsonl") >= self.spool_max_bytes:
+        if folder_bytes(self.spool_dir, "*.jsonl") >= self.spool_max_bytes:
             self.rows_dropped += len(rows)
             log.error("request log: spool %s is full (log.spool_max_mb); %d rows dropped", self.spool_dir, len(rows))
             return
         # Worker processes of one gateway share the spool folder: names must not collide.
-        _write_private(self.spool_dir / f"{time.time_ns()}-{os.getpid()}.jsonl", rows)
+        write_private(self.spool_dir / f"{time.time_ns()}-{os.getpid()}.jsonl", rows)
         self.rows_spooled += len(rows)
         self._next_replay = time.monotonic() + self.replay_interval_s
 
@@ -612,7 +463,7 @@ class RequestLog:
         files = sorted(self.spool_dir.glob("*.jsonl"))
         for path in files:
             try:
-                rows = _read_spooled(path)
+                rows = read_rows(path)
             except FileNotFoundError:
                 continue  # another worker replayed it
             new_ids: set[str] = set()
@@ -627,7 +478,7 @@ class RequestLog:
             if path.name.startswith(_RECOVERED_PREFIX) and self.observers:
                 unseen = [r for r in rows if str(r[0]) in new_ids] + [r for r, _ in refused]
                 if unseen:
-                    self._observe([_spooled_dict(r) for r in unseen])
+                    self._observe([row_dict(r) for r in unseen])
             path.unlink(missing_ok=True)
             log.info("request log: replayed %d spooled rows from %s", len(rows) - len(refused), path.name)
         self._next_replay = time.monotonic() + self.replay_interval_s if files else float("inf")
@@ -637,12 +488,12 @@ class RequestLog:
         those Postgres still refuses stay. Returns (rows stored or already there, rows still refused)."""
         landed = kept = 0
         for path in sorted(self.rejected_dir.glob("*.jsonl")):
-            rows = _read_spooled(path)
+            rows = read_rows(path)
             refused = self._land(rows, dedupe=True) if rows else []
             landed += len(rows) - len(refused)
             kept += len(refused)
             if refused:
-                _write_private(path, [r for r, _ in refused])
+                write_private(path, [r for r, _ in refused])
                 log.error("request log: %d row(s) in %s still refused (%s)", len(refused), path.name, refused[0][1])
             else:
                 path.unlink()

@@ -151,7 +151,7 @@ class RecentHashes:
     def load(self, conn: psycopg.Connection) -> None:
         now = one(conn.execute("SELECT now()"))[0]
         got = one(conn.execute(self._SQL, {"since": now - timedelta(seconds=self.ttl_s)}))
-        self._previous, self._seen, self._loaded_at = self._seen, self._filled(got), now
+        self._previous, self._seen, self._loaded_at = None, self._filled(got), now
         self._note_newest(got[0])
 
     async def refresh(self, conn: psycopg.AsyncConnection) -> None:
